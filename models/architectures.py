@@ -1,0 +1,74 @@
+"""The shapes of the embedded models: small enough to train on 2 CPU cores, standard diffusers classes."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from models.data import IMAGE_SIZE
+from models.tokenizer import MAX_LENGTH
+
+__all__ = ["LATENT_SIZE", "NULL_CLASS", "dit", "text_encoder", "unet", "vae"]
+
+LATENT_SIZE = IMAGE_SIZE // 4  # three VAE levels: 32 -> 8
+# DiTPipeline hard-codes class 1000 as the "no class" label of classifier-free guidance, so the
+# label table keeps DiT-XL/2's 1000 classes (+1 null); the digits use rows 0..9.
+NULL_CLASS = 1000
+
+
+def vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def dit() -> DiTTransformer2DModel:
+    return DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=NULL_CLASS,
+    )
+
+
+def unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(48, 96),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return CLIPTextModel(config)

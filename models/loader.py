@@ -1,0 +1,57 @@
+"""Load a pipeline folder (ours or a real checkpoint) offline, restoring what diffusers does not save."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.data import DIGIT_WORDS
+
+__all__ = [
+    "DEFAULTS_FILE",
+    "ID2LABEL_FILE",
+    "digit_id2label",
+    "load_pipeline",
+    "read_defaults",
+    "save_pipeline",
+]
+
+DEFAULTS_FILE = "defaults.json"
+ID2LABEL_FILE = "id2label.json"
+
+
+def digit_id2label() -> dict[str, str]:
+    """Class id -> comma-separated names, the format DiTPipeline reads ("7" -> "seven, 7")."""
+    return {str(i): f"{word}, {i}" for i, word in enumerate(DIGIT_WORDS)}
+
+
+def read_defaults(source: str | Path) -> dict:
+    """The inference defaults a model folder states (steps, guidance, size); {} when none."""
+    path = Path(source) / DEFAULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_pipeline(source: str | Path, *, torch_dtype=None, local_files_only: bool = True):
+    """``DiffusionPipeline.from_pretrained`` plus the DiT class labels kept in ``id2label.json``."""
+    import torch
+    from diffusers import DiffusionPipeline, DiTPipeline
+
+    kwargs = {"torch_dtype": torch_dtype or torch.float32, "local_files_only": local_files_only}
+    labels_file = Path(source) / ID2LABEL_FILE
+    if labels_file.is_file():
+        id2label = {int(k): v for k, v in json.loads(labels_file.read_text()).items()}
+        return DiTPipeline.from_pretrained(source, id2label=id2label, **kwargs)
+    return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+def save_pipeline(pipe, folder: str | Path) -> None:
+    """``save_pretrained`` (safetensors) plus ``id2label.json`` for a DiT pipeline with labels."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    labels = getattr(pipe, "labels", None)
+    if labels:
+        names: dict[int, list[str]] = {}
+        for name, class_id in labels.items():
+            names.setdefault(int(class_id), []).append(name)
+        id2label = {str(k): ", ".join(v) for k, v in sorted(names.items())}
+        (folder / ID2LABEL_FILE).write_text(json.dumps(id2label, indent=2) + "\n")

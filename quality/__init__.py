@@ -1,0 +1,1 @@
+"""Quality evaluation shared by the quantization package and the service workers."""
