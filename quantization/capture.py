@@ -1,0 +1,131 @@
+"""Forward hooks: record the denoiser's inputs at chosen sampling steps, replay them, and
+collect per-layer activation statistics. Torch only, no quantization backend here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Call", "LayerStats", "denoiser_output", "layer_stats", "record_calls", "replay"]
+
+
+class _StopSampling(Exception):
+    """Raised from the hook once every wanted step is recorded: the rest of the run is skipped."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """The positional and keyword inputs of one denoiser call, i.e. one sampling step."""
+
+    step: int
+    args: tuple
+    kwargs: dict
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def record_calls(denoiser: nn.Module, run, steps: set[int] | None = None) -> list[Call]:
+    """Run ``run()`` (a pipeline call) and keep the denoiser inputs of the wanted steps.
+
+    Args:
+        steps: step indices to keep (0 = first step, t = T); None keeps every step. When a set
+            is given, sampling stops right after its last step, so single-step calibration
+            costs one denoiser call instead of a whole trajectory.
+    """
+    calls: list[Call] = []
+    counter = [0]
+    last = None if steps is None else max(steps)
+
+    def hook(module, args, kwargs):
+        step = counter[0]
+        counter[0] += 1
+        if steps is None or step in steps:
+            calls.append(Call(step, _detach(args), _detach(kwargs)))
+        if last is not None and step >= last:
+            raise _StopSampling
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _StopSampling:
+        pass
+    finally:
+        handle.remove()
+    return calls
+
+
+def denoiser_output(out) -> torch.Tensor:
+    """The predicted noise (or velocity) from a diffusers model's output, dict or tuple."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+@torch.no_grad()
+def replay(denoiser: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
+    """Feed recorded inputs to a (possibly quantized) denoiser; one output per call."""
+    return [denoiser_output(denoiser(*c.args, **c.kwargs)) for c in calls]
+
+
+@dataclass
+class LayerStats:
+    """Per layer: input absmax per input channel (over all calls), and per-step in/out absmax."""
+
+    channel_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_absmax_by_step: dict[str, dict[int, float]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    output_absmax_by_step: dict[str, dict[int, float]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+
+
+@contextmanager
+def _layer_hooks(model: nn.Module, layers: list[str], on_forward):
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: on_forward(name, args[0], out)
+        )
+        for name in layers
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def layer_stats(denoiser: nn.Module, layers: list[str], calls: list[Call]) -> LayerStats:
+    """Activation ranges of the given Linear / Conv2d layers while replaying ``calls``."""
+    stats = LayerStats()
+    current = [0]
+
+    def on_forward(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        channel_dim = 1 if x.dim() == 4 else -1  # conv: NCHW, linear: (..., features)
+        per_channel = x.abs().transpose(channel_dim, -1).reshape(-1, x.shape[channel_dim]).amax(0)
+        prev = stats.channel_absmax.get(name)
+        stats.channel_absmax[name] = per_channel if prev is None else torch.maximum(prev, per_channel)
+        step = current[0]
+        stats.input_absmax_by_step[name][step] = max(
+            stats.input_absmax_by_step[name].get(step, 0.0), float(x.abs().max())
+        )
+        stats.output_absmax_by_step[name][step] = max(
+            stats.output_absmax_by_step[name].get(step, 0.0), float(y.abs().max())
+        )
+
+    with _layer_hooks(denoiser, layers, on_forward):
+        for call in calls:
+            current[0] = call.step
+            denoiser(*call.args, **call.kwargs)
+    return stats
