@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup run test lint format train
+.PHONY: setup run test lint format train artifacts bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +30,17 @@ format: setup
 
 train: setup
 	HF_HUB_OFFLINE=1 $(PY) -m models.train all
+
+# The committed quantized artifacts of the embedded models (python -m quantization quantize).
+ARTIFACT_MODELS := dit-digits t2i-digits
+ARTIFACT_RECIPES := w8a8 w4a8-sqnr
+artifacts: setup
+	for m in $(ARTIFACT_MODELS); do for r in $(ARTIFACT_RECIPES); do \
+		rm -rf models/quantized/$$m-$$r; \
+		HF_HUB_OFFLINE=1 $(PY) -m quantization quantize models/$$m --recipe $$r --out models/quantized/$$m-$$r || exit 1; \
+	done; done
+
+# Benchmarks: commands that write results under bench/results/.
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench.calibration
+	HF_HUB_OFFLINE=1 $(PY) -m bench.full_size

@@ -31,12 +31,19 @@ def read_defaults(source: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_pipeline(source: str | Path, *, torch_dtype=None, local_files_only: bool = True):
-    """``DiffusionPipeline.from_pretrained`` plus the DiT class labels kept in ``id2label.json``."""
+def load_pipeline(source: str | Path, *, torch_dtype=None, local_files_only: bool = True, **components):
+    """``DiffusionPipeline.from_pretrained`` plus the DiT class labels kept in ``id2label.json``.
+
+    ``components`` replace the folder's own (e.g. ``transformer=`` a quantized denoiser).
+    """
     import torch
     from diffusers import DiffusionPipeline, DiTPipeline
 
-    kwargs = {"torch_dtype": torch_dtype or torch.float32, "local_files_only": local_files_only}
+    kwargs = {
+        "torch_dtype": torch_dtype or torch.float32,
+        "local_files_only": local_files_only,
+        **components,
+    }
     labels_file = Path(source) / ID2LABEL_FILE
     if labels_file.is_file():
         id2label = {int(k): v for k, v in json.loads(labels_file.read_text()).items()}

@@ -95,11 +95,14 @@ def sample_model(name: str, n: int, seed: int, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.sample", description=__doc__)
-    parser.add_argument("models", nargs="*", choices=[[], *MODELS], default=list(MODELS))
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--n", type=int, default=100, help="images to evaluate per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=MODELS_DIR.parent / "docs")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models or MODELS:
         r = sample_model(name, args.n, args.seed, args.out)

@@ -54,7 +54,7 @@ class Recipe:
 RECIPES = {
     "digit-classifier": Recipe(steps=1500, batch_size=64, lr=2e-3),
     "vae-digits": Recipe(steps=1500, batch_size=64, lr=1e-3),
-    "dit-digits": Recipe(steps=4000, batch_size=128, lr=5e-4),
+    "dit-digits": Recipe(steps=7500, batch_size=128, lr=5e-4),
     "t2i-digits": Recipe(steps=2200, batch_size=128, lr=5e-4),
 }
 # Inference settings written into each pipeline folder (defaults.json).
@@ -110,6 +110,14 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1.0 - decay)
+
+
+def _display_path(path: Path) -> str:
+    """A path relative to the project when it lies inside it (records stay machine-independent)."""
+    try:
+        return str(Path(path).resolve().relative_to(MODELS_DIR.parent))
+    except ValueError:
+        return str(path)
 
 
 def _write_recipe(out: Path, name: str, recipe: Recipe, progress: Progress, **extra) -> None:
@@ -270,7 +278,7 @@ def train_dit(recipe: Recipe, out: Path, vae_path: Path) -> None:
     pipe = DiTPipeline(transformer=ema, vae=vae, scheduler=_sampler(scheduler), id2label=id2label)
     _save(pipe, out)
     _write_defaults(out, "dit-digits", kind="class-conditional")
-    _write_recipe(out, "dit-digits", recipe, progress, vae=str(vae_path))
+    _write_recipe(out, "dit-digits", recipe, progress, vae=_display_path(vae_path))
 
 
 def train_t2i(recipe: Recipe, out: Path, vae_path: Path) -> None:
@@ -337,7 +345,7 @@ def train_t2i(recipe: Recipe, out: Path, vae_path: Path) -> None:
     _save(pipe, out)
     shutil.rmtree(out / "_vocab")
     _write_defaults(out, "t2i-digits", kind="text-to-image")
-    _write_recipe(out, "t2i-digits", recipe, progress, vae=str(vae_path))
+    _write_recipe(out, "t2i-digits", recipe, progress, vae=_display_path(vae_path))
 
 
 def _save(pipe, out: Path) -> None:

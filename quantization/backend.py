@@ -2,41 +2,48 @@
 
 The rest of the package speaks in plans: ``{layer_name: LayerSpec}``. This module turns a plan
 into quanto modules (one ``quantize`` call per disjoint set of layers), re-applies our group
-sizes (quanto neither takes nor saves one), calibrates activation ranges, freezes, and moves
-state dicts in and out with strict key checks.
+sizes (quanto neither takes nor saves one), installs SmoothQuant input scales, calibrates
+activation ranges, freezes, and moves state dicts in and out with strict key checks.
 
 Pitfalls handled here (see QUANTO_NOTES.md): overlapping ``quantize`` calls corrupt qtypes, so
-each layer is named exactly once; ``Calibration(streamline=True)`` is not reproducible after a
-reload, so it is off; ``None`` entries of non-affine LayerNorms are dropped before saving;
-``requantize`` loads with ``strict=False``, so we never use it and check the keys ourselves.
+each layer is named exactly once; ``None`` entries of non-affine LayerNorms are dropped before
+saving; ``requantize`` loads with ``strict=False``, so we never use it and check the keys
+ourselves. Calibration is ours rather than quanto's ``Calibration`` context: the same per-tensor
+absmax scales and moving average, but measured on the *smoothed* input (quanto's global hook
+runs before any module hook, so it would see the input before smoothing) and only on the layers
+being calibrated, with no ``streamline`` decision that a reload would lose.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from optimum.quanto import Calibration, freeze, qtypes, quantize
+from optimum.quanto import QTensor, freeze, qtypes, quantize
+from optimum.quanto.calibrate import absmax_scale
 from optimum.quanto.nn import QModuleMixin
+from optimum.quanto.tensor.activations import ActivationQBytesTensor
 
 __all__ = [
     "ACTIVATION_QTYPES",
     "WEIGHT_QTYPES",
     "LayerSpec",
     "apply_specs",
-    "calibration",
+    "calibrate",
     "freeze_model",
     "is_quantized",
     "layer_specs",
     "load_quantized_state",
+    "plain",
     "quantized_state_dict",
+    "set_smoothing",
     "state_dict_bytes",
 ]
 
-WEIGHT_QTYPES = ("qint4", "qint8", "qfloat8")  # qfloat8 = float8 e4m3
-ACTIVATION_QTYPES = ("qint8", "qfloat8")
+WEIGHT_QTYPES = ("qint4", "qint8", "qfloat8_e4m3fn")  # quanto's qtype names
+ACTIVATION_QTYPES = ("qint8", "qfloat8_e4m3fn")
 GROUPED = ("qint4",)
 MOMENTUM = 0.9
 
@@ -87,6 +94,10 @@ def apply_specs(model: torch.nn.Module, specs: dict[str, LayerSpec]) -> dict[str
         module = model.get_submodule(name)
         if not isinstance(module, QModuleMixin):
             raise ValueError(f"{name} is not a quantizable layer ({type(module).__name__})")
+        # W8A8 means int8 operands of the matmul: the layer's input. quanto would also round
+        # every output to int8 (unless its streamline pass, whose choices are not saved, drops
+        # the hook); that adds noise no consumer asked for, so outputs stay in float.
+        module.disable_output_quantization()
         group = None
         if spec.weights in GROUPED:
             in_features = module.weight.numel() // module.weight.shape[0]
@@ -100,16 +111,88 @@ def _qtype(name: str | None):
     return None if name is None else qtypes[name]
 
 
-@contextmanager
-def calibration():
-    """Inside, forward passes record per-tensor absmax activation ranges (moving average)."""
-    with torch.no_grad(), Calibration(momentum=MOMENTUM, streamline=False):
-        yield
+SMOOTH_BUFFER = "smooth_scale"
+
+
+def _smooth_input(module: torch.nn.Module, args):
+    x = args[0]
+    if isinstance(x, QTensor):
+        x = x.dequantize()
+    shape = [1] * x.dim()
+    shape[1 if x.dim() == 4 else -1] = -1  # conv: NCHW, linear: (..., features)
+    return (x / getattr(module, SMOOTH_BUFFER).view(shape), *args[1:])
+
+
+def set_smoothing(module: torch.nn.Module, scale: torch.Tensor | None = None) -> None:
+    """SmoothQuant on one quanto layer, before freezing: input / s, weight columns * s.
+
+    The product is unchanged in float; the activation loses its outlier channels, the weight
+    takes them. ``scale=None`` installs the hook and a placeholder buffer only, for a model
+    whose smoothed weights and scales come from a saved state dict.
+    """
+    if not isinstance(module, QModuleMixin) or module.frozen:
+        raise ValueError("smoothing applies to a quantized, not yet frozen layer")
+    in_dim = module.weight.shape[1]
+    if scale is not None:
+        if scale.shape != (in_dim,):
+            raise ValueError(f"smoothing scale of shape {tuple(scale.shape)}, layer has {in_dim} inputs")
+        shape = [1, in_dim] + [1] * (module.weight.dim() - 2)
+        with torch.no_grad():
+            module.weight.mul_(scale.view(shape).to(module.weight.dtype))
+    buffer = torch.ones(in_dim) if scale is None else scale.detach().clone()
+    module.register_buffer(SMOOTH_BUFFER, buffer.to(module.weight.dtype))
+    module.register_forward_pre_hook(_smooth_input, prepend=True)
+
+
+def _update(scale: torch.Tensor, new: torch.Tensor, first: bool) -> torch.Tensor:
+    return new if first else MOMENTUM * scale + (1.0 - MOMENTUM) * new
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, layers: list[str], run: Callable[[], None]) -> None:
+    """Set the activation scales of ``layers`` from the forward passes ``run()`` makes.
+
+    Per tensor absmax of the input (divided by the qtype's maximum) with a moving average over
+    the calls, as quanto does. Layers upstream that are already calibrated run quantized
+    meanwhile. Outputs are not quantized (see ``apply_specs``), so they need no scale.
+    """
+    seen: set[str] = set()
+    handles = []
+
+    def on_input(name):
+        def hook(module, args):
+            x = args[0]
+            if isinstance(x, ActivationQBytesTensor) and not hasattr(module, SMOOTH_BUFFER):
+                new = torch.max(x._scale)
+            else:
+                x = _smooth_input(module, args)[0] if hasattr(module, SMOOTH_BUFFER) else x
+                new = absmax_scale(x, module.activation_qtype)
+            module.input_scale = _update(module.input_scale, new, name not in seen)
+            seen.add(name)
+
+        return hook
+
+    for name in layers:
+        module = model.get_submodule(name)
+        if not isinstance(module, QModuleMixin) or module.activation_qtype is None:
+            continue
+        # prepend: before the smoothing hook and quanto's own input quantization
+        handles.append(module.register_forward_pre_hook(on_input(name), prepend=True))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def freeze_model(model: torch.nn.Module) -> None:
     """Replace float weights by their quantized tensors (after calibration)."""
     freeze(model)
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A float copy of a tensor that may be a quanto activation."""
+    return t.dequantize() if isinstance(t, QTensor) else t.detach().clone()
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
@@ -140,7 +223,8 @@ def state_dict_bytes(state: dict[str, torch.Tensor], prefix: str = "") -> int:
 
 
 def load_quantized_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a saved state dict into a model prepared by ``apply_specs`` with the same plan.
+    """Load a saved state dict into a model prepared by ``apply_specs`` (and ``set_smoothing``
+    with no scale on the smoothed layers) with the same plan.
 
     The keys must be exactly those the prepared model saves once frozen: quanto's own
     ``requantize`` loads with ``strict=False`` and would keep random weights without a word.

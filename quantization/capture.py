@@ -68,6 +68,8 @@ def record_calls(denoiser: nn.Module, run, steps: set[int] | None = None) -> lis
 
 def denoiser_output(out) -> torch.Tensor:
     """The predicted noise (or velocity) from a diffusers model's output, dict or tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
     return out[0] if isinstance(out, tuple) else out.sample
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["BlockOption", "Plan", "Promotion", "greedy_plan", "predicted_sqnr_db"]
+__all__ = ["BlockOption", "LevelChoice", "Promotion", "greedy_plan", "predicted_sqnr_db"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Promotion:
 
 
 @dataclass
-class Plan:
+class LevelChoice:
     levels: dict[str, str]  # block -> chosen level
     predicted_sqnr_db: float
     weight_bytes: int
@@ -55,7 +55,7 @@ def greedy_plan(
     *,
     target_sqnr_db: float | None = None,
     budget_bytes: int | None = None,
-) -> Plan:
+) -> LevelChoice:
     """Promote blocks greedily by predicted SQNR gain per extra byte.
 
     Args:
@@ -71,7 +71,7 @@ def greedy_plan(
     if budget_bytes is not None and size > budget_bytes:
         raise ValueError(f"the base recipe already needs {size} bytes > budget {budget_bytes}")
     current = predicted_sqnr_db(options, chosen)
-    plan = Plan({}, current, size)
+    plan = LevelChoice({}, current, size)
     while target_sqnr_db is None or current < target_sqnr_db:
         best = None
         for block, i in chosen.items():

@@ -45,7 +45,7 @@ RECIPES: dict[str, Recipe] = {
             "qint4", "qint8", 128, mixed_precision=True, smoothing=True,
             protect_time_sensitive=True,
         ),
-        Recipe("fp8", "float8 e4m3 weights and activations", "qfloat8", "qfloat8"),
+        Recipe("fp8", "float8 e4m3 weights and activations", "qfloat8_e4m3fn", "qfloat8_e4m3fn"),
     )
 }
 

@@ -1,0 +1,1 @@
+"""Benchmark commands: each writes its results (JSON and Markdown) under bench/results/."""

@@ -1,0 +1,160 @@
+"""Full-size architecture check: a DiT-XL/2-shaped transformer, random weights, quantized.
+
+    python -m bench.full_size                                  # CPU, float32 (this machine)
+    python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w8a8 w4a16-g128 fp8
+
+DiT-XL/2: 28 layers, hidden 1152, 16 heads, patch 2, 32x32x4 latents (256 px images), 1000
+classes. Random weights say nothing about image quality; what this measures is what does not
+depend on training: weight bytes of the quantized denoiser against fp16, the latency of one
+denoiser step (batch 2: a label and the null label of classifier-free guidance) and, on CUDA,
+peak memory. The SQNR numbers it prints are for random weights and random inputs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+from quantization import backend
+from quantization.capture import Call, replay
+from quantization.ptq import analyze, quantize_denoiser
+from quantization.recipes import get_recipe
+from quantization.sensitivity import Measurer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dit_xl_2(dtype: torch.dtype, device: str, layers: int = 28) -> DiTTransformer2DModel:
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        patch_size=2,
+        sample_size=32,
+        num_embeds_ada_norm=1000,
+    )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_calls(timesteps: list[int], dtype: torch.dtype, device: str, batch: int = 2) -> list[Call]:
+    g = torch.Generator().manual_seed(1)
+    calls = []
+    for i, t in enumerate(timesteps):
+        x = torch.randn(batch, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+        kwargs = {
+            "timestep": torch.full((batch,), t, device=device),
+            "class_labels": torch.tensor([207, 1000][:batch] + [0] * max(0, batch - 2), device=device),
+        }
+        calls.append(Call(i, (x,), kwargs))
+    return calls
+
+
+def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(*call.args, **call.kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first call warms up (kernels, extension builds)
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.full_size", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--recipes", nargs="+", default=["fp", "w8a8", "w4a16-g128", "w4a8-sqnr"])
+    p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
+    p.add_argument("--layers", type=int, default=28, help="transformer blocks (28 = DiT-XL/2; fewer for a dry run)")
+    p.add_argument("--out", type=Path, help="JSON file (default bench/results/full_size-<device>.json)")
+    args = p.parse_args(argv)
+    dtype, device = DTYPES[args.dtype], args.device
+    out = args.out or RESULTS / f"full_size-{device}.json"
+    fp = dit_xl_2(dtype, device, args.layers)
+    params = sum(p.numel() for p in fp.parameters())
+    calibration = make_calls([999], dtype, device)
+    trajectory = make_calls([999, 500], dtype, device)
+    timing_call = make_calls([500], dtype, device)[0]
+    rows = []
+    for name in args.recipes:
+        print(f"[{name}] quantizing", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        extra = {}
+        if name == "fp":
+            model = fp
+        elif get_recipe(name).mixed_precision:
+            result = analyze(Measurer(fp, calibration, trajectory), get_recipe(name), detail=False,
+                             progress=lambda m: print(f"  {m}", flush=True))
+            model = result.model
+            g = result.analysis["global"]
+            extra = {"block_levels": g["block_levels"], "predicted_sqnr_db": g["predicted_sqnr_db"],
+                     "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
+                     "smoothed_layers": len(result.analysis["smoothing"])}
+        else:
+            model = quantize_denoiser(fp, get_recipe(name), calibration).model
+        quantize_seconds = time.perf_counter() - start
+        state = backend.quantized_state_dict(model)
+        nbytes = backend.state_dict_bytes(state)
+        sqnr = None
+        if name != "fp":
+            from quality.metrics import sqnr_db
+            ref = [o.float().cpu() for o in replay(fp, trajectory)]
+            test = [o.float().cpu() for o in replay(model, trajectory)]
+            sqnr = round(sqnr_db(torch.cat([r.flatten() for r in ref]), torch.cat([t.flatten() for t in test])), 2)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        latency = step_latency_ms(model, timing_call, device, args.repeats)
+        row = {
+            "variant": name,
+            "weight_bytes": nbytes,
+            "ratio_to_fp16": round(nbytes / (params * 2), 4),
+            "step_latency_ms": round(latency, 1),
+            "quantize_seconds": round(quantize_seconds, 1),
+            "sqnr_random_db": sqnr,
+            **extra,
+        }
+        if device == "cuda":
+            row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if name != "fp":
+            del model
+    result = {
+        "model": f"DiT-XL/2 shape ({args.layers} layers, hidden 1152, 16 heads, patch 2, 32x32x4), random weights",
+        "parameters": params,
+        "fp16_bytes": params * 2,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch": 2,
+        "torch": torch.__version__,
+        "variants": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Post-training quantization of diffusion denoisers, driven by SQNR (see docs/quantization.md)."""

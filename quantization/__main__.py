@@ -1,0 +1,5 @@
+import sys
+
+from quantization.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""Disk and hub I/O of the package: open a source pipeline, write and read quantized artifacts.
+
+An artifact is a diffusers pipeline folder whose denoiser is quantized::
+
+    model_index.json, scheduler/, vae/, text_encoder/, ...   the source's other components
+    <denoiser>/config.json                                     the denoiser's diffusers config
+    <denoiser>/quantized.safetensors                           quantized weights, scales, smoothing
+    plan.json                                                  per layer: qtypes, group size, ...
+    manifest.json                                              recipe, calibration, sizes, sha256
+    report.md, *.png                                           what was measured, with plots
+
+The quantized weights deliberately do not use diffusers' file name: a stock
+``from_pretrained`` on the folder fails loudly instead of loading random weights. Only
+safetensors and JSON are written or read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.loader import load_pipeline, save_pipeline
+from quantization import backend
+from quantization.blocks import denoiser_attr
+from quantization.plan import LayerPlan, plan_from_json, plan_to_json, specs_of
+
+__all__ = [
+    "FORMAT",
+    "ArtifactError",
+    "denoiser_sizes",
+    "load_quantized",
+    "open_source",
+    "save_artifact",
+    "sha256_of",
+]
+
+FORMAT = "quantized-diffusers/1"
+WEIGHTS_FILE = "quantized.safetensors"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ArtifactError(Exception):
+    """An artifact or source that cannot be used: tampered, incomplete, or unreachable."""
+
+
+def open_source(source: str | Path, *, torch_dtype: torch.dtype = torch.float32):
+    """A pipeline from a local folder or a hub id (from the local cache when offline)."""
+    local = Path(source).is_dir()
+    try:
+        pipe = load_pipeline(source, torch_dtype=torch_dtype, local_files_only=local)
+    except (OSError, ValueError) as e:
+        where = "folder" if local else "hub id (is the hub reachable, or the model in the local cache?)"
+        raise ArtifactError(f"cannot load a pipeline from {source!s} as a {where}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def denoiser_sizes(fp_denoiser: torch.nn.Module, state: dict[str, torch.Tensor], plan: dict[str, LayerPlan]) -> dict:
+    """Bytes of the quantized denoiser, split into quantized layers and the rest, against fp16/fp32."""
+    params = sum(p.numel() for p in fp_denoiser.parameters())
+    layer_bytes = sum(backend.state_dict_bytes(state, prefix=f"{name}.") for name in plan)
+    total = backend.state_dict_bytes(state)
+    fp_layer_params = sum(p.numel() for n in plan for p in fp_denoiser.get_submodule(n).parameters(recurse=False))
+    return {
+        "denoiser_weight_bytes": total,
+        "quantized_layer_bytes": layer_bytes,
+        "unquantized_bytes": total - layer_bytes,
+        "denoiser_fp16_bytes": params * 2,
+        "denoiser_fp32_bytes": params * 4,
+        "quantized_layers_fp16_bytes": fp_layer_params * 2,
+        "ratio_to_fp16": round(total / (params * 2), 4),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import optimum.quanto
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "optimum-quanto": optimum.quanto.__version__,
+    }
+
+
+def save_artifact(
+    out: Path,
+    fp_pipe,
+    quantized: torch.nn.Module,
+    plan: dict[str, LayerPlan],
+    manifest: dict,
+    *,
+    dtype: str = "float32",
+    report: str | None = None,
+) -> dict:
+    """Write the artifact folder; returns the manifest as written (files and sizes added)."""
+    attr = denoiser_attr(fp_pipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_pipeline(fp_pipe, out)
+    denoiser_dir = out / attr
+    for stale in denoiser_dir.glob("diffusion_pytorch_model*"):
+        stale.unlink()
+    state = backend.quantized_state_dict(quantized)
+    save_file(state, denoiser_dir / WEIGHTS_FILE, metadata={"format": FORMAT})
+    (out / PLAN_FILE).write_text(json.dumps(plan_to_json(plan), indent=1) + "\n")
+    files = {
+        str(p.relative_to(out)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+        for p in [*sorted(out.rglob("*.safetensors")), out / PLAN_FILE]
+    }
+    full = {
+        "format": FORMAT,
+        **manifest,
+        "denoiser": attr,
+        "denoiser_class": type(getattr(fp_pipe, attr)).__name__,
+        "dtype": dtype,
+        "layers": {n: {"weights": lp.weights, "activations": lp.activations or "none", "group_size": lp.group_size} for n, lp in sorted(plan.items())},
+        "sizes": denoiser_sizes(getattr(fp_pipe, attr), state, plan),
+        "files": files,
+        "versions": _versions(),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(full, indent=1) + "\n")
+    if report is not None:
+        (out / "report.md").write_text(report)
+    return full
+
+
+def read_manifest(path: Path) -> dict:
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        raise ArtifactError(f"{path} is not a quantized artifact: no {MANIFEST_FILE}")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{file}: format {manifest.get('format')!r}, this package reads {FORMAT!r}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every weight file the manifest lists is there with its sha256; no unlisted one is."""
+    path = Path(path)
+    listed = manifest["files"]
+    present = {str(p.relative_to(path)) for p in path.rglob("*.safetensors")}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise ArtifactError(f"{path}: weight files not in the manifest: {unlisted}")
+    for rel, info in listed.items():
+        file = path / rel
+        if not file.is_file():
+            raise ArtifactError(f"{path}: {rel} is missing")
+        digest = sha256_of(file)
+        if digest != info["sha256"]:
+            raise ArtifactError(
+                f"{path}: {rel} has sha256 {digest[:12]}..., the manifest says {info['sha256'][:12]}...: "
+                "the file was modified or corrupted; refusing to load it"
+            )
+
+
+def build_quantized_denoiser(path: Path, manifest: dict, plan: dict[str, LayerPlan]) -> torch.nn.Module:
+    """The denoiser class from its config, prepared by the plan, loaded with strict key checks."""
+    import diffusers
+
+    attr = manifest["denoiser"]
+    cls = getattr(diffusers, manifest["denoiser_class"])
+    model = cls.from_config(cls.load_config(path / attr)).to(DTYPES[manifest["dtype"]]).eval()
+    applied = backend.apply_specs(model, specs_of(plan))
+    for name, lp in plan.items():
+        if applied[name].group_size != lp.group_size:
+            raise ArtifactError(f"{name}: plan says group size {lp.group_size}, the layer allows {applied[name].group_size}")
+        if lp.smoothing_alpha is not None:
+            backend.set_smoothing(model.get_submodule(name))
+    state = load_file(path / attr / WEIGHTS_FILE)
+    try:
+        backend.load_quantized_state(model, state)
+    except KeyError as e:
+        raise ArtifactError(f"{path / attr / WEIGHTS_FILE}: {e.args[0]}") from None
+    return model
+
+
+def load_quantized(path: str | Path):
+    """The pipeline of an artifact, its denoiser quantized as planned; refuses tampered files."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    plan = plan_from_json(json.loads((path / PLAN_FILE).read_text()))
+    if set(plan) != set(manifest["layers"]):
+        raise ArtifactError(f"{path}: plan.json and manifest.json list different layers")
+    model = build_quantized_denoiser(path, manifest, plan)
+    pipe = load_pipeline(path, torch_dtype=DTYPES[manifest["dtype"]], **{manifest["denoiser"]: model})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,150 @@
+"""FP against quantized, with the same seeds: fidelity, task quality, size, speed and memory.
+
+Each variant (the FP source, then each artifact) samples in a fresh process, so its peak RSS is
+its own and nothing cached by one variant helps another. The parent compares what they return:
+
+- ``sqnr_latent_db``: final latents (what the VAE decodes) against FP, over the whole batch;
+- ``psnr_db`` / ``ssim``: decoded images against FP's;
+- ``prompt_accuracy`` / ``fd``: the digits evaluator (embedded models only; None otherwise);
+- ``denoiser_weight_bytes``, ``step_latency_ms`` (median denoiser call), ``peak_rss_bytes``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["EvalSettings", "evaluate", "is_digits_model"]
+
+DIGITS_MODELS = ("dit-digits", "t2i-digits")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    n: int = 64
+    seed: int = 0
+    num_inference_steps: int | None = None  # None: the model folder's default
+    guidance_scale: float | None = None
+    batch_size: int = 16
+
+
+def is_digits_model(defaults: dict) -> bool:
+    return defaults.get("model") in DIGITS_MODELS
+
+
+def _settings_for(source: str, s: EvalSettings) -> tuple[int, float, bool]:
+    from models.loader import read_defaults
+
+    defaults = read_defaults(source) if Path(source).is_dir() else {}
+    steps = s.num_inference_steps or defaults.get("num_inference_steps")
+    guidance = s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale")
+    if steps is None or guidance is None:
+        raise ValueError(f"{source} states no default steps / guidance: pass --steps and --guidance")
+    return int(steps), float(guidance), is_digits_model(defaults)
+
+
+def _run_variant(path: str, quantized: bool, steps: int, guidance: float, s: EvalSettings, with_colors: bool) -> dict:
+    """In a child process: load, sample n images, time every denoiser call."""
+    import torch
+
+    from models.generate import conditions_for, evaluation_targets, sample
+    from quantization import backend
+    from quantization.artifact import load_quantized, open_source
+    from quantization.blocks import denoiser_attr
+
+    start = time.perf_counter()
+    pipe = load_quantized(path) if quantized else open_source(path)
+    load_seconds = time.perf_counter() - start
+    denoiser = getattr(pipe, denoiser_attr(pipe))
+    weight_bytes = backend.state_dict_bytes(backend.quantized_state_dict(denoiser))
+    durations: list[float] = []
+    began = [0.0]
+    pre = denoiser.register_forward_pre_hook(lambda m, a: began.__setitem__(0, time.perf_counter()))
+    post = denoiser.register_forward_hook(lambda m, a, o: durations.append(time.perf_counter() - began[0]))
+    conditions = conditions_for(pipe, evaluation_targets(s.n, with_colors=with_colors, seed=s.seed))
+    with torch.inference_mode():
+        samples = sample(
+            pipe, conditions, seed=s.seed, num_inference_steps=steps, guidance_scale=guidance, batch_size=s.batch_size
+        )
+    pre.remove()
+    post.remove()
+    return {
+        "images": samples.images,
+        "latents": samples.latents.float().numpy(),
+        "denoiser_weight_bytes": weight_bytes,
+        "step_latency_ms": 1000 * statistics.median(durations),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "load_seconds": round(load_seconds, 3),
+    }
+
+
+def _in_fresh_process(*args) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run_variant, *args).result()
+
+
+def evaluate(source: str, artifacts: list[str], settings: EvalSettings = EvalSettings(), progress=print) -> dict:
+    """The metrics of FP and of each artifact, as one JSON-able dict."""
+    from models import data
+    from models.generate import evaluation_targets
+    from quality.metrics import psnr_db, sqnr_db, ssim
+
+    steps, guidance, digits = _settings_for(source, settings)
+    with_colors = False
+    if digits:
+        from models.loader import read_defaults
+
+        with_colors = read_defaults(source).get("kind") == "text-to-image"
+    evaluator = heldout = targets = None
+    if digits:
+        from quality.evaluator import Evaluator
+
+        evaluator = Evaluator.load()
+        heldout = data.load("heldout").images
+        targets = evaluation_targets(settings.n, with_colors=with_colors, seed=settings.seed)
+
+    rows = []
+    fp = None
+    for label, path, quantized in [("fp", source, False), *[(Path(a).name, a, True) for a in artifacts]]:
+        progress(f"sampling {settings.n} images with {label} ({path})")
+        run = _in_fresh_process(str(path), quantized, steps, guidance, settings, with_colors)
+        fp = fp or run
+        row = {
+            "variant": label,
+            "path": str(path),
+            "sqnr_latent_db": _finite(sqnr_db(fp["latents"], run["latents"])),
+            "psnr_db": _finite(psnr_db(fp["images"], run["images"])),
+            "ssim": round(ssim(fp["images"], run["images"]), 4),
+            "prompt_accuracy": None,
+            "fd": None,
+            **{k: run[k] for k in ("denoiser_weight_bytes", "peak_rss_bytes", "load_seconds")},
+            "step_latency_ms": round(run["step_latency_ms"], 3),
+        }
+        if evaluator is not None:
+            row["prompt_accuracy"] = evaluator.prompt_accuracy(run["images"], targets).prompt_accuracy
+            row["fd"] = round(evaluator.fd(run["images"], heldout), 3)
+        rows.append(row)
+        progress(
+            f"  {label}: sqnr_latent {row['sqnr_latent_db']} dB, psnr {row['psnr_db']} dB, "
+            f"accuracy {row['prompt_accuracy']}, {row['denoiser_weight_bytes']} B, {row['step_latency_ms']} ms/step"
+        )
+    return {
+        "source": str(source),
+        "images": settings.n,
+        "seed": settings.seed,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "batch_size": settings.batch_size,
+        "variants": rows,
+    }
+
+
+def _finite(x: float) -> float | None:
+    return None if np.isinf(x) else round(float(x), 3)

@@ -1,0 +1,292 @@
+"""The method end to end on one denoiser: calibrate, measure, plan, treat, quantize.
+
+    result = quantize_denoiser(denoiser, get_recipe("w4a8-sqnr"), calibration, trajectory)
+    result.model     # the quantized copy (the FP denoiser is left as it was)
+    result.plan      # {layer: LayerPlan}
+    result.analysis  # JSON-able: sensitivity, choices and the gain of each treatment
+
+Uniform recipes need only the calibration calls. The SQNR-driven recipe also needs a recorded
+FP trajectory to measure on (METHOD.md steps 2-4).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from quantization import backend
+from quantization.backend import LayerSpec
+from quantization.blocks import Block, find_blocks
+from quantization.capture import Call, layer_stats
+from quantization.plan import LayerPlan, specs_of
+from quantization.planner import BlockOption, greedy_plan
+from quantization.recipes import LEVELS, Recipe, level_spec
+from quantization.sensitivity import TIME_DRIFT_OCTAVES, Measurer, quantize_layers
+from quantization.smoothing import smoothing_scales as scales_for
+from quantization.smoothing import weight_channel_absmax
+
+__all__ = ["DEFAULT_BUDGET_RATIO", "DEFAULT_TARGET_SQNR_DB", "Result", "analyze", "quantize_denoiser", "uniform_plan"]
+
+# The SQNR-driven recipe stops at this predicted denoiser SQNR, or at this many times the bytes
+# the uniform base recipe gives the quantizable layers, whichever comes first.
+DEFAULT_TARGET_SQNR_DB = 35.0
+DEFAULT_BUDGET_RATIO = 1.2
+WORST_BLOCKS = 2  # per-layer SQNR is measured inside this many least-SQNR blocks
+
+
+@dataclass
+class Result:
+    model: nn.Module
+    plan: dict[str, LayerPlan]
+    analysis: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _as_applied(plan: dict[str, LayerPlan], model: nn.Module) -> dict[str, LayerPlan]:
+    """The plan with the group sizes the layers really got (a group wider than a row: per row)."""
+    applied = backend.layer_specs(model)
+    return {n: replace(lp, group_size=applied[n].group_size) for n, lp in plan.items()}
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) or math.isnan(x) else round(x, 3)
+
+
+def _fp_bytes(denoiser: nn.Module, layers: tuple[str, ...]) -> int:
+    return sum(
+        p.numel() * p.element_size() for n in layers for p in denoiser.get_submodule(n).parameters(recurse=False)
+    )
+
+
+def uniform_plan(blocks: list[Block], recipe: Recipe) -> dict[str, LayerPlan]:
+    """Every quantizable layer at the recipe's base spec."""
+    spec = recipe.base_spec()
+    return {
+        layer: LayerPlan(spec.weights, spec.activations, spec.group_size, block=b.name)
+        for b in blocks
+        for layer in b.layers
+    }
+
+
+def _plan_at_levels(
+    blocks: list[Block],
+    levels: dict[str, str],
+    group_size: int | None,
+    time_sensitive: set[str],
+    smoothing: dict[str, dict],
+) -> dict[str, LayerPlan]:
+    plan = {}
+    for b in blocks:
+        spec = level_spec(levels[b.name], group_size)
+        if spec is None:
+            continue
+        for layer in b.layers:
+            protect = layer in time_sensitive
+            activations = None if protect else spec.activations
+            alpha = smoothing[layer]["alpha"] if layer in smoothing and activations is not None else None
+            plan[layer] = LayerPlan(spec.weights, activations, spec.group_size, b.name, alpha, protect)
+    return plan
+
+
+def _scales(plan: dict[str, LayerPlan], smoothing: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {n: smoothing[n]["scale"] for n, lp in plan.items() if lp.smoothing_alpha is not None}
+
+
+def _block_specs(plan: dict[str, LayerPlan], block: Block) -> dict[str, LayerSpec]:
+    return {n: plan[n].spec for n in block.layers if n in plan}
+
+
+def analyze(
+    measurer: Measurer,
+    recipe: Recipe,
+    *,
+    target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB,
+    budget_ratio: float | None = DEFAULT_BUDGET_RATIO,
+    smoothing_on: bool = True,
+    time_protection_on: bool = True,
+    detail: bool = True,
+    progress=lambda message: None,
+) -> Result:
+    """Sensitivity analysis and the SQNR-driven plan for ``recipe``'s base spec.
+
+    Args:
+        target_sqnr_db: stop promoting once the predicted denoiser SQNR reaches this.
+        budget_ratio: never exceed this many times the base recipe's quantizable-layer bytes.
+        detail: also measure accumulated SQNR, per-layer SQNR in the worst blocks and the gain
+            of each treatment (the plan itself needs none of them).
+        progress: called with a short message before each stage.
+    """
+    start = time.perf_counter()
+    denoiser = measurer.denoiser
+    blocks = find_blocks(denoiser)
+    layers = [layer for b in blocks for layer in b.layers]
+    group = recipe.group_size
+    base_level = LEVELS[0]
+
+    progress("time sensitivity: activation ranges along the trajectory")
+    drifts = measurer.time_drifts(layers)
+    time_sensitive = {n for n, d in drifts.items() if d >= TIME_DRIFT_OCTAVES} if time_protection_on else set()
+
+    base_levels = {b.name: base_level for b in blocks}
+    smoothing: dict[str, dict] = {}
+    if smoothing_on:
+        progress("smoothing: alphas for layers with outlier input channels")
+        untreated = _plan_at_levels(blocks, base_levels, group, time_sensitive, {})
+        smoothing = measurer.choose_smoothing(list(untreated), specs_of(untreated))
+
+    base_plan = _plan_at_levels(blocks, base_levels, group, time_sensitive, smoothing)
+    scales = _scales(base_plan, smoothing)
+
+    progress(f"relative SQNR of {len(blocks)} blocks at {len(LEVELS) - 1} levels")
+    options: dict[str, list[BlockOption]] = {}
+    relative: dict[str, dict] = {}
+    for b in blocks:
+        opts = []
+        relative[b.name] = {}
+        for level in LEVELS:
+            if level == "float":
+                opts.append(BlockOption(level, math.inf, _fp_bytes(denoiser, b.layers)))
+                continue
+            plan = _plan_at_levels(blocks, {**base_levels, b.name: level}, group, time_sensitive, smoothing)
+            v = measurer.relative(b.name, _block_specs(plan, b), _scales(plan, smoothing))
+            opts.append(BlockOption(level, v.sqnr_db, v.weight_bytes))
+            relative[b.name][level] = {
+                "sqnr_db": _finite(v.sqnr_db),
+                "block_output_sqnr_db": _finite(v.local_sqnr_db),
+                "weight_bytes": v.weight_bytes,
+            }
+        relative[b.name]["float"] = {"weight_bytes": opts[-1].weight_bytes}
+        options[b.name] = opts
+
+    base_bytes = sum(o[0].weight_bytes for o in options.values())
+    budget = None if budget_ratio is None else int(base_bytes * budget_ratio)
+    choice = greedy_plan(options, target_sqnr_db=target_sqnr_db, budget_bytes=budget)
+    plan = _plan_at_levels(blocks, choice.levels, group, time_sensitive, smoothing)
+
+    worst = sorted(blocks, key=lambda b: options[b.name][0].sqnr_db)[:WORST_BLOCKS]
+    accumulated, per_layer = {}, {}
+    if detail:
+        progress("accumulated SQNR of the base recipe, block after block")
+        accumulated = measurer.accumulated(
+            [b.name for b in blocks], {b.name: _block_specs(base_plan, b) for b in blocks}, scales
+        )
+        progress(f"per-layer SQNR inside the worst blocks {[b.name for b in worst]}")
+    for b in worst if detail else []:
+        for layer in b.layers:
+            v = measurer.layer_alone(layer, base_plan[layer].spec, _scales({layer: base_plan[layer]}, smoothing))
+            per_layer[layer] = {"layer_output_sqnr_db": _finite(v.local_sqnr_db), "denoiser_sqnr_db": _finite(v.sqnr_db)}
+
+    progress("the plan, and the gain of each treatment")
+    model, final = measurer.full(specs_of(plan), _scales(plan, smoothing))
+    untreated_plan = _plan_at_levels(blocks, base_levels, group, set(), {})
+    _, untreated = measurer.full(specs_of(untreated_plan))
+    base_variant = None
+    if detail:
+        _, base_variant = measurer.full(specs_of(base_plan), scales)
+    gains = {
+        "uniform_base_sqnr_db": _finite(untreated.sqnr_db),
+        "with_time_protection_sqnr_db": None,
+        "with_smoothing_sqnr_db": None,
+        "with_both_sqnr_db": None if base_variant is None else _finite(base_variant.sqnr_db),
+    }
+    if time_sensitive and detail:
+        _, v = measurer.full(specs_of(_plan_at_levels(blocks, base_levels, group, time_sensitive, {})))
+        gains["with_time_protection_sqnr_db"] = _finite(v.sqnr_db)
+    if smoothing and detail:
+        only_smooth = _plan_at_levels(blocks, base_levels, group, set(), smoothing)
+        _, v = measurer.full(specs_of(only_smooth), _scales(only_smooth, smoothing))
+        gains["with_smoothing_sqnr_db"] = _finite(v.sqnr_db)
+
+    analysis = {
+        "recipe": recipe.name,
+        "base_level": base_level,
+        "group_size": group,
+        "levels": list(LEVELS),
+        "blocks": [b.name for b in blocks],
+        "relative_sqnr": relative,
+        "accumulated_sqnr_db": {k: _finite(v) for k, v in accumulated.items()},
+        "worst_blocks": [b.name for b in worst],
+        "per_layer_sqnr": per_layer,
+        "sqnr_vs_step": {
+            "steps": sorted(set(measurer.steps)),
+            "timesteps": _timesteps(measurer.trajectory),
+            "uniform_base": [_finite(x) for x in untreated.sqnr_by_step.values()],
+            "base_with_treatments": None if base_variant is None else [_finite(x) for x in base_variant.sqnr_by_step.values()],
+            "plan": [_finite(x) for x in final.sqnr_by_step.values()],
+        },
+        "time_sensitive": {
+            "threshold_octaves": TIME_DRIFT_OCTAVES,
+            "layers": sorted(time_sensitive),
+            "drift_octaves": {n: round(d, 3) for n, d in sorted(drifts.items(), key=lambda kv: -kv[1])},
+        },
+        "smoothing": {
+            n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "scale"}
+            for n, s in smoothing.items()
+        },
+        "treatment_gains": gains,
+        "global": {
+            "target_sqnr_db": target_sqnr_db,
+            "budget_ratio": budget_ratio,
+            "base_layer_bytes": base_bytes,
+            "budget_bytes": budget,
+            "predicted_sqnr_db": _finite(choice.predicted_sqnr_db),
+            "plan_layer_bytes": choice.weight_bytes,
+            "block_levels": choice.levels,
+            "promotions": [
+                {"block": p.block, "to": p.to_level, "predicted_sqnr_db": _finite(p.predicted_sqnr_db), "layer_bytes": p.weight_bytes}
+                for p in choice.promotions
+            ],
+        },
+        "measured": {
+            "uniform_base_sqnr_db": _finite(untreated.sqnr_db),
+            "plan_sqnr_db": _finite(final.sqnr_db),
+            "plan_layer_bytes": final.weight_bytes,
+        },
+        "trajectory_calls": len(measurer.trajectory),
+    }
+    return Result(model, _as_applied(plan, model), analysis, time.perf_counter() - start)
+
+
+def _timesteps(calls: list[Call]) -> list[float]:
+    seen = {}
+    for c in calls:
+        if c.step not in seen:
+            t = c.kwargs.get("timestep", c.args[1] if len(c.args) > 1 else None)
+            seen[c.step] = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    return [seen[s] for s in sorted(seen)]
+
+
+def quantize_denoiser(
+    denoiser: nn.Module,
+    recipe: Recipe,
+    calibration: list[Call],
+    *,
+    plan: dict[str, LayerPlan] | None = None,
+    smoothing_scales: dict[str, torch.Tensor] | None = None,
+) -> Result:
+    """A quantized copy of ``denoiser`` by a uniform recipe, or by a given plan.
+
+    A plan's smoothed layers get their scales from ``smoothing_scales`` or, when not given,
+    from the input ranges seen on the calibration calls and the plan's alphas.
+    """
+    start = time.perf_counter()
+    blocks = find_blocks(denoiser)
+    if plan is None:
+        if recipe.mixed_precision:
+            raise ValueError(f"recipe {recipe.name} needs the sensitivity analysis: use analyze()")
+        plan = uniform_plan(blocks, recipe)
+    smoothed = [n for n, lp in plan.items() if lp.smoothing_alpha is not None]
+    if smoothed and smoothing_scales is None:
+        stats = layer_stats(denoiser, smoothed, calibration)
+        smoothing_scales = {
+            n: scales_for(stats.channel_absmax[n], weight_channel_absmax(denoiser.get_submodule(n).weight), plan[n].smoothing_alpha)
+            for n in smoothed
+        }
+    model = copy.deepcopy(denoiser).eval()
+    quantize_layers(model, specs_of(plan), calibration, smoothing_scales)
+    return Result(model, _as_applied(plan, model), {}, time.perf_counter() - start)

@@ -1,0 +1,278 @@
+"""Sensitivity analysis (METHOD.md step 2): where quantization noise comes from, and when.
+
+All measurements replay the denoiser inputs recorded along the FP sampling trajectory, so FP and
+quantized denoisers see the *same* inputs (x_t, t, condition) and their outputs are compared
+with SQNR. Quantized variants are built by swapping a quantized *copy* of a block (or a layer)
+into the FP denoiser and swapping the original back afterwards: the FP model is never altered
+and a 28-block model needs no 28 full copies.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quality.metrics import sqnr_db
+from quantization import backend
+from quantization.backend import LayerSpec
+from quantization.capture import Call, denoiser_output, layer_stats, replay
+from quantization.smoothing import ALPHAS, outlier_ratio, smoothing_scales, weight_channel_absmax
+
+__all__ = [
+    "Measurer",
+    "Variant",
+    "quantize_layers",
+    "time_drift",
+]
+
+# A layer whose input range at some step is 2x larger or smaller than at the calibration step.
+TIME_DRIFT_OCTAVES = 1.0
+# Layers whose input channels are this uneven are tried with smoothing.
+OUTLIER_RATIO = 4.0
+# Smoothing is kept only where it buys at least this much SQNR at the layer's output.
+SMOOTHING_MIN_GAIN_DB = 0.5
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A quantized variant measured against FP on the replayed trajectory."""
+
+    sqnr_db: float  # at the denoiser output, all steps together
+    sqnr_by_step: dict[int, float]  # at the denoiser output, per sampling step
+    weight_bytes: int  # bytes of the quantized layers' tensors
+    local_sqnr_db: float | None = None  # at the output of the block / layer itself
+
+
+def quantize_layers(
+    model: nn.Module,
+    specs: dict[str, LayerSpec],
+    calls: list[Call],
+    smoothing: dict[str, torch.Tensor] | None = None,
+) -> dict[str, LayerSpec]:
+    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze."""
+    applied = backend.apply_specs(model, specs)
+    for name, scale in (smoothing or {}).items():
+        if name in specs:
+            backend.set_smoothing(model.get_submodule(name), scale)
+    backend.calibrate(model, list(specs), lambda: replay(model, calls))
+    backend.freeze_model(model)
+    return applied
+
+
+def time_drift(input_absmax_by_step: dict[int, float], calibration_step: int = 0) -> float:
+    """max over steps of |log2(range at step / range at the calibration step)|, in octaves."""
+    ref = input_absmax_by_step[calibration_step]
+    if ref <= 0:
+        return float("inf")
+    drifts = [abs(torch.log2(torch.tensor(v / ref)).item()) for v in input_absmax_by_step.values() if v > 0]
+    return max(drifts, default=0.0)
+
+
+def _sqnr(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
+    return sqnr_db(torch.cat([t.flatten() for t in reference]), torch.cat([t.flatten() for t in test]))
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    return denoiser_output(out)
+
+
+class Measurer:
+    """The FP denoiser, the calibration calls and the trajectory to measure on.
+
+    Args:
+        denoiser: the FP denoiser (float32 or the dtype it will be quantized in); left intact.
+        calibration: calls the quantized copies are calibrated on (single- or multi-step).
+        trajectory: calls of full FP sampling runs, every step, that quality is measured on.
+    """
+
+    def __init__(self, denoiser: nn.Module, calibration: list[Call], trajectory: list[Call]) -> None:
+        self.denoiser = denoiser.eval()
+        self.calibration = calibration
+        self.trajectory = trajectory
+        self.steps = [c.step for c in trajectory]
+        self.fp_outputs = replay(denoiser, trajectory)
+        self._fp_local: dict[str, list[torch.Tensor]] = {}
+
+    # --- building blocks -------------------------------------------------------------------
+
+    @contextmanager
+    def swapped(
+        self, names: list[str], specs: dict[str, LayerSpec], smoothing: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[nn.Module]:
+        """Inside, the modules ``names`` of the denoiser are quantized copies; originals after."""
+        originals = {n: self.denoiser.get_submodule(n) for n in names}
+        try:
+            for n, m in originals.items():
+                self.denoiser.set_submodule(n, copy.deepcopy(m))
+            quantize_layers(self.denoiser, specs, self.calibration, smoothing)
+            yield self.denoiser
+        finally:
+            for n, m in originals.items():
+                self.denoiser.set_submodule(n, m)
+
+    @torch.no_grad()
+    def _run(self, model: nn.Module, local: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Replay the trajectory: denoiser outputs, and the outputs of module ``local``."""
+        local_outs: list[torch.Tensor] = []
+        handle = None
+        if local is not None:
+            handle = model.get_submodule(local).register_forward_hook(
+                lambda m, a, o: local_outs.append(backend.plain(_first_tensor(o)))
+            )
+        try:
+            outputs = replay(model, self.trajectory)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return outputs, local_outs
+
+    def _fp_local_outputs(self, name: str) -> list[torch.Tensor]:
+        if name not in self._fp_local:
+            self._fp_local[name] = self._run(self.denoiser, name)[1]
+        return self._fp_local[name]
+
+    def measure(self, model: nn.Module, local: str | None = None, layers: list[str] | None = None) -> Variant:
+        """SQNR of ``model`` (the denoiser with quantized parts) against FP, overall and per step."""
+        fp_local = self._fp_local_outputs(local) if local is not None else None
+        outputs, q_local = self._run(model, local)
+        return Variant(
+            sqnr_db=_sqnr(self.fp_outputs, outputs),
+            sqnr_by_step=self._by_step(outputs),
+            weight_bytes=self.layer_bytes(model, layers or []),
+            local_sqnr_db=None if fp_local is None else _sqnr(fp_local, q_local),
+        )
+
+    def _by_step(self, outputs: list[torch.Tensor]) -> dict[int, float]:
+        ref, test = defaultdict(list), defaultdict(list)
+        for step, fp, q in zip(self.steps, self.fp_outputs, outputs, strict=True):
+            ref[step].append(fp.flatten())
+            test[step].append(q.flatten())
+        return {s: sqnr_db(torch.cat(ref[s]), torch.cat(test[s])) for s in sorted(ref)}
+
+    @staticmethod
+    def layer_bytes(model: nn.Module, layers: list[str]) -> int:
+        """Bytes the named layers' tensors take (quantized data, scales, biases)."""
+        total = 0
+        for name in layers:
+            state = backend.quantized_state_dict(model.get_submodule(name))
+            total += backend.state_dict_bytes(state)
+        return total
+
+    # --- the analyses ------------------------------------------------------------------------
+
+    def relative(self, block: str, specs: dict[str, LayerSpec], smoothing=None) -> Variant:
+        """Only ``block`` quantized: the noise it adds by itself, at its output and the model's."""
+        with self.swapped([block], specs, smoothing) as model:
+            return self.measure(model, local=block, layers=list(specs))
+
+    def layer_alone(self, layer: str, spec: LayerSpec, smoothing=None) -> Variant:
+        """Only ``layer`` quantized: its SQNR at its own output and at the denoiser output."""
+        with self.swapped([layer], {layer: spec}, smoothing) as model:
+            return self.measure(model, local=layer, layers=[layer])
+
+    def accumulated(self, blocks: list[str], specs_by_block: dict[str, dict[str, LayerSpec]], smoothing=None) -> dict[str, float]:
+        """Blocks 0..b quantized, for each b: how the noise builds up through the network."""
+        result = {}
+        originals = {b: self.denoiser.get_submodule(b) for b in blocks}
+        try:
+            for b in blocks:
+                self.denoiser.set_submodule(b, copy.deepcopy(originals[b]))
+                quantize_layers(self.denoiser, specs_by_block[b], self.calibration, smoothing)
+                result[b] = _sqnr(self.fp_outputs, replay(self.denoiser, self.trajectory))
+        finally:
+            for b, m in originals.items():
+                self.denoiser.set_submodule(b, m)
+        return result
+
+    def full(self, specs: dict[str, LayerSpec], smoothing=None) -> tuple[nn.Module, Variant]:
+        """A quantized copy of the whole denoiser, and how it measures."""
+        model = copy.deepcopy(self.denoiser)
+        quantize_layers(model, specs, self.calibration, smoothing)
+        return model, self.measure(model, layers=list(specs))
+
+    # --- statistics that choose the local treatments ----------------------------------------
+
+    def time_drifts(self, layers: list[str]) -> dict[str, float]:
+        """Per layer, how far its input range moves over the trajectory from step 0, in octaves."""
+        stats = layer_stats(self.denoiser, layers, self.trajectory)
+        return {n: time_drift(stats.input_absmax_by_step[n]) for n in layers}
+
+    @torch.no_grad()
+    def choose_smoothing(self, layers: list[str], spec_of: dict[str, LayerSpec]) -> dict[str, dict]:
+        """For uneven-input layers, the alpha that best raises their own SQNR (if any helps).
+
+        Each candidate is tried on its own: its inputs from the calibration calls are captured
+        once, then a quantized copy of the layer alone runs on them per alpha.
+        """
+        active = [n for n in layers if spec_of[n].activations is not None]
+        inputs = self._layer_inputs(active)
+        chosen = {}
+        for name in active:
+            x = inputs[name]
+            act = _channel_absmax(x)
+            ratio = outlier_ratio(act)
+            if ratio < OUTLIER_RATIO:
+                continue
+            layer = self.denoiser.get_submodule(name)
+            reference = [layer(t) for t in x]
+            w = weight_channel_absmax(layer.weight)
+            base = _alone_sqnr(layer, spec_of[name], x, reference, None)
+            best = (base, None, None)
+            for alpha in ALPHAS:
+                scale = smoothing_scales(act, w, alpha)
+                db = _alone_sqnr(layer, spec_of[name], x, reference, scale)
+                if db > best[0]:
+                    best = (db, alpha, scale)
+            if best[1] is not None and best[0] - base >= SMOOTHING_MIN_GAIN_DB:
+                chosen[name] = {
+                    "alpha": best[1],
+                    "scale": best[2],
+                    "outlier_ratio": ratio,
+                    "sqnr_db_before": base,
+                    "sqnr_db_after": best[0],
+                }
+        return chosen
+
+    @torch.no_grad()
+    def _layer_inputs(self, layers: list[str]) -> dict[str, list[torch.Tensor]]:
+        """The inputs each layer sees while the FP denoiser replays the calibration calls."""
+        inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        handles = [
+            self.denoiser.get_submodule(n).register_forward_pre_hook(
+                lambda m, a, n=n: inputs[n].append(a[0].detach().clone())
+            )
+            for n in layers
+        ]
+        try:
+            replay(self.denoiser, self.calibration)
+        finally:
+            for h in handles:
+                h.remove()
+        return inputs
+
+
+def _channel_absmax(xs: list[torch.Tensor]) -> torch.Tensor:
+    out = None
+    for x in xs:
+        dim = 1 if x.dim() == 4 else -1
+        a = x.abs().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
+        out = a if out is None else torch.maximum(out, a)
+    return out
+
+
+def _alone_sqnr(layer: nn.Module, spec: LayerSpec, xs: list[torch.Tensor], reference, scale) -> float:
+    """A quantized copy of one layer, calibrated and run on its captured inputs, against FP."""
+    holder = nn.Sequential(copy.deepcopy(layer))
+    calls = [Call(i, (x,), {}) for i, x in enumerate(xs)]
+    quantize_layers(holder, {"0": spec}, calls, None if scale is None else {"0": scale})
+    return _sqnr(reference, [backend.plain(holder(x)) for x in xs])

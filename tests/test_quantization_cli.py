@@ -1,0 +1,70 @@
+"""python -m quantization as a user runs it: help, errors, and the committed artifacts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.generate import sample
+from models.loader import load_pipeline
+from quality.metrics import psnr_db, sqnr_db
+from quantization.artifact import load_quantized
+from quantization.calibration import calibration_conditions
+from quantization.cli import main
+from quantization.recipes import RECIPES
+from quantization.run import TRAJECTORY_SEED
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = sorted(p for p in (ROOT / "models" / "quantized").glob("*") if (p / "manifest.json").is_file())
+
+
+def test_help_explains_every_recipe():
+    out = subprocess.run(
+        [sys.executable, "-m", "quantization", "quantize", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name, recipe in RECIPES.items():
+        assert name in out
+        assert recipe.summary.split(",")[0][:30] in " ".join(out.split())
+
+
+def test_an_unreachable_hub_id_is_a_clear_error(tmp_path, capsys):
+    code = main(["quantize", "nobody/no-such-model", "--recipe", "w8a8", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nobody/no-such-model" in err and "hub" in err
+
+
+def test_quantize_refuses_to_overwrite_and_evaluate_wants_artifacts(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert main(["quantize", "models/dit-digits", "--recipe", "w8a8", "--out", str(tmp_path / "taken")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    code = main(["evaluate", "models/dit-digits", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert code == 2
+    assert "not an artifact" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "models/dit-digits", "--recipe", "w8a8"])  # --out is required
+
+
+def test_both_embedded_models_ship_w8a8_and_w4a8_sqnr_artifacts():
+    names = {p.name for p in ARTIFACTS}
+    assert names >= {f"{m}-{r}" for m in ("dit-digits", "t2i-digits") for r in ("w8a8", "w4a8-sqnr")}
+
+
+@pytest.mark.parametrize("artifact", ARTIFACTS, ids=lambda p: p.name)
+def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
+    """The manifest's end-to-end check was made with the in-memory model at quantize time."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    measured, sampling = manifest["measured"], manifest["sampling"]
+    fp = load_pipeline(ROOT / manifest["source"])
+    fp.set_progress_bar_config(disable=True)
+    quantized = load_quantized(artifact)
+    conditions = calibration_conditions(fp, measured["check_images"], seed=TRAJECTORY_SEED + 1)
+    kw = {"seed": TRAJECTORY_SEED + 1, **sampling}
+    ref, q = sample(fp, conditions, **kw), sample(quantized, conditions, **kw)
+    assert round(sqnr_db(ref.latents, q.latents), 3) == measured["sqnr_latent_db"]
+    assert round(psnr_db(ref.images, q.images), 3) == measured["psnr_db"]
+    size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
+    assert size <= 15 * 2**20
