@@ -5,7 +5,9 @@
 For each model and recipe, the denoiser is calibrated on the same 32 prompts either at the first
 sampling step only (t = T) or at every step, then both quantized pipelines sample the same 64
 seeded prompts as FP. Calibration time = recording the FP inputs + calibrating and freezing the
-quantized copy. Writes bench/results/calibration.json.
+quantized copy. For w4a8-sqnr the plan (levels, treatments) is made once, with single-step
+calibration, and then quantized with each calibration, so that only the calibration differs.
+Writes bench/results/calibration.json.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import open_source
 from quantization.blocks import denoiser_attr
 from quantization.calibration import calibration_conditions, record_calibration
-from quantization.ptq import quantize_denoiser
+from quantization.ptq import analyze, quantize_denoiser
 from quantization.recipes import get_recipe
+from quantization.run import TRAJECTORY_SEED
+from quantization.sensitivity import Measurer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,12 +46,34 @@ def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
     conditions = conditions_for(pipe, targets)
     fp = sample(pipe, conditions, seed=0, **kw)
     evaluator = Evaluator.load()
-    rows = [{"model": model, "variant": "fp", "prompt_accuracy": evaluator.prompt_accuracy(fp.images, targets).prompt_accuracy}]
+    rows = [
+        {
+            "model": model,
+            "variant": "fp",
+            "prompt_accuracy": evaluator.prompt_accuracy(fp.images, targets).prompt_accuracy,
+        }
+    ]
     calib_conditions = calibration_conditions(pipe, prompts)
     for recipe in recipes:
+        plan = None
+        if get_recipe(recipe).mixed_precision:
+            single = record_calibration(pipe, attr, calib_conditions, **kw)
+            trajectory = record_calibration(
+                pipe,
+                attr,
+                calibration_conditions(pipe, 8, seed=TRAJECTORY_SEED),
+                kind="multi-step",
+                seed=TRAJECTORY_SEED,
+                **kw,
+            )
+            plan = analyze(
+                Measurer(fp_denoiser, single.calls, trajectory.calls),
+                get_recipe(recipe),
+                detail=False,
+            ).plan
         for kind in ("single-step", "multi-step"):
             calib = record_calibration(pipe, attr, calib_conditions, kind=kind, **kw)
-            result = quantize_denoiser(fp_denoiser, get_recipe(recipe), calib.calls)
+            result = quantize_denoiser(fp_denoiser, get_recipe(recipe), calib.calls, plan=plan)
             setattr(pipe, attr, result.model)
             try:
                 q = sample(pipe, conditions, seed=0, **kw)
@@ -72,10 +98,13 @@ def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.calibration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", nargs="+", default=["dit-digits", "t2i-digits"])
-    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8-g128"])
+    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8-g128", "w4a8-sqnr"])
     p.add_argument("--n", type=int, default=64, help="evaluation images (default 64)")
     p.add_argument("--prompts", type=int, default=32, help="calibration prompts (default 32)")
     p.add_argument("--out", type=Path, default=RESULTS / "calibration.json")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
+from quality.metrics import sqnr_db
 from quantization import backend
 from quantization.capture import Call, replay
 from quantization.ptq import analyze, quantize_denoiser
@@ -54,7 +55,9 @@ def make_calls(timesteps: list[int], dtype: torch.dtype, device: str, batch: int
         x = torch.randn(batch, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
         kwargs = {
             "timestep": torch.full((batch,), t, device=device),
-            "class_labels": torch.tensor([207, 1000][:batch] + [0] * max(0, batch - 2), device=device),
+            "class_labels": torch.tensor(
+                [207, 1000][:batch] + [0] * max(0, batch - 2), device=device
+            ),
         }
         calls.append(Call(i, (x,), kwargs))
     return calls
@@ -62,7 +65,7 @@ def make_calls(timesteps: list[int], dtype: torch.dtype, device: str, batch: int
 
 def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():  # quanto tensors do not support inference mode
         for i in range(repeats + 1):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -76,14 +79,24 @@ def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.full_size", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.full_size",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--recipes", nargs="+", default=["fp", "w8a8", "w4a16-g128", "w4a8-sqnr"])
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
-    p.add_argument("--layers", type=int, default=28, help="transformer blocks (28 = DiT-XL/2; fewer for a dry run)")
-    p.add_argument("--out", type=Path, help="JSON file (default bench/results/full_size-<device>.json)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=28,
+        help="transformer blocks (28 = DiT-XL/2; fewer for a dry run)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="JSON file (default bench/results/full_size-<device>.json)"
+    )
     args = p.parse_args(argv)
     dtype, device = DTYPES[args.dtype], args.device
     out = args.out or RESULTS / f"full_size-{device}.json"
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = make_calls([999], dtype, device)
     trajectory = make_calls([999, 500], dtype, device)
     timing_call = make_calls([500], dtype, device)[0]
+    reference = [o.float().cpu() for o in replay(fp, trajectory)]
     rows = []
     for name in args.recipes:
         print(f"[{name}] quantizing", flush=True)
@@ -103,13 +117,21 @@ def main(argv: list[str] | None = None) -> None:
         if name == "fp":
             model = fp
         elif get_recipe(name).mixed_precision:
-            result = analyze(Measurer(fp, calibration, trajectory), get_recipe(name), detail=False,
-                             progress=lambda m: print(f"  {m}", flush=True))
+            result = analyze(
+                Measurer(fp, calibration, trajectory),
+                get_recipe(name),
+                detail=False,
+                scope="block",
+                progress=lambda m: print(f"  {m}", flush=True),
+            )
             model = result.model
             g = result.analysis["global"]
-            extra = {"block_levels": g["block_levels"], "predicted_sqnr_db": g["predicted_sqnr_db"],
-                     "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
-                     "smoothed_layers": len(result.analysis["smoothing"])}
+            extra = {
+                "block_levels": g["block_levels"],
+                "predicted_sqnr_db": g["predicted_sqnr_db"],
+                "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
+                "smoothed_layers": len(result.analysis["smoothing"]),
+            }
         else:
             model = quantize_denoiser(fp, get_recipe(name), calibration).model
         quantize_seconds = time.perf_counter() - start
@@ -117,13 +139,23 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = backend.state_dict_bytes(state)
         sqnr = None
         if name != "fp":
-            from quality.metrics import sqnr_db
-            ref = [o.float().cpu() for o in replay(fp, trajectory)]
             test = [o.float().cpu() for o in replay(model, trajectory)]
-            sqnr = round(sqnr_db(torch.cat([r.flatten() for r in ref]), torch.cat([t.flatten() for t in test])), 2)
+            sqnr = round(
+                sqnr_db(
+                    torch.cat([r.flatten() for r in reference]),
+                    torch.cat([t.flatten() for t in test]),
+                ),
+                2,
+            )
         if device == "cuda":
+            if name != "fp":
+                fp.cpu()  # the peak below is then the quantized model's alone
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         latency = step_latency_ms(model, timing_call, device, args.repeats)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        if device == "cuda" and name != "fp":
+            fp.to(device)
         row = {
             "variant": name,
             "weight_bytes": nbytes,
@@ -133,14 +165,15 @@ def main(argv: list[str] | None = None) -> None:
             "sqnr_random_db": sqnr,
             **extra,
         }
-        if device == "cuda":
-            row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        if peak is not None:
+            row["peak_cuda_bytes"] = peak
         rows.append(row)
         print(json.dumps(row), flush=True)
         if name != "fp":
             del model
     result = {
-        "model": f"DiT-XL/2 shape ({args.layers} layers, hidden 1152, 16 heads, patch 2, 32x32x4), random weights",
+        "model": f"DiT-XL/2 shape ({args.layers} layers, hidden 1152, 16 heads, patch 2, "
+        "32x32x4), random weights",
         "parameters": params,
         "fp16_bytes": params * 2,
         "device": device if device == "cpu" else torch.cuda.get_device_name(),

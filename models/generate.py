@@ -74,7 +74,9 @@ def sample(
         for start in range(0, len(conditions), batch_size):
             chunk = conditions[start : start + batch_size]
             common = {
-                "generator": [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))],
+                "generator": [
+                    torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))
+                ],
                 "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale,
                 "output_type": "np",

@@ -1,4 +1,4 @@
-"""Load a pipeline folder (ours or a real checkpoint) offline, restoring what diffusers does not save."""
+"""Load a pipeline folder (ours or a real checkpoint) offline; restore what diffusers omits."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def read_defaults(source: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_pipeline(source: str | Path, *, torch_dtype=None, local_files_only: bool = True, **components):
+def load_pipeline(
+    source: str | Path, *, torch_dtype=None, local_files_only: bool = True, **components
+):
     """``DiffusionPipeline.from_pretrained`` plus the DiT class labels kept in ``id2label.json``.
 
     ``components`` replace the folder's own (e.g. ``transformer=`` a quantized denoiser).

@@ -95,7 +95,9 @@ def sample_model(name: str, n: int, seed: int, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.sample", description=__doc__)
-    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all)")
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all)"
+    )
     parser.add_argument("--n", type=int, default=100, help="images to evaluate per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=MODELS_DIR.parent / "docs")

@@ -6,6 +6,7 @@ single characters, so an unseen prompt still tokenizes (and simply means little 
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 from pathlib import Path
@@ -31,7 +32,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none applies."""
     symbols = [*word[:-1], word[-1] + "</w>"]
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, len(ranks)), p) for p in zip(symbols, symbols[1:], strict=False)]
+        pairs = [(ranks.get(p, len(ranks)), p) for p in itertools.pairwise(symbols)]
         rank, (a, b) = min(pairs)
         if rank == len(ranks):
             break

@@ -55,11 +55,11 @@ RECIPES = {
     "digit-classifier": Recipe(steps=1500, batch_size=64, lr=2e-3),
     "vae-digits": Recipe(steps=1500, batch_size=64, lr=1e-3),
     "dit-digits": Recipe(steps=7500, batch_size=128, lr=5e-4),
-    "t2i-digits": Recipe(steps=2200, batch_size=128, lr=5e-4),
+    "t2i-digits": Recipe(steps=2800, batch_size=128, lr=5e-4),
 }
 # Inference settings written into each pipeline folder (defaults.json).
 SAMPLING = {
-    "dit-digits": {"num_inference_steps": 20, "guidance_scale": 3.0},
+    "dit-digits": {"num_inference_steps": 20, "guidance_scale": 5.0},
     "t2i-digits": {"num_inference_steps": 20, "guidance_scale": 4.0},
 }
 COLORINGS = 10  # recolorings of each training digit whose latents are precomputed
@@ -82,8 +82,7 @@ class Progress:
             self.loss = float(np.mean(self._running))
             self._running.clear()
             print(
-                f"[{self.name}] step {i + 1}/{self.steps} loss {self.loss:.4f} "
-                f"{self.elapsed:.0f}s",
+                f"[{self.name}] step {i + 1}/{self.steps} loss {self.loss:.4f} {self.elapsed:.0f}s",
                 flush=True,
             )
 
@@ -295,7 +294,9 @@ def train_t2i(recipe: Recipe, out: Path, vae_path: Path) -> None:
     ).train()
     unet = architectures.unet().train()
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
         beta_end=0.012,
         steps_offset=1,
     )
@@ -318,7 +319,10 @@ def train_t2i(recipe: Recipe, out: Path, vae_path: Path) -> None:
             for j in idx.tolist()
         ]
         ids = tokenizer(
-            prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=MAX_LENGTH,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         noisy, noise, t = _noise_step(scheduler, latents[idx], gen)
@@ -371,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         recipe = RECIPES[name]
         if args.steps is not None:
-            recipe = Recipe(**{**asdict(recipe), "steps": args.steps, "warmup": min(recipe.warmup, args.steps)})
+            recipe = Recipe(
+                **{**asdict(recipe), "steps": args.steps, "warmup": min(recipe.warmup, args.steps)}
+            )
         out = args.out or MODELS_DIR / name
         out.mkdir(parents=True, exist_ok=True)
         if name == "digit-classifier":

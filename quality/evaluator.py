@@ -1,8 +1,8 @@
-"""Score generated images: does each show the digit (and colors) asked for, and how real do they look.
+"""Score generated images: does each show the digit (and colors) asked for; how real do they look.
 
-    evaluator = Evaluator.load()
-    report = evaluator.prompt_accuracy(images, targets)   # share right, digit and colors
-    fd = evaluator.fd(images, data.load("heldout").images)
+evaluator = Evaluator.load()
+report = evaluator.prompt_accuracy(images, targets)   # share right, digit and colors
+fd = evaluator.fd(images, data.load("heldout").images)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from quality.classifier import load_classifier
 from quality.colors import estimate_colors
 from quality.metrics import frechet_distance
 
-__all__ = ["Accuracy", "CLASSIFIER_DIR", "Evaluator"]
+__all__ = ["CLASSIFIER_DIR", "Accuracy", "Evaluator"]
 
 CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "digit-classifier"
 

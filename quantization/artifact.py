@@ -56,7 +56,9 @@ def open_source(source: str | Path, *, torch_dtype: torch.dtype = torch.float32)
     try:
         pipe = load_pipeline(source, torch_dtype=torch_dtype, local_files_only=local)
     except (OSError, ValueError) as e:
-        where = "folder" if local else "hub id (is the hub reachable, or the model in the local cache?)"
+        where = (
+            "folder" if local else "hub id (is the hub reachable, or the model in the local cache?)"
+        )
         raise ArtifactError(f"cannot load a pipeline from {source!s} as a {where}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -70,12 +72,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def denoiser_sizes(fp_denoiser: torch.nn.Module, state: dict[str, torch.Tensor], plan: dict[str, LayerPlan]) -> dict:
-    """Bytes of the quantized denoiser, split into quantized layers and the rest, against fp16/fp32."""
+def denoiser_sizes(
+    fp_denoiser: torch.nn.Module, state: dict[str, torch.Tensor], plan: dict[str, LayerPlan]
+) -> dict:
+    """Bytes of the quantized denoiser: quantized layers, the rest, and fp16 / fp32 for scale."""
     params = sum(p.numel() for p in fp_denoiser.parameters())
     layer_bytes = sum(backend.state_dict_bytes(state, prefix=f"{name}.") for name in plan)
     total = backend.state_dict_bytes(state)
-    fp_layer_params = sum(p.numel() for n in plan for p in fp_denoiser.get_submodule(n).parameters(recurse=False))
+    fp_layer_params = sum(
+        p.numel() for n in plan for p in fp_denoiser.get_submodule(n).parameters(recurse=False)
+    )
     return {
         "denoiser_weight_bytes": total,
         "quantized_layer_bytes": layer_bytes,
@@ -132,7 +138,14 @@ def save_artifact(
         "denoiser": attr,
         "denoiser_class": type(getattr(fp_pipe, attr)).__name__,
         "dtype": dtype,
-        "layers": {n: {"weights": lp.weights, "activations": lp.activations or "none", "group_size": lp.group_size} for n, lp in sorted(plan.items())},
+        "layers": {
+            n: {
+                "weights": lp.weights,
+                "activations": lp.activations or "none",
+                "group_size": lp.group_size,
+            }
+            for n, lp in sorted(plan.items())
+        },
         "sizes": denoiser_sizes(getattr(fp_pipe, attr), state, plan),
         "files": files,
         "versions": _versions(),
@@ -149,7 +162,9 @@ def read_manifest(path: Path) -> dict:
         raise ArtifactError(f"{path} is not a quantized artifact: no {MANIFEST_FILE}")
     manifest = json.loads(file.read_text())
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{file}: format {manifest.get('format')!r}, this package reads {FORMAT!r}")
+        raise ArtifactError(
+            f"{file}: format {manifest.get('format')!r}, this package reads {FORMAT!r}"
+        )
     return manifest
 
 
@@ -168,12 +183,15 @@ def verify_files(path: Path, manifest: dict) -> None:
         digest = sha256_of(file)
         if digest != info["sha256"]:
             raise ArtifactError(
-                f"{path}: {rel} has sha256 {digest[:12]}..., the manifest says {info['sha256'][:12]}...: "
+                f"{path}: {rel} has sha256 {digest[:12]}..., "
+                f"the manifest says {info['sha256'][:12]}...: "
                 "the file was modified or corrupted; refusing to load it"
             )
 
 
-def build_quantized_denoiser(path: Path, manifest: dict, plan: dict[str, LayerPlan]) -> torch.nn.Module:
+def build_quantized_denoiser(
+    path: Path, manifest: dict, plan: dict[str, LayerPlan]
+) -> torch.nn.Module:
     """The denoiser class from its config, prepared by the plan, loaded with strict key checks."""
     import diffusers
 
@@ -183,7 +201,10 @@ def build_quantized_denoiser(path: Path, manifest: dict, plan: dict[str, LayerPl
     applied = backend.apply_specs(model, specs_of(plan))
     for name, lp in plan.items():
         if applied[name].group_size != lp.group_size:
-            raise ArtifactError(f"{name}: plan says group size {lp.group_size}, the layer allows {applied[name].group_size}")
+            raise ArtifactError(
+                f"{name}: plan says group size {lp.group_size}, "
+                f"the layer allows {applied[name].group_size}"
+            )
         if lp.smoothing_alpha is not None:
             backend.set_smoothing(model.get_submodule(name))
     state = load_file(path / attr / WEIGHTS_FILE)
@@ -203,6 +224,8 @@ def load_quantized(path: str | Path):
     if set(plan) != set(manifest["layers"]):
         raise ArtifactError(f"{path}: plan.json and manifest.json list different layers")
     model = build_quantized_denoiser(path, manifest, plan)
-    pipe = load_pipeline(path, torch_dtype=DTYPES[manifest["dtype"]], **{manifest["denoiser"]: model})
+    pipe = load_pipeline(
+        path, torch_dtype=DTYPES[manifest["dtype"]], **{manifest["denoiser"]: model}
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -135,7 +135,9 @@ def set_smoothing(module: torch.nn.Module, scale: torch.Tensor | None = None) ->
     in_dim = module.weight.shape[1]
     if scale is not None:
         if scale.shape != (in_dim,):
-            raise ValueError(f"smoothing scale of shape {tuple(scale.shape)}, layer has {in_dim} inputs")
+            raise ValueError(
+                f"smoothing scale of shape {tuple(scale.shape)}, layer has {in_dim} inputs"
+            )
         shape = [1, in_dim] + [1] * (module.weight.dim() - 2)
         with torch.no_grad():
             module.weight.mul_(scale.view(shape).to(module.weight.dtype))
@@ -213,8 +215,17 @@ def layer_specs(model: torch.nn.Module) -> dict[str, LayerSpec]:
 
 
 def quantized_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The flat tensors of a frozen model (QTensors split into their parts), ``None`` dropped."""
-    return {k: v.contiguous() for k, v in model.state_dict().items() if v is not None}
+    """The flat tensors of a frozen model (QTensors split into their parts), ``None`` dropped.
+
+    quanto's modules save only their weight, bias and scales, so the SmoothQuant scales are
+    added here under ``<layer>.smooth_scale``.
+    """
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if v is not None}
+    for name, module in model.named_modules():
+        if hasattr(module, SMOOTH_BUFFER):
+            key = f"{name}.{SMOOTH_BUFFER}" if name else SMOOTH_BUFFER
+            state[key] = getattr(module, SMOOTH_BUFFER).detach().contiguous()
+    return state
 
 
 def state_dict_bytes(state: dict[str, torch.Tensor], prefix: str = "") -> int:
@@ -238,3 +249,8 @@ def load_quantized_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             f"{len(unexpected)} unexpected {unexpected[:5]}"
         )
     model.load_state_dict(state, strict=False)
+    with torch.no_grad():  # quanto's modules do not load extra buffers themselves
+        for key, value in state.items():
+            if key == SMOOTH_BUFFER or key.endswith("." + SMOOTH_BUFFER):
+                owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+                getattr(owner, SMOOTH_BUFFER).copy_(value)

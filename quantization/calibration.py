@@ -16,7 +16,13 @@ import numpy as np
 from models.generate import conditions_for, evaluation_targets, sample
 from quantization.capture import Call, record_calls
 
-__all__ = ["CALIBRATION_KINDS", "Calibration", "calibration_conditions", "record_calibration", "steps_for"]
+__all__ = [
+    "CALIBRATION_KINDS",
+    "Calibration",
+    "calibration_conditions",
+    "record_calibration",
+    "steps_for",
+]
 
 CALIBRATION_KINDS = ("single-step", "multi-step")
 
@@ -30,7 +36,12 @@ class Calibration:
     seconds: float  # to sample the FP pipeline up to the last kept step
 
     def summary(self) -> dict:
-        return {"kind": self.kind, "steps": self.steps, "prompts": self.prompts, "record_seconds": self.seconds}
+        return {
+            "kind": self.kind,
+            "steps": self.steps,
+            "prompts": self.prompts,
+            "record_seconds": self.seconds,
+        }
 
 
 def steps_for(kind: str, num_inference_steps: int, k: int | None = None) -> list[int]:
@@ -43,7 +54,7 @@ def steps_for(kind: str, num_inference_steps: int, k: int | None = None) -> list
         return list(range(num_inference_steps))
     if k < 1:
         raise ValueError("multi-step calibration needs K >= 1 steps")
-    return sorted({int(round(i)) for i in np.linspace(0, num_inference_steps - 1, k)})
+    return sorted({round(float(i)) for i in np.linspace(0, num_inference_steps - 1, k)})
 
 
 def calibration_conditions(pipe, n: int, seed: int = 1000) -> list[int] | list[str]:

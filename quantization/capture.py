@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Call", "LayerStats", "denoiser_output", "layer_stats", "record_calls", "replay"]
+__all__ = [
+    "Call",
+    "LayerStats",
+    "denoiser_output",
+    "detach",
+    "layer_stats",
+    "record_calls",
+    "replay",
+]
 
 
 class _StopSampling(Exception):
@@ -26,13 +34,13 @@ class Call:
     kwargs: dict
 
 
-def _detach(value):
+def detach(value):
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)(detach(v) for v in value)
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: detach(v) for k, v in value.items()}
     return value
 
 
@@ -52,7 +60,7 @@ def record_calls(denoiser: nn.Module, run, steps: set[int] | None = None) -> lis
         step = counter[0]
         counter[0] += 1
         if steps is None or step in steps:
-            calls.append(Call(step, _detach(args), _detach(kwargs)))
+            calls.append(Call(step, detach(args), detach(kwargs)))
         if last is not None and step >= last:
             raise _StopSampling
 
@@ -117,7 +125,9 @@ def layer_stats(denoiser: nn.Module, layers: list[str], calls: list[Call]) -> La
         channel_dim = 1 if x.dim() == 4 else -1  # conv: NCHW, linear: (..., features)
         per_channel = x.abs().transpose(channel_dim, -1).reshape(-1, x.shape[channel_dim]).amax(0)
         prev = stats.channel_absmax.get(name)
-        stats.channel_absmax[name] = per_channel if prev is None else torch.maximum(prev, per_channel)
+        stats.channel_absmax[name] = (
+            per_channel if prev is None else torch.maximum(prev, per_channel)
+        )
         step = current[0]
         stats.input_absmax_by_step[name][step] = max(
             stats.input_absmax_by_step[name].get(step, 0.0), float(x.abs().max())

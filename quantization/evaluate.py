@@ -46,11 +46,15 @@ def _settings_for(source: str, s: EvalSettings) -> tuple[int, float, bool]:
     steps = s.num_inference_steps or defaults.get("num_inference_steps")
     guidance = s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale")
     if steps is None or guidance is None:
-        raise ValueError(f"{source} states no default steps / guidance: pass --steps and --guidance")
+        raise ValueError(
+            f"{source} states no default steps / guidance: pass --steps and --guidance"
+        )
     return int(steps), float(guidance), is_digits_model(defaults)
 
 
-def _run_variant(path: str, quantized: bool, steps: int, guidance: float, s: EvalSettings, with_colors: bool) -> dict:
+def _run_variant(
+    path: str, quantized: bool, steps: int, guidance: float, s: EvalSettings, with_colors: bool
+) -> dict:
     """In a child process: load, sample n images, time every denoiser call."""
     import torch
 
@@ -67,11 +71,18 @@ def _run_variant(path: str, quantized: bool, steps: int, guidance: float, s: Eva
     durations: list[float] = []
     began = [0.0]
     pre = denoiser.register_forward_pre_hook(lambda m, a: began.__setitem__(0, time.perf_counter()))
-    post = denoiser.register_forward_hook(lambda m, a, o: durations.append(time.perf_counter() - began[0]))
+    post = denoiser.register_forward_hook(
+        lambda m, a, o: durations.append(time.perf_counter() - began[0])
+    )
     conditions = conditions_for(pipe, evaluation_targets(s.n, with_colors=with_colors, seed=s.seed))
-    with torch.inference_mode():
+    with torch.no_grad():  # quanto tensors do not support inference mode
         samples = sample(
-            pipe, conditions, seed=s.seed, num_inference_steps=steps, guidance_scale=guidance, batch_size=s.batch_size
+            pipe,
+            conditions,
+            seed=s.seed,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            batch_size=s.batch_size,
         )
     pre.remove()
     post.remove()
@@ -86,11 +97,15 @@ def _run_variant(path: str, quantized: bool, steps: int, guidance: float, s: Eva
 
 
 def _in_fresh_process(*args) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         return pool.submit(_run_variant, *args).result()
 
 
-def evaluate(source: str, artifacts: list[str], settings: EvalSettings = EvalSettings(), progress=print) -> dict:
+def evaluate(
+    source: str, artifacts: list[str], settings: EvalSettings = EvalSettings(), progress=print
+) -> dict:
     """The metrics of FP and of each artifact, as one JSON-able dict."""
     from models import data
     from models.generate import evaluation_targets
@@ -112,7 +127,10 @@ def evaluate(source: str, artifacts: list[str], settings: EvalSettings = EvalSet
 
     rows = []
     fp = None
-    for label, path, quantized in [("fp", source, False), *[(Path(a).name, a, True) for a in artifacts]]:
+    for label, path, quantized in [
+        ("fp", source, False),
+        *[(Path(a).name, a, True) for a in artifacts],
+    ]:
         progress(f"sampling {settings.n} images with {label} ({path})")
         run = _in_fresh_process(str(path), quantized, steps, guidance, settings, with_colors)
         fp = fp or run
@@ -128,12 +146,15 @@ def evaluate(source: str, artifacts: list[str], settings: EvalSettings = EvalSet
             "step_latency_ms": round(run["step_latency_ms"], 3),
         }
         if evaluator is not None:
-            row["prompt_accuracy"] = evaluator.prompt_accuracy(run["images"], targets).prompt_accuracy
+            row["prompt_accuracy"] = evaluator.prompt_accuracy(
+                run["images"], targets
+            ).prompt_accuracy
             row["fd"] = round(evaluator.fd(run["images"], heldout), 3)
         rows.append(row)
         progress(
             f"  {label}: sqnr_latent {row['sqnr_latent_db']} dB, psnr {row['psnr_db']} dB, "
-            f"accuracy {row['prompt_accuracy']}, {row['denoiser_weight_bytes']} B, {row['step_latency_ms']} ms/step"
+            f"accuracy {row['prompt_accuracy']}, {row['denoiser_weight_bytes']} B, "
+            f"{row['step_latency_ms']} ms/step"
         )
     return {
         "source": str(source),

@@ -51,7 +51,9 @@ def plan_from_json(raw: dict) -> dict[str, LayerPlan]:
         if unknown:
             raise ValueError(f"plan entry {name!r} has unknown fields {sorted(unknown)}")
         activations = entry.get("activations", "none")
-        lp = LayerPlan(**{**entry, "activations": None if activations in (None, "none") else activations})
+        lp = LayerPlan(
+            **{**entry, "activations": None if activations in (None, "none") else activations}
+        )
         try:
             lp.spec  # noqa: B018 - validates the qtypes and group size
         except ValueError as e:

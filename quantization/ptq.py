@@ -30,7 +30,14 @@ from quantization.sensitivity import TIME_DRIFT_OCTAVES, Measurer, quantize_laye
 from quantization.smoothing import smoothing_scales as scales_for
 from quantization.smoothing import weight_channel_absmax
 
-__all__ = ["DEFAULT_BUDGET_RATIO", "DEFAULT_TARGET_SQNR_DB", "Result", "analyze", "quantize_denoiser", "uniform_plan"]
+__all__ = [
+    "DEFAULT_BUDGET_RATIO",
+    "DEFAULT_TARGET_SQNR_DB",
+    "Result",
+    "analyze",
+    "quantize_denoiser",
+    "uniform_plan",
+]
 
 # The SQNR-driven recipe stops at this predicted denoiser SQNR, or at this many times the bytes
 # the uniform base recipe gives the quantizable layers, whichever comes first.
@@ -59,7 +66,9 @@ def _finite(x: float) -> float | None:
 
 def _fp_bytes(denoiser: nn.Module, layers: tuple[str, ...]) -> int:
     return sum(
-        p.numel() * p.element_size() for n in layers for p in denoiser.get_submodule(n).parameters(recurse=False)
+        p.numel() * p.element_size()
+        for n in layers
+        for p in denoiser.get_submodule(n).parameters(recurse=False)
     )
 
 
@@ -88,8 +97,14 @@ def _plan_at_levels(
         for layer in b.layers:
             protect = layer in time_sensitive
             activations = None if protect else spec.activations
-            alpha = smoothing[layer]["alpha"] if layer in smoothing and activations is not None else None
-            plan[layer] = LayerPlan(spec.weights, activations, spec.group_size, b.name, alpha, protect)
+            alpha = (
+                smoothing[layer]["alpha"]
+                if layer in smoothing and activations is not None
+                else None
+            )
+            plan[layer] = LayerPlan(
+                spec.weights, activations, spec.group_size, b.name, alpha, protect
+            )
     return plan
 
 
@@ -110,6 +125,7 @@ def analyze(
     smoothing_on: bool = True,
     time_protection_on: bool = True,
     detail: bool = True,
+    scope: str = "denoiser",
     progress=lambda message: None,
 ) -> Result:
     """Sensitivity analysis and the SQNR-driven plan for ``recipe``'s base spec.
@@ -119,8 +135,14 @@ def analyze(
         budget_ratio: never exceed this many times the base recipe's quantizable-layer bytes.
         detail: also measure accumulated SQNR, per-layer SQNR in the worst blocks and the gain
             of each treatment (the plan itself needs none of them).
+        scope: where relative SQNR is measured for the plan: "denoiser" (the block quantized
+            inside the FP denoiser, SQNR at the denoiser output: METHOD.md's definition) or
+            "block" (the block run alone on its recorded inputs, SQNR at its output: a proxy
+            about as many times cheaper as there are blocks, for full-size models on a CPU).
         progress: called with a short message before each stage.
     """
+    if scope not in ("denoiser", "block"):
+        raise ValueError(f"scope must be 'denoiser' or 'block', not {scope!r}")
     start = time.perf_counter()
     denoiser = measurer.denoiser
     blocks = find_blocks(denoiser)
@@ -130,7 +152,9 @@ def analyze(
 
     progress("time sensitivity: activation ranges along the trajectory")
     drifts = measurer.time_drifts(layers)
-    time_sensitive = {n for n, d in drifts.items() if d >= TIME_DRIFT_OCTAVES} if time_protection_on else set()
+    time_sensitive = (
+        {n for n, d in drifts.items() if d >= TIME_DRIFT_OCTAVES} if time_protection_on else set()
+    )
 
     base_levels = {b.name: base_level for b in blocks}
     smoothing: dict[str, dict] = {}
@@ -152,8 +176,11 @@ def analyze(
             if level == "float":
                 opts.append(BlockOption(level, math.inf, _fp_bytes(denoiser, b.layers)))
                 continue
-            plan = _plan_at_levels(blocks, {**base_levels, b.name: level}, group, time_sensitive, smoothing)
-            v = measurer.relative(b.name, _block_specs(plan, b), _scales(plan, smoothing))
+            plan = _plan_at_levels(
+                blocks, {**base_levels, b.name: level}, group, time_sensitive, smoothing
+            )
+            measure = measurer.relative if scope == "denoiser" else measurer.relative_alone
+            v = measure(b.name, _block_specs(plan, b), _scales(plan, smoothing))
             opts.append(BlockOption(level, v.sqnr_db, v.weight_bytes))
             relative[b.name][level] = {
                 "sqnr_db": _finite(v.sqnr_db),
@@ -178,8 +205,13 @@ def analyze(
         progress(f"per-layer SQNR inside the worst blocks {[b.name for b in worst]}")
     for b in worst if detail else []:
         for layer in b.layers:
-            v = measurer.layer_alone(layer, base_plan[layer].spec, _scales({layer: base_plan[layer]}, smoothing))
-            per_layer[layer] = {"layer_output_sqnr_db": _finite(v.local_sqnr_db), "denoiser_sqnr_db": _finite(v.sqnr_db)}
+            v = measurer.layer_alone(
+                layer, base_plan[layer].spec, _scales({layer: base_plan[layer]}, smoothing)
+            )
+            per_layer[layer] = {
+                "layer_output_sqnr_db": _finite(v.local_sqnr_db),
+                "denoiser_sqnr_db": _finite(v.sqnr_db),
+            }
 
     progress("the plan, and the gain of each treatment")
     model, final = measurer.full(specs_of(plan), _scales(plan, smoothing))
@@ -195,7 +227,9 @@ def analyze(
         "with_both_sqnr_db": None if base_variant is None else _finite(base_variant.sqnr_db),
     }
     if time_sensitive and detail:
-        _, v = measurer.full(specs_of(_plan_at_levels(blocks, base_levels, group, time_sensitive, {})))
+        _, v = measurer.full(
+            specs_of(_plan_at_levels(blocks, base_levels, group, time_sensitive, {}))
+        )
         gains["with_time_protection_sqnr_db"] = _finite(v.sqnr_db)
     if smoothing and detail:
         only_smooth = _plan_at_levels(blocks, base_levels, group, set(), smoothing)
@@ -204,6 +238,7 @@ def analyze(
 
     analysis = {
         "recipe": recipe.name,
+        "scope": scope,
         "base_level": base_level,
         "group_size": group,
         "levels": list(LEVELS),
@@ -216,16 +251,24 @@ def analyze(
             "steps": sorted(set(measurer.steps)),
             "timesteps": _timesteps(measurer.trajectory),
             "uniform_base": [_finite(x) for x in untreated.sqnr_by_step.values()],
-            "base_with_treatments": None if base_variant is None else [_finite(x) for x in base_variant.sqnr_by_step.values()],
+            "base_with_treatments": None
+            if base_variant is None
+            else [_finite(x) for x in base_variant.sqnr_by_step.values()],
             "plan": [_finite(x) for x in final.sqnr_by_step.values()],
         },
         "time_sensitive": {
             "threshold_octaves": TIME_DRIFT_OCTAVES,
             "layers": sorted(time_sensitive),
-            "drift_octaves": {n: round(d, 3) for n, d in sorted(drifts.items(), key=lambda kv: -kv[1])},
+            "drift_octaves": {
+                n: round(d, 3) for n, d in sorted(drifts.items(), key=lambda kv: -kv[1])
+            },
         },
         "smoothing": {
-            n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "scale"}
+            n: {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in s.items()
+                if k != "scale"
+            }
             for n, s in smoothing.items()
         },
         "treatment_gains": gains,
@@ -238,7 +281,12 @@ def analyze(
             "plan_layer_bytes": choice.weight_bytes,
             "block_levels": choice.levels,
             "promotions": [
-                {"block": p.block, "to": p.to_level, "predicted_sqnr_db": _finite(p.predicted_sqnr_db), "layer_bytes": p.weight_bytes}
+                {
+                    "block": p.block,
+                    "to": p.to_level,
+                    "predicted_sqnr_db": _finite(p.predicted_sqnr_db),
+                    "layer_bytes": p.weight_bytes,
+                }
                 for p in choice.promotions
             ],
         },
@@ -284,7 +332,11 @@ def quantize_denoiser(
     if smoothed and smoothing_scales is None:
         stats = layer_stats(denoiser, smoothed, calibration)
         smoothing_scales = {
-            n: scales_for(stats.channel_absmax[n], weight_channel_absmax(denoiser.get_submodule(n).weight), plan[n].smoothing_alpha)
+            n: scales_for(
+                stats.channel_absmax[n],
+                weight_channel_absmax(denoiser.get_submodule(n).weight),
+                plan[n].smoothing_alpha,
+            )
             for n in smoothed
         }
     model = copy.deepcopy(denoiser).eval()

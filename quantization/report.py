@@ -17,7 +17,13 @@ def _plot_relative(analysis: dict, path: Path) -> None:
     for i, level in enumerate(levels):
         ys = [analysis["relative_sqnr"][b][level]["sqnr_db"] or 0 for b in blocks]
         ax.bar([x + i * width for x in range(len(blocks))], ys, width, label=level)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(blocks))], blocks, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(
+        [x + 0.4 - width / 2 for x in range(len(blocks))],
+        blocks,
+        rotation=60,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylabel("denoiser SQNR (dB)")
     ax.set_title("relative SQNR: only this block quantized")
     ax.legend(fontsize=7)
@@ -45,7 +51,9 @@ def _plot_vs_step(series: dict[str, list], timesteps: list[float], path: Path) -
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for label, ys in series.items():
-        ax.plot(timesteps, [y if y is not None else float("nan") for y in ys], marker=".", label=label)
+        ax.plot(
+            timesteps, [y if y is not None else float("nan") for y in ys], marker=".", label=label
+        )
     ax.invert_xaxis()
     ax.set_xlabel("timestep t (sampling runs right to left: T -> 0)")
     ax.set_ylabel("denoiser SQNR (dB)")
@@ -92,26 +100,49 @@ def write_report(out: Path, manifest: dict, analysis: dict | None, sqnr_vs_step:
             "![relative SQNR](relative_sqnr.png)\n\n![accumulated SQNR](accumulated_sqnr.png)\n",
             f"Worst blocks: {', '.join(analysis['worst_blocks'])}. Per layer inside them:\n\n",
             _table(
-                [[n, v["layer_output_sqnr_db"], v["denoiser_sqnr_db"]] for n, v in analysis["per_layer_sqnr"].items()],
-                ["layer (alone quantized)", "SQNR at its output (dB)", "at the denoiser output (dB)"],
+                [
+                    [n, v["layer_output_sqnr_db"], v["denoiser_sqnr_db"]]
+                    for n, v in analysis["per_layer_sqnr"].items()
+                ],
+                [
+                    "layer (alone quantized)",
+                    "SQNR at its output (dB)",
+                    "at the denoiser output (dB)",
+                ],
             ),
             "## Global treatment: mixed precision\n",
             f"Target {g['target_sqnr_db']} dB predicted, budget {g['budget_bytes']} B "
-            f"({g['budget_ratio']}x the base recipe's {g['base_layer_bytes']} B of quantized layers). "
+            f"({g['budget_ratio']}x the base recipe's {g['base_layer_bytes']} B "
+            "of quantized layers). "
             f"Predicted {g['predicted_sqnr_db']} dB at {g['plan_layer_bytes']} B.\n\n",
             _table(
-                [[p["block"], p["to"], p["predicted_sqnr_db"], p["layer_bytes"]] for p in g["promotions"]],
+                [
+                    [p["block"], p["to"], p["predicted_sqnr_db"], p["layer_bytes"]]
+                    for p in g["promotions"]
+                ],
                 ["promoted block", "to", "predicted SQNR (dB)", "layer bytes after"],
             ),
             "## Local treatments\n",
-            f"Time-sensitive layers (input range drifts >= {analysis['time_sensitive']['threshold_octaves']} "
+            "Time-sensitive layers (input range drifts >= "
+            f"{analysis['time_sensitive']['threshold_octaves']} "
             f"octave from t = T), activations kept in float: "
             f"{', '.join(analysis['time_sensitive']['layers']) or 'none'}.\n\n",
             _table(
-                [[n, s["alpha"], s["outlier_ratio"], s["sqnr_db_before"], s["sqnr_db_after"]] for n, s in analysis["smoothing"].items()],
-                ["smoothed layer", "alpha", "outlier ratio", "layer SQNR before (dB)", "after (dB)"],
+                [
+                    [n, s["alpha"], s["outlier_ratio"], s["sqnr_db_before"], s["sqnr_db_after"]]
+                    for n, s in analysis["smoothing"].items()
+                ],
+                [
+                    "smoothed layer",
+                    "alpha",
+                    "outlier ratio",
+                    "layer SQNR before (dB)",
+                    "after (dB)",
+                ],
             ),
             "\nDenoiser SQNR over the trajectory, base recipe with each treatment:\n\n",
-            _table([[k, v] for k, v in analysis["treatment_gains"].items()], ["variant", "SQNR (dB)"]),
+            _table(
+                [[k, v] for k, v in analysis["treatment_gains"].items()], ["variant", "SQNR (dB)"]
+            ),
         ]
     return "\n".join(md)

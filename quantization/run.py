@@ -1,6 +1,6 @@
 """The commands behind the CLI, callable from Python: analyze a source, quantize it to an artifact.
 
-    result = quantize_source("models/dit-digits", Options(recipe="w8a8"), out=Path("artifacts/x"))
+result = quantize_source("models/dit-digits", Options(recipe="w8a8"), out=Path("artifacts/x"))
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from quantization.artifact import DTYPES, open_source, save_artifact
 from quantization.blocks import denoiser_attr
 from quantization.calibration import calibration_conditions, record_calibration
 from quantization.plan import plan_from_json, plan_to_json
-from quantization.ptq import DEFAULT_BUDGET_RATIO, DEFAULT_TARGET_SQNR_DB, analyze, quantize_denoiser
+from quantization.ptq import (
+    DEFAULT_BUDGET_RATIO,
+    DEFAULT_TARGET_SQNR_DB,
+    analyze,
+    quantize_denoiser,
+)
 from quantization.recipes import get_recipe
 from quantization.report import write_report
 from quantization.sensitivity import Measurer
@@ -63,15 +68,32 @@ def _prepare(src: str, o: Options, progress):
     steps, guidance = _sampling(src, o)
     progress(f"calibration: {o.calibration}, {o.calibration_prompts} prompts")
     calib = record_calibration(
-        pipe, attr, calibration_conditions(pipe, o.calibration_prompts), kind=o.calibration,
-        k=o.calibration_steps, num_inference_steps=steps, guidance_scale=guidance,
+        pipe,
+        attr,
+        calibration_conditions(pipe, o.calibration_prompts),
+        kind=o.calibration,
+        k=o.calibration_steps,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
     )
     progress(f"FP trajectory of {o.trajectory_prompts} prompts to measure on")
     traj = record_calibration(
-        pipe, attr, calibration_conditions(pipe, o.trajectory_prompts, seed=TRAJECTORY_SEED),
-        kind="multi-step", seed=TRAJECTORY_SEED, num_inference_steps=steps, guidance_scale=guidance,
+        pipe,
+        attr,
+        calibration_conditions(pipe, o.trajectory_prompts, seed=TRAJECTORY_SEED),
+        kind="multi-step",
+        seed=TRAJECTORY_SEED,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
     )
-    return pipe, attr, steps, guidance, calib, Measurer(getattr(pipe, attr), calib.calls, traj.calls)
+    return (
+        pipe,
+        attr,
+        steps,
+        guidance,
+        calib,
+        Measurer(getattr(pipe, attr), calib.calls, traj.calls),
+    )
 
 
 def _analysis(measurer: Measurer, o: Options, progress):
@@ -100,7 +122,9 @@ def analyze_source(src: str, o: Options, out: Path, progress=lambda m: None) -> 
         "measured": result.analysis["measured"],
         "sizes": {"plan_layer_bytes": result.analysis["global"]["plan_layer_bytes"]},
     }
-    (out / "report.md").write_text(write_report(out, manifest, result.analysis, _vs_step(result.analysis)))
+    (out / "report.md").write_text(
+        write_report(out, manifest, result.analysis, _vs_step(result.analysis))
+    )
     return {"out": str(out), **result.analysis["measured"], "seconds": round(result.seconds, 1)}
 
 
@@ -110,7 +134,11 @@ def _vs_step(analysis: dict) -> dict:
         "timesteps": s["timesteps"],
         "series": {
             k: v
-            for k, v in (("uniform base", s["uniform_base"]), ("base + local treatments", s["base_with_treatments"]), ("plan", s["plan"]))
+            for k, v in (
+                ("uniform base", s["uniform_base"]),
+                ("base + local treatments", s["base_with_treatments"]),
+                ("plan", s["plan"]),
+            )
             if v is not None
         },
     }
@@ -123,7 +151,12 @@ def quantize_source(src: str, o: Options, out: Path, progress=lambda m: None) ->
     analysis = None
     if o.plan is not None:
         progress(f"quantizing by {o.plan}")
-        result = quantize_denoiser(measurer.denoiser, recipe, calib.calls, plan=plan_from_json(json.loads(o.plan.read_text())))
+        result = quantize_denoiser(
+            measurer.denoiser,
+            recipe,
+            calib.calls,
+            plan=plan_from_json(json.loads(o.plan.read_text())),
+        )
     elif recipe.mixed_precision:
         result = _analysis(measurer, o, progress)
         analysis = result.analysis
@@ -132,10 +165,15 @@ def quantize_source(src: str, o: Options, out: Path, progress=lambda m: None) ->
         result = quantize_denoiser(measurer.denoiser, recipe, calib.calls)
     progress("measuring: denoiser SQNR on the trajectory, images against FP")
     variant = measurer.measure(result.model, layers=list(result.plan))
-    measured = {"denoiser_sqnr_db": round(variant.sqnr_db, 3), **_end_to_end(pipe, attr, result.model, o, steps, guidance)}
+    measured = {
+        "denoiser_sqnr_db": round(variant.sqnr_db, 3),
+        **_end_to_end(pipe, attr, result.model, o, steps, guidance),
+    }
     manifest = {
         "source": str(src),
-        "recipe": asdict(recipe) if o.plan is None else {"name": "plan", "summary": f"plan from {o.plan}"},
+        "recipe": asdict(recipe)
+        if o.plan is None
+        else {"name": "plan", "summary": f"plan from {o.plan}"},
         "calibration": {**calib.summary(), "quantize_seconds": round(result.seconds, 3)},
         "sampling": {"num_inference_steps": steps, "guidance_scale": guidance},
         "sensitivity": None if analysis is None else _sensitivity_summary(analysis),
@@ -149,7 +187,10 @@ def quantize_source(src: str, o: Options, out: Path, progress=lambda m: None) ->
         (out / "sensitivity.json").write_text(json.dumps(analysis, indent=1) + "\n")
         series = _vs_step(analysis)
     else:
-        series = {"timesteps": _timesteps(measurer), "series": {recipe.name: list(variant.sqnr_by_step.values())}}
+        series = {
+            "timesteps": _timesteps(measurer),
+            "series": {recipe.name: list(variant.sqnr_by_step.values())},
+        }
     (out / "report.md").write_text(write_report(out, written, analysis, series))
     return written
 
@@ -193,7 +234,9 @@ def _end_to_end(pipe, attr: str, quantized, o: Options, steps: int, guidance: fl
 
 
 def stage_count(args) -> int:
-    mixed = args.command == "analyze" or (getattr(args, "recipe", None) and get_recipe(args.recipe).mixed_precision)
+    mixed = args.command == "analyze" or (
+        getattr(args, "recipe", None) and get_recipe(args.recipe).mixed_precision
+    )
     return 3 + (6 if mixed else 1) + (2 if args.command == "quantize" else 0)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from quality.metrics import sqnr_db
 from quantization import backend
 from quantization.backend import LayerSpec
-from quantization.capture import Call, denoiser_output, layer_stats, replay
+from quantization.capture import Call, denoiser_output, detach, layer_stats, replay
 from quantization.smoothing import ALPHAS, outlier_ratio, smoothing_scales, weight_channel_absmax
 
 __all__ = [
@@ -31,8 +31,9 @@ __all__ = [
     "time_drift",
 ]
 
-# A layer whose input range at some step is 2x larger or smaller than at the calibration step.
-TIME_DRIFT_OCTAVES = 1.0
+# A layer whose input range at some step is sqrt(2)x larger or smaller than at the calibration
+# step t = T (a whole octave missed most of the drifting layers of the small embedded DiT).
+TIME_DRIFT_OCTAVES = 0.5
 # Layers whose input channels are this uneven are tried with smoothing.
 OUTLIER_RATIO = 4.0
 # Smoothing is kept only where it buys at least this much SQNR at the layer's output.
@@ -70,12 +71,18 @@ def time_drift(input_absmax_by_step: dict[int, float], calibration_step: int = 0
     ref = input_absmax_by_step[calibration_step]
     if ref <= 0:
         return float("inf")
-    drifts = [abs(torch.log2(torch.tensor(v / ref)).item()) for v in input_absmax_by_step.values() if v > 0]
+    drifts = [
+        abs(torch.log2(torch.tensor(v / ref)).item())
+        for v in input_absmax_by_step.values()
+        if v > 0
+    ]
     return max(drifts, default=0.0)
 
 
 def _sqnr(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
-    return sqnr_db(torch.cat([t.flatten() for t in reference]), torch.cat([t.flatten() for t in test]))
+    return sqnr_db(
+        torch.cat([t.flatten() for t in reference]), torch.cat([t.flatten() for t in test])
+    )
 
 
 def _first_tensor(out) -> torch.Tensor:
@@ -84,6 +91,17 @@ def _first_tensor(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return _first_tensor(out[0])
     return denoiser_output(out)
+
+
+class _Holder(nn.Module):
+    """A block on its own, under the name "b", so layer names stay unique and a leaf works too."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.b = block
+
+    def forward(self, *args, **kwargs):
+        return _first_tensor(self.b(*args, **kwargs))
 
 
 class Measurer:
@@ -95,19 +113,25 @@ class Measurer:
         trajectory: calls of full FP sampling runs, every step, that quality is measured on.
     """
 
-    def __init__(self, denoiser: nn.Module, calibration: list[Call], trajectory: list[Call]) -> None:
+    def __init__(
+        self, denoiser: nn.Module, calibration: list[Call], trajectory: list[Call]
+    ) -> None:
         self.denoiser = denoiser.eval()
         self.calibration = calibration
         self.trajectory = trajectory
         self.steps = [c.step for c in trajectory]
         self.fp_outputs = replay(denoiser, trajectory)
         self._fp_local: dict[str, list[torch.Tensor]] = {}
+        self._inputs: dict[str, tuple[list[Call], list[Call]]] = {}
 
     # --- building blocks -------------------------------------------------------------------
 
     @contextmanager
     def swapped(
-        self, names: list[str], specs: dict[str, LayerSpec], smoothing: dict[str, torch.Tensor] | None = None
+        self,
+        names: list[str],
+        specs: dict[str, LayerSpec],
+        smoothing: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[nn.Module]:
         """Inside, the modules ``names`` of the denoiser are quantized copies; originals after."""
         originals = {n: self.denoiser.get_submodule(n) for n in names}
@@ -121,7 +145,9 @@ class Measurer:
                 self.denoiser.set_submodule(n, m)
 
     @torch.no_grad()
-    def _run(self, model: nn.Module, local: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _run(
+        self, model: nn.Module, local: str | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Replay the trajectory: denoiser outputs, and the outputs of module ``local``."""
         local_outs: list[torch.Tensor] = []
         handle = None
@@ -141,8 +167,10 @@ class Measurer:
             self._fp_local[name] = self._run(self.denoiser, name)[1]
         return self._fp_local[name]
 
-    def measure(self, model: nn.Module, local: str | None = None, layers: list[str] | None = None) -> Variant:
-        """SQNR of ``model`` (the denoiser with quantized parts) against FP, overall and per step."""
+    def measure(
+        self, model: nn.Module, local: str | None = None, layers: list[str] | None = None
+    ) -> Variant:
+        """SQNR of ``model`` (denoiser with quantized parts) against FP, overall and per step."""
         fp_local = self._fp_local_outputs(local) if local is not None else None
         outputs, q_local = self._run(model, local)
         return Variant(
@@ -175,12 +203,79 @@ class Measurer:
         with self.swapped([block], specs, smoothing) as model:
             return self.measure(model, local=block, layers=list(specs))
 
+    def relative_alone(self, block: str, specs: dict[str, LayerSpec], smoothing=None) -> Variant:
+        """Only ``block`` quantized and run by itself on its recorded inputs: SQNR at its output.
+
+        The fast proxy for large models: one block's forward per call instead of the whole
+        denoiser's. ``sqnr_db`` is then the block-output SQNR; ``sqnr_by_step`` likewise.
+        """
+        calib_in, traj_in = self._block_inputs(block)
+        reference = self._fp_block_outputs(block, traj_in)
+        prefix = f"{block}."
+        holder = _Holder(copy.deepcopy(self.denoiser.get_submodule(block)))
+        rel = {
+            ("b" if n == block else "b." + n.removeprefix(prefix)): spec
+            for n, spec in specs.items()
+        }
+        rel_smoothing = {
+            ("b" if n == block else "b." + n.removeprefix(prefix)): v
+            for n, v in (smoothing or {}).items()
+        }
+        quantize_layers(holder, rel, calib_in, rel_smoothing)
+        outputs = [backend.plain(o) for o in replay(holder, traj_in)]
+        by_step = defaultdict(lambda: ([], []))
+        for call, ref, out in zip(traj_in, reference, outputs, strict=True):
+            by_step[call.step][0].append(ref)
+            by_step[call.step][1].append(out)
+        return Variant(
+            sqnr_db=_sqnr(reference, outputs),
+            sqnr_by_step={k: _sqnr(*v) for k, v in sorted(by_step.items())},
+            weight_bytes=self.layer_bytes(holder, list(rel)),
+            local_sqnr_db=_sqnr(reference, outputs),
+        )
+
+    @torch.no_grad()
+    def _block_inputs(self, block: str) -> tuple[list[Call], list[Call]]:
+        if block not in self._inputs:
+            module = self.denoiser.get_submodule(block)
+            recorded = []
+            for calls in (self.calibration, self.trajectory):
+                kept = []
+                current = [0]
+                handle = module.register_forward_pre_hook(
+                    lambda m, a, kw, kept=kept, current=current: kept.append(
+                        Call(current[0], detach(a), detach(kw))
+                    ),
+                    with_kwargs=True,
+                )
+                try:
+                    for call in calls:
+                        current[0] = call.step
+                        self.denoiser(*call.args, **call.kwargs)
+                finally:
+                    handle.remove()
+                recorded.append(kept)
+            self._inputs[block] = tuple(recorded)
+        return self._inputs[block]
+
+    @torch.no_grad()
+    def _fp_block_outputs(self, block: str, calls: list[Call]) -> list[torch.Tensor]:
+        key = f"alone:{block}"
+        if key not in self._fp_local:
+            module = self.denoiser.get_submodule(block)
+            self._fp_local[key] = [
+                _first_tensor(module(*c.args, **c.kwargs)).detach().clone() for c in calls
+            ]
+        return self._fp_local[key]
+
     def layer_alone(self, layer: str, spec: LayerSpec, smoothing=None) -> Variant:
         """Only ``layer`` quantized: its SQNR at its own output and at the denoiser output."""
         with self.swapped([layer], {layer: spec}, smoothing) as model:
             return self.measure(model, local=layer, layers=[layer])
 
-    def accumulated(self, blocks: list[str], specs_by_block: dict[str, dict[str, LayerSpec]], smoothing=None) -> dict[str, float]:
+    def accumulated(
+        self, blocks: list[str], specs_by_block: dict[str, dict[str, LayerSpec]], smoothing=None
+    ) -> dict[str, float]:
         """Blocks 0..b quantized, for each b: how the noise builds up through the network."""
         result = {}
         originals = {b: self.denoiser.get_submodule(b) for b in blocks}
@@ -270,7 +365,9 @@ def _channel_absmax(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _alone_sqnr(layer: nn.Module, spec: LayerSpec, xs: list[torch.Tensor], reference, scale) -> float:
+def _alone_sqnr(
+    layer: nn.Module, spec: LayerSpec, xs: list[torch.Tensor], reference, scale
+) -> float:
     """A quantized copy of one layer, calibrated and run on its captured inputs, against FP."""
     holder = nn.Sequential(copy.deepcopy(layer))
     calls = [Call(i, (x,), {}) for i, x in enumerate(xs)]

@@ -22,7 +22,9 @@ def weight_channel_absmax(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).amax(1)
 
 
-def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+def smoothing_scales(
+    act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """The per-channel scales s (float32, > 0) for one layer."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")

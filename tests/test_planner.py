@@ -22,7 +22,11 @@ def test_noise_of_independent_blocks_adds_up():
 
 def test_the_least_sqnr_block_is_promoted_first():
     options = _options(
-        {"good": (30.0, 40.0, math.inf), "worst": (10.0, 25.0, math.inf), "mid": (18.0, 30.0, math.inf)}
+        {
+            "good": (30.0, 40.0, math.inf),
+            "worst": (10.0, 25.0, math.inf),
+            "mid": (18.0, 30.0, math.inf),
+        }
     )
     plan = greedy_plan(options, target_sqnr_db=17.0)
     assert [p.block for p in plan.promotions][:2] == ["worst", "mid"]

@@ -2,8 +2,8 @@
 
 import json
 import math
+from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,7 +23,13 @@ from quantization.smoothing import outlier_ratio, smoothing_scales
 from tests import tiny
 
 TINY = {"dit": tiny.dit, "pixart": tiny.pixart, "unet": tiny.sd_unet}
-FAST = {"steps": 3, "guidance": 2.0, "calibration_prompts": 4, "trajectory_prompts": 2, "check_images": 2}
+FAST = {
+    "steps": 3,
+    "guidance": 2.0,
+    "calibration_prompts": 4,
+    "trajectory_prompts": 2,
+    "check_images": 2,
+}
 
 
 def test_smoothing_scales_follow_the_smoothquant_formula():
@@ -76,7 +82,11 @@ def test_blocks_cover_every_quantizable_layer_once(kind):
     n_linear = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
     assert len(layers) == len(set(layers)) == n_linear
     names = [b.name for b in blocks]
-    expected = {"dit": "transformer_blocks.1", "pixart": "transformer_blocks.1", "unet": "mid_block"}[kind]
+    expected = {
+        "dit": "transformer_blocks.1",
+        "pixart": "transformer_blocks.1",
+        "unet": "mid_block",
+    }[kind]
     assert expected in names
 
 
@@ -111,7 +121,10 @@ def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind):
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
     pipe = tiny.dit_pipeline()
     blocks = find_blocks(pipe.transformer)
-    plan = {n: LayerPlan("qint4", None, 32, lp.block) for n, lp in uniform_plan(blocks, get_recipe("w4a16-g128")).items()}
+    plan = {
+        n: LayerPlan("qint4", None, 32, lp.block)
+        for n, lp in uniform_plan(blocks, get_recipe("w4a16-g128")).items()
+    }
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan_to_json(plan)))
     quantize_source(_saved(pipe, tmp_path), Options(plan=plan_file, **FAST), tmp_path / "art")
@@ -157,30 +170,42 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
     # the loaded pipeline gives what the in-memory quantized one gave at quantize time
     pipe = load_quantized(out)
     from models.loader import load_pipeline
-    from quantization.run import TRAJECTORY_SEED
-    from quantization.calibration import calibration_conditions
     from quality.metrics import sqnr_db
+    from quantization.calibration import calibration_conditions
+    from quantization.run import TRAJECTORY_SEED
 
     fp = load_pipeline(src)
     conditions = calibration_conditions(fp, FAST["check_images"], seed=TRAJECTORY_SEED + 1)
-    kw = {"seed": TRAJECTORY_SEED + 1, "num_inference_steps": FAST["steps"], "guidance_scale": FAST["guidance"]}
+    kw = {
+        "seed": TRAJECTORY_SEED + 1,
+        "num_inference_steps": FAST["steps"],
+        "guidance_scale": FAST["guidance"],
+    }
     q = sample(pipe, conditions, **kw)
     ref = sample(fp, conditions, **kw)
     assert round(sqnr_db(ref.latents, q.latents), 3) == manifest["measured"]["sqnr_latent_db"]
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a8", "w4a8-sqnr"])
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a8", "w4a8-sqnr", "smoothed"])
 def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, recipe):
     from quantization.artifact import save_artifact
 
     pipe = tiny.dit_pipeline()
     calls = tiny.calls("dit")
-    r = get_recipe(recipe)
-    if r.mixed_precision:
+    if recipe == "smoothed":  # every layer smoothed: the scales must travel with the weights
+        uniform = uniform_plan(find_blocks(pipe.transformer), get_recipe("w4a8-g128"))
+        plan = {n: replace(lp, smoothing_alpha=0.5) for n, lp in uniform.items()}
+        result = quantize_denoiser(pipe.transformer, get_recipe("w4a8-g128"), calls[:1], plan=plan)
+        smooth = result.model.get_submodule("transformer_blocks.0.ff.net.2").smooth_scale
+        assert not torch.equal(smooth, torch.ones_like(smooth))
+    elif get_recipe(recipe).mixed_precision:
+        r = get_recipe(recipe)
         result = analyze(Measurer(pipe.transformer, calls[:1], calls), r, target_sqnr_db=60.0)
     else:
-        result = quantize_denoiser(pipe.transformer, r, calls[:1])
-    save_artifact(tmp_path, pipe, result.model, result.plan, {"source": "tiny", "recipe": {"name": recipe}})
+        result = quantize_denoiser(pipe.transformer, get_recipe(recipe), calls[:1])
+    save_artifact(
+        tmp_path, pipe, result.model, result.plan, {"source": "tiny", "recipe": {"name": recipe}}
+    )
     loaded = load_quantized(tmp_path).transformer
     for x, y in zip(replay(result.model, calls), replay(loaded, calls), strict=True):
         assert torch.equal(x, y)
@@ -235,3 +260,24 @@ def test_plan_files_are_validated():
         plan_from_json({"a": {"weights": "qint8", "group_size": 64}})
     plan = plan_from_json({"a": {"weights": "qint4", "activations": "none", "group_size": 64}})
     assert plan["a"].spec == LayerSpec("qint4", None, 64)
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_block_scope_measures_each_block_alone_and_still_plans(kind):
+    model, calls = TINY[kind](), tiny.calls(kind)
+    measurer = Measurer(model, calls[:1], calls)
+    block = find_blocks(model)[-1]
+    spec = get_recipe("w4a8-g128").base_spec()
+    inside = measurer.relative(block.name, {n: spec for n in block.layers})
+    alone = measurer.relative_alone(block.name, {n: spec for n in block.layers})
+    # the same quantized block: alone, on the inputs it saw in the FP model, it gives the same
+    # block-output SQNR as inside the model (its inputs are FP there too)
+    assert alone.sqnr_db == pytest.approx(inside.local_sqnr_db, abs=1e-3)
+    result = analyze(
+        measurer, get_recipe("w4a8-sqnr"), target_sqnr_db=60.0, detail=False, scope="block"
+    )
+    assert result.analysis["scope"] == "block"
+    assert (
+        result.analysis["measured"]["plan_sqnr_db"]
+        > result.analysis["measured"]["uniform_base_sqnr_db"]
+    )

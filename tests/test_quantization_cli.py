@@ -17,12 +17,17 @@ from quantization.recipes import RECIPES
 from quantization.run import TRAJECTORY_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = sorted(p for p in (ROOT / "models" / "quantized").glob("*") if (p / "manifest.json").is_file())
+ARTIFACTS = sorted(
+    p for p in (ROOT / "models" / "quantized").glob("*") if (p / "manifest.json").is_file()
+)
 
 
 def test_help_explains_every_recipe():
     out = subprocess.run(
-        [sys.executable, "-m", "quantization", "quantize", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "quantization", "quantize", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for name, recipe in RECIPES.items():
         assert name in out
@@ -30,7 +35,9 @@ def test_help_explains_every_recipe():
 
 
 def test_an_unreachable_hub_id_is_a_clear_error(tmp_path, capsys):
-    code = main(["quantize", "nobody/no-such-model", "--recipe", "w8a8", "--out", str(tmp_path / "o")])
+    code = main(
+        ["quantize", "nobody/no-such-model", "--recipe", "w8a8", "--out", str(tmp_path / "o")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "nobody/no-such-model" in err and "hub" in err
@@ -39,9 +46,16 @@ def test_an_unreachable_hub_id_is_a_clear_error(tmp_path, capsys):
 def test_quantize_refuses_to_overwrite_and_evaluate_wants_artifacts(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
-    assert main(["quantize", "models/dit-digits", "--recipe", "w8a8", "--out", str(tmp_path / "taken")]) == 2
+    assert (
+        main(
+            ["quantize", "models/dit-digits", "--recipe", "w8a8", "--out", str(tmp_path / "taken")]
+        )
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err
-    code = main(["evaluate", "models/dit-digits", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    code = main(
+        ["evaluate", "models/dit-digits", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    )
     assert code == 2
     assert "not an artifact" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -50,7 +64,9 @@ def test_quantize_refuses_to_overwrite_and_evaluate_wants_artifacts(tmp_path, ca
 
 def test_both_embedded_models_ship_w8a8_and_w4a8_sqnr_artifacts():
     names = {p.name for p in ARTIFACTS}
-    assert names >= {f"{m}-{r}" for m in ("dit-digits", "t2i-digits") for r in ("w8a8", "w4a8-sqnr")}
+    assert names >= {
+        f"{m}-{r}" for m in ("dit-digits", "t2i-digits") for r in ("w8a8", "w4a8-sqnr")
+    }
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS, ids=lambda p: p.name)

@@ -43,5 +43,7 @@ def test_recipe_output_loads_offline_and_generates_deterministically(trained, na
 
 
 def test_vae_must_exist_before_a_diffusion_model_is_trained(tmp_path):
-    with pytest.raises(SystemExit, match="models.train vae-digits"):
-        train.main(["dit-digits", "--steps", "1", "--out", str(tmp_path), "--vae", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"models\.train vae-digits"):
+        train.main(
+            ["dit-digits", "--steps", "1", "--out", str(tmp_path), "--vae", str(tmp_path / "none")]
+        )

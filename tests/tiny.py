@@ -82,7 +82,10 @@ def calls(kind: str, steps=(999, 500, 50), batch: int = 4) -> list[Call]:
                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
             }
         else:
-            kwargs = {"timestep": timestep, "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g)}
+            kwargs = {
+                "timestep": timestep,
+                "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g),
+            }
         out.append(Call(i, (x,), kwargs))
     return out
 
