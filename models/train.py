@@ -60,7 +60,7 @@ RECIPES = {
 # Inference settings written into each pipeline folder (defaults.json).
 SAMPLING = {
     "dit-digits": {"num_inference_steps": 20, "guidance_scale": 5.0},
-    "t2i-digits": {"num_inference_steps": 20, "guidance_scale": 4.0},
+    "t2i-digits": {"num_inference_steps": 20, "guidance_scale": 6.0},
 }
 COLORINGS = 10  # recolorings of each training digit whose latents are precomputed
 KL_WEIGHT = 1e-5

@@ -163,6 +163,7 @@ class Measurer:
         return outputs, local_outs
 
     def _fp_local_outputs(self, name: str) -> list[torch.Tensor]:
+        """Outputs of module ``name`` in the FP denoiser (call it while nothing is swapped in)."""
         if name not in self._fp_local:
             self._fp_local[name] = self._run(self.denoiser, name)[1]
         return self._fp_local[name]
@@ -200,6 +201,7 @@ class Measurer:
 
     def relative(self, block: str, specs: dict[str, LayerSpec], smoothing=None) -> Variant:
         """Only ``block`` quantized: the noise it adds by itself, at its output and the model's."""
+        self._fp_local_outputs(block)  # before the swap: afterwards the block is the quantized one
         with self.swapped([block], specs, smoothing) as model:
             return self.measure(model, local=block, layers=list(specs))
 
@@ -270,6 +272,7 @@ class Measurer:
 
     def layer_alone(self, layer: str, spec: LayerSpec, smoothing=None) -> Variant:
         """Only ``layer`` quantized: its SQNR at its own output and at the denoiser output."""
+        self._fp_local_outputs(layer)  # before the swap: afterwards the layer is the quantized one
         with self.swapped([layer], {layer: spec}, smoothing) as model:
             return self.measure(model, local=layer, layers=[layer])
 

@@ -272,6 +272,7 @@ def test_block_scope_measures_each_block_alone_and_still_plans(kind):
     alone = measurer.relative_alone(block.name, {n: spec for n in block.layers})
     # the same quantized block: alone, on the inputs it saw in the FP model, it gives the same
     # block-output SQNR as inside the model (its inputs are FP there too)
+    assert math.isfinite(alone.sqnr_db)
     assert alone.sqnr_db == pytest.approx(inside.local_sqnr_db, abs=1e-3)
     result = analyze(
         measurer, get_recipe("w4a8-sqnr"), target_sqnr_db=60.0, detail=False, scope="block"
