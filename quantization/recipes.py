@@ -18,7 +18,7 @@ class Recipe:
     group_size: int | None = None
     mixed_precision: bool = False  # global treatment: promote sensitive blocks (planner)
     smoothing: bool = False  # local treatment: SmoothQuant on quantization-sensitive layers
-    protect_time_sensitive: bool = False  # local treatment: time-sensitive layers kept at w8a16
+    protect_time_sensitive: bool = False  # local treatment: their activations stay float
 
     def base_spec(self) -> LayerSpec:
         return LayerSpec(self.weights, self.activations, self.group_size)
@@ -47,7 +47,7 @@ RECIPES: dict[str, Recipe] = {
             "w4a8-sqnr",
             "w4a8-g128 base; SQNR-driven mixed precision promotes the most sensitive blocks "
             "(w4a8 -> w8a8 -> w8a16 -> float) to a target SQNR; SmoothQuant on the "
-            "quantization-sensitive layers; time-sensitive layers at w8a16",
+            "quantization-sensitive layers; time-sensitive layers keep float activations",
             "qint4",
             "qint8",
             128,

@@ -25,7 +25,7 @@ from quantization.ptq import (
     analyze,
     quantize_denoiser,
 )
-from quantization.recipes import get_recipe
+from quantization.recipes import RECIPES, get_recipe
 from quantization.report import write_report
 from quantization.sensitivity import Measurer
 
@@ -97,19 +97,25 @@ def _prepare(src: str, o: Options, progress):
 
 
 def _analysis(measurer: Measurer, o: Options, progress):
+    recipe = get_recipe(o.recipe)
     return analyze(
         measurer,
-        get_recipe(o.recipe),
+        recipe,
         target_sqnr_db=DEFAULT_TARGET_SQNR_DB if o.target_sqnr is None else o.target_sqnr,
         budget_ratio=DEFAULT_BUDGET_RATIO if o.budget_ratio is None else o.budget_ratio,
-        smoothing_on=o.smoothing,
-        time_protection_on=o.time_protection,
+        smoothing_on=o.smoothing and recipe.smoothing,
+        time_protection_on=o.time_protection and recipe.protect_time_sensitive,
         progress=progress,
     )
 
 
 def analyze_source(src: str, o: Options, out: Path, progress=lambda m: None) -> dict:
     """Write sensitivity.json and report.md with plots for ``o.recipe``'s base into ``out``."""
+    if not get_recipe(o.recipe).mixed_precision:
+        mixed = [r.name for r in RECIPES.values() if r.mixed_precision]
+        raise ValueError(
+            f"analyze studies an SQNR-driven recipe ({', '.join(mixed)}), not {o.recipe}"
+        )
     *_, calib, measurer = _prepare(src, o, progress)
     result = _analysis(measurer, o, progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,7 @@ def analyze_source(src: str, o: Options, out: Path, progress=lambda m: None) -> 
         "recipe": asdict(get_recipe(o.recipe)),
         "calibration": {**calib.summary(), "quantize_seconds": result.seconds},
         "measured": result.analysis["measured"],
-        "sizes": {"plan_layer_bytes": result.analysis["global"]["plan_layer_bytes"]},
+        "sizes": {"plan_layer_bytes": result.analysis["measured"]["plan_layer_bytes"]},
     }
     (out / "report.md").write_text(
         write_report(out, manifest, result.analysis, _vs_step(result.analysis))
