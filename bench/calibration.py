@@ -23,7 +23,7 @@ from models.loader import read_defaults
 from quality.evaluator import Evaluator
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import open_source
-from quantization.blocks import denoiser_attr
+from quantization.blocks import denoiser_attr, denoiser_swapped
 from quantization.calibration import calibration_conditions, record_calibration
 from quantization.ptq import analyze, quantize_denoiser
 from quantization.recipes import get_recipe
@@ -74,11 +74,8 @@ def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
         for kind in ("single-step", "multi-step"):
             calib = record_calibration(pipe, attr, calib_conditions, kind=kind, **kw)
             result = quantize_denoiser(fp_denoiser, get_recipe(recipe), calib.calls, plan=plan)
-            setattr(pipe, attr, result.model)
-            try:
+            with denoiser_swapped(pipe, result.model):
                 q = sample(pipe, conditions, seed=0, **kw)
-            finally:
-                setattr(pipe, attr, fp_denoiser)
             row = {
                 "model": model,
                 "variant": recipe,

@@ -13,6 +13,7 @@ __all__ = [
     "digit_id2label",
     "load_pipeline",
     "read_defaults",
+    "sampling_settings",
     "save_pipeline",
 ]
 
@@ -29,6 +30,20 @@ def read_defaults(source: str | Path) -> dict:
     """The inference defaults a model folder states (steps, guidance, size); {} when none."""
     path = Path(source) / DEFAULTS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def sampling_settings(
+    source: str | Path, steps: int | None = None, guidance: float | None = None
+) -> tuple[int, float]:
+    """Steps and guidance: those given, else the folder's ``defaults.json``; an error if neither."""
+    defaults = read_defaults(source) if Path(source).is_dir() else {}
+    steps = steps or defaults.get("num_inference_steps")
+    guidance = guidance if guidance is not None else defaults.get("guidance_scale")
+    if steps is None or guidance is None:
+        raise ValueError(
+            f"{source} states no default steps / guidance: pass --steps and --guidance"
+        )
+    return int(steps), float(guidance)
 
 
 def load_pipeline(

@@ -7,11 +7,20 @@ and the embeddings and output projections as blocks of their own (METHOD.md, "Bl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["DENOISER_ATTRS", "Block", "denoiser_attr", "find_blocks", "quantizable_layers"]
+__all__ = [
+    "DENOISER_ATTRS",
+    "Block",
+    "denoiser_attr",
+    "denoiser_swapped",
+    "find_blocks",
+    "quantizable_layers",
+]
 
 DENOISER_ATTRS = ("transformer", "unet")
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
@@ -29,6 +38,18 @@ def denoiser_attr(pipe) -> str:
         if isinstance(getattr(pipe, attr, None), nn.Module):
             return attr
     raise TypeError(f"{type(pipe).__name__} has no transformer or unet to quantize")
+
+
+@contextmanager
+def denoiser_swapped(pipe, denoiser: nn.Module) -> Iterator[None]:
+    """Inside, ``pipe`` samples with ``denoiser`` (e.g. a quantized copy); its own one after."""
+    attr = denoiser_attr(pipe)
+    original = getattr(pipe, attr)
+    setattr(pipe, attr, denoiser)
+    try:
+        yield
+    finally:
+        setattr(pipe, attr, original)
 
 
 def quantizable_layers(module: nn.Module, prefix: str = "") -> list[str]:

@@ -115,6 +115,12 @@ def _layer_hooks(model: nn.Module, layers: list[str], on_forward):
             h.remove()
 
 
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per input channel: dim 1 of a conv input (NCHW), the last dim of a linear's."""
+    dim = 1 if x.dim() == 4 else -1
+    return x.abs().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
+
+
 @torch.no_grad()
 def layer_stats(denoiser: nn.Module, layers: list[str], calls: list[Call]) -> LayerStats:
     """Activation ranges of the given Linear / Conv2d layers while replaying ``calls``."""
@@ -122,8 +128,7 @@ def layer_stats(denoiser: nn.Module, layers: list[str], calls: list[Call]) -> La
     current = [0]
 
     def on_forward(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        channel_dim = 1 if x.dim() == 4 else -1  # conv: NCHW, linear: (..., features)
-        per_channel = x.abs().transpose(channel_dim, -1).reshape(-1, x.shape[channel_dim]).amax(0)
+        per_channel = channel_absmax(x)
         prev = stats.channel_absmax.get(name)
         stats.channel_absmax[name] = (
             per_channel if prev is None else torch.maximum(prev, per_channel)

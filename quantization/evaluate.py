@@ -23,8 +23,6 @@ import numpy as np
 
 __all__ = ["EvalSettings", "evaluate", "is_digits_model"]
 
-DIGITS_MODELS = ("dit-digits", "t2i-digits")
-
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -36,20 +34,9 @@ class EvalSettings:
 
 
 def is_digits_model(defaults: dict) -> bool:
-    return defaults.get("model") in DIGITS_MODELS
+    from models.sample import MODELS
 
-
-def _settings_for(source: str, s: EvalSettings) -> tuple[int, float, bool]:
-    from models.loader import read_defaults
-
-    defaults = read_defaults(source) if Path(source).is_dir() else {}
-    steps = s.num_inference_steps or defaults.get("num_inference_steps")
-    guidance = s.guidance_scale if s.guidance_scale is not None else defaults.get("guidance_scale")
-    if steps is None or guidance is None:
-        raise ValueError(
-            f"{source} states no default steps / guidance: pass --steps and --guidance"
-        )
-    return int(steps), float(guidance), is_digits_model(defaults)
+    return defaults.get("model") in MODELS
 
 
 def _run_variant(
@@ -109,14 +96,15 @@ def evaluate(
     """The metrics of FP and of each artifact, as one JSON-able dict."""
     from models import data
     from models.generate import evaluation_targets
+    from models.loader import read_defaults, sampling_settings
     from quality.metrics import psnr_db, sqnr_db, ssim
 
-    steps, guidance, digits = _settings_for(source, settings)
-    with_colors = False
-    if digits:
-        from models.loader import read_defaults
-
-        with_colors = read_defaults(source).get("kind") == "text-to-image"
+    steps, guidance = sampling_settings(
+        source, settings.num_inference_steps, settings.guidance_scale
+    )
+    defaults = read_defaults(source) if Path(source).is_dir() else {}
+    digits = is_digits_model(defaults)
+    with_colors = digits and defaults.get("kind") == "text-to-image"
     evaluator = heldout = targets = None
     if digits:
         from quality.evaluator import Evaluator

@@ -36,6 +36,7 @@ __all__ = [
     "Result",
     "analyze",
     "quantize_denoiser",
+    "timesteps_of",
     "uniform_plan",
 ]
 
@@ -249,7 +250,7 @@ def analyze(
         "per_layer_sqnr": per_layer,
         "sqnr_vs_step": {
             "steps": sorted(set(measurer.steps)),
-            "timesteps": _timesteps(measurer.trajectory),
+            "timesteps": timesteps_of(measurer.trajectory),
             "uniform_base": [_finite(x) for x in untreated.sqnr_by_step.values()],
             "base_with_treatments": None
             if base_variant is None
@@ -300,7 +301,8 @@ def analyze(
     return Result(model, _as_applied(plan, model), analysis, time.perf_counter() - start)
 
 
-def _timesteps(calls: list[Call]) -> list[float]:
+def timesteps_of(calls: list[Call]) -> list[float]:
+    """The timestep of each recorded sampling step, in step order."""
     seen = {}
     for c in calls:
         if c.step not in seen:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from models.generate import sample
-from models.loader import DEFAULTS_FILE, read_defaults
+from models.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import DTYPES, open_source, save_artifact
-from quantization.blocks import denoiser_attr
+from quantization.blocks import denoiser_attr, denoiser_swapped
 from quantization.calibration import calibration_conditions, record_calibration
 from quantization.plan import plan_from_json, plan_to_json
 from quantization.ptq import (
@@ -24,6 +24,7 @@ from quantization.ptq import (
     DEFAULT_TARGET_SQNR_DB,
     analyze,
     quantize_denoiser,
+    timesteps_of,
 )
 from quantization.recipes import RECIPES, get_recipe
 from quantization.report import write_report
@@ -52,20 +53,11 @@ class Options:
     check_images: int = 8
 
 
-def _sampling(src: str, o: Options) -> tuple[int, float]:
-    defaults = read_defaults(src) if Path(src).is_dir() else {}
-    steps = o.steps or defaults.get("num_inference_steps")
-    guidance = o.guidance if o.guidance is not None else defaults.get("guidance_scale")
-    if steps is None or guidance is None:
-        raise ValueError(f"{src} states no default steps / guidance: pass --steps and --guidance")
-    return int(steps), float(guidance)
-
-
 def _prepare(src: str, o: Options, progress):
     progress("loading the FP pipeline")
     pipe = open_source(src, torch_dtype=DTYPES[o.dtype])
     attr = denoiser_attr(pipe)
-    steps, guidance = _sampling(src, o)
+    steps, guidance = sampling_settings(src, o.steps, o.guidance)
     progress(f"calibration: {o.calibration}, {o.calibration_prompts} prompts")
     calib = record_calibration(
         pipe,
@@ -194,17 +186,11 @@ def quantize_source(src: str, o: Options, out: Path, progress=lambda m: None) ->
         series = _vs_step(analysis)
     else:
         series = {
-            "timesteps": _timesteps(measurer),
+            "timesteps": timesteps_of(measurer.trajectory),
             "series": {recipe.name: list(variant.sqnr_by_step.values())},
         }
     (out / "report.md").write_text(write_report(out, written, analysis, series))
     return written
-
-
-def _timesteps(measurer: Measurer) -> list[float]:
-    from quantization.ptq import _timesteps as timesteps
-
-    return timesteps(measurer.trajectory)
 
 
 def _sensitivity_summary(a: dict) -> dict:
@@ -226,12 +212,8 @@ def _end_to_end(pipe, attr: str, quantized, o: Options, steps: int, guidance: fl
     conditions = calibration_conditions(pipe, o.check_images, seed=TRAJECTORY_SEED + 1)
     kw = {"seed": TRAJECTORY_SEED + 1, "num_inference_steps": steps, "guidance_scale": guidance}
     fp = sample(pipe, conditions, **kw)
-    original = getattr(pipe, attr)
-    setattr(pipe, attr, quantized)
-    try:
+    with denoiser_swapped(pipe, quantized):
         q = sample(pipe, conditions, **kw)
-    finally:
-        setattr(pipe, attr, original)
     return {
         "check_images": o.check_images,
         "sqnr_latent_db": round(sqnr_db(fp.latents, q.latents), 3),

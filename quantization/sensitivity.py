@@ -21,7 +21,7 @@ from torch import nn
 from quality.metrics import sqnr_db
 from quantization import backend
 from quantization.backend import LayerSpec
-from quantization.capture import Call, denoiser_output, detach, layer_stats, replay
+from quantization.capture import Call, channel_absmax, denoiser_output, detach, layer_stats, replay
 from quantization.smoothing import ALPHAS, outlier_ratio, smoothing_scales, weight_channel_absmax
 
 __all__ = [
@@ -360,12 +360,7 @@ class Measurer:
 
 
 def _channel_absmax(xs: list[torch.Tensor]) -> torch.Tensor:
-    out = None
-    for x in xs:
-        dim = 1 if x.dim() == 4 else -1
-        a = x.abs().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
-        out = a if out is None else torch.maximum(out, a)
-    return out
+    return torch.stack([channel_absmax(x) for x in xs]).amax(0)
 
 
 def _alone_sqnr(
