@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup run test lint format train artifacts bench
+.PHONY: setup redis run samples test lint format train artifacts bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,9 +12,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed redis
+
+# The service and its tests need a redis-server (Debian's package; installed when we are root).
+redis:
+	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+		else echo "install redis-server (sudo apt-get install redis-server)"; exit 1; fi; }
 
 run: setup
+	HF_HUB_OFFLINE=1 $(PY) -m app
+
+samples: setup
 	HF_HUB_OFFLINE=1 $(PY) -m models.sample
 
 test: setup

@@ -55,12 +55,12 @@ RECIPES = {
     "digit-classifier": Recipe(steps=1500, batch_size=64, lr=2e-3),
     "vae-digits": Recipe(steps=1500, batch_size=64, lr=1e-3),
     "dit-digits": Recipe(steps=7500, batch_size=128, lr=5e-4),
-    "t2i-digits": Recipe(steps=2800, batch_size=128, lr=5e-4),
+    "t2i-digits": Recipe(steps=7000, batch_size=64, lr=5e-4),
 }
 # Inference settings written into each pipeline folder (defaults.json).
 SAMPLING = {
     "dit-digits": {"num_inference_steps": 20, "guidance_scale": 5.0},
-    "t2i-digits": {"num_inference_steps": 20, "guidance_scale": 6.0},
+    "t2i-digits": {"num_inference_steps": 20, "guidance_scale": 4.5},
 }
 COLORINGS = 10  # recolorings of each training digit whose latents are precomputed
 KL_WEIGHT = 1e-5

@@ -1,0 +1,5 @@
+import sys
+
+from app.run import main
+
+sys.exit(main())

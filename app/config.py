@@ -1,0 +1,68 @@
+"""One Settings class for the API, the workers and the run command, read from ``T2I_*``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_REGISTRY", "Settings", "get_settings"]
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry.toml"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each is documented in docs/service.md."""
+
+    model_config = SettingsConfigDict(env_prefix="T2I_", extra="ignore")
+
+    # Where things are.
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    registry: Path = DEFAULT_REGISTRY
+    key_prefix: str = "t2i"
+
+    # Access.
+    api_keys: Annotated[list[str], NoDecode] = []
+    rate_limit_per_minute: int = Field(120, ge=1)
+
+    # Request limits.
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_n: int = Field(4, ge=1)
+    generation_timeout_s: float = Field(120.0, gt=0)
+    compare_max_variants: int = Field(6, ge=1)
+
+    # Queue.
+    queue_max: int = Field(64, ge=1, description="queued jobs per model variant before 429")
+    job_ttl_s: int = Field(86_400, ge=60)
+    reclaim_idle_s: float = Field(30.0, gt=0, description="a job idle this long is taken over")
+    heartbeat_s: float = Field(2.0, gt=0)
+    max_deliveries: int = Field(3, ge=1, description="deliveries before the dead-letter stream")
+
+    # Worker.
+    batch_max: int = Field(1, ge=1, description="queued jobs a worker may run as one batch")
+    metrics_port: int = Field(0, ge=0, description="worker metrics port (0: none)")
+    device: str | None = None
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker (0: torch's choice)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("heartbeat_s")
+    @classmethod
+    def _heartbeat_below_reclaim(cls, value, info):
+        idle = info.data.get("reclaim_idle_s")
+        if idle is not None and value * 2 > idle:
+            raise ValueError("heartbeat_s must be at most half of reclaim_idle_s")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

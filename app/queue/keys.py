@@ -1,0 +1,58 @@
+"""Every Redis key the service uses, in one place. All share the settings' ``key_prefix``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["GROUP", "Keys"]
+
+GROUP = "workers"  # the consumer group of every job stream
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "t2i"
+
+    def stream(self, model: str, variant: str) -> str:
+        """The job stream of one served (model, variant): its workers' consumer group reads it."""
+        return f"{self.prefix}:stream:{model}:{variant}"
+
+    def queued(self, model: str, variant: str) -> str:
+        """Sorted set of the jobs not yet taken, by enqueue time: depth and positions."""
+        return f"{self.prefix}:queued:{model}:{variant}"
+
+    def workers(self, model: str, variant: str) -> str:
+        """Sorted set of worker ids by their last heartbeat (unix seconds)."""
+        return f"{self.prefix}:workers:{model}:{variant}"
+
+    def durations(self, model: str, variant: str) -> str:
+        """List of the latest job durations in seconds, for Retry-After estimates."""
+        return f"{self.prefix}:durations:{model}:{variant}"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job record."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Stream of the job's status and progress events (what SSE replays)."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def image(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}:job:{job_id}:image:{index}"
+
+    def latents(self, job_id: str) -> str:
+        """The final latents (float32, C-order) of all the job's images, for SQNR in compares."""
+        return f"{self.prefix}:job:{job_id}:latents"
+
+    def idempotency(self, owner: str, key: str) -> str:
+        return f"{self.prefix}:idempotency:{owner}:{key}"
+
+    def rate(self, owner: str, window: int) -> str:
+        return f"{self.prefix}:rate:{owner}:{window}"
+
+    def dead_letter(self) -> str:
+        """Stream of jobs given up after too many deliveries."""
+        return f"{self.prefix}:dead-letter"
+
+    def job_pattern(self) -> str:
+        return f"{self.prefix}:job:*"

@@ -1,0 +1,203 @@
+"""The model registry: which models and variants the service serves, read from one TOML file.
+
+Read with JSON and TOML only (no torch), so the API can validate requests and describe models;
+the worker resolves the same entries into a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CLASS_CONDITIONAL",
+    "DTYPES",
+    "TEXT_TO_IMAGE",
+    "ModelSpec",
+    "Registry",
+    "RegistryError",
+    "VariantSpec",
+    "load_registry",
+]
+
+DTYPES = ("fp32", "fp16", "bf16")
+CLASS_CONDITIONAL = "class-conditional"
+TEXT_TO_IMAGE = "text-to-image"
+_CLASS_PIPELINES = {"DiTPipeline"}
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed or names something that is not there."""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    dtype: str = "fp32"
+    artifact: Path | None = None  # a quantized artifact folder; None for full precision
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def quantized(self) -> bool:
+        return self.artifact is not None
+
+    def summary(self) -> dict:
+        """What ``GET /v1/models`` says of the variant: bytes, bits plan, measured quality."""
+        if not self.quantized:
+            return {"id": self.name, "quantized": False, "dtype": self.dtype}
+        m = self.manifest
+        levels: dict[str, int] = {}
+        for layer in m.get("layers", {}).values():
+            key = f"w:{layer['weights']}/a:{layer['activations']}"
+            levels[key] = levels.get(key, 0) + 1
+        return {
+            "id": self.name,
+            "quantized": True,
+            "dtype": m.get("dtype", self.dtype),
+            "recipe": m.get("recipe", {}).get("name"),
+            "denoiser_weight_bytes": m.get("sizes", {}).get("denoiser_weight_bytes"),
+            "ratio_to_fp16": m.get("sizes", {}).get("ratio_to_fp16"),
+            "layers_by_qtype": dict(sorted(levels.items())),
+            "calibration": m.get("calibration", {}).get("kind"),
+            "measured": m.get("measured", {}),
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # a local folder (absolute) or a hub id
+    kind: str  # CLASS_CONDITIONAL or TEXT_TO_IMAGE
+    variants: dict[str, VariantSpec]
+    default_variant: str
+    device: str = "cpu"
+    default_steps: int = 20
+    max_steps: int = 100
+    guidance: float = 5.0
+    guidance_range: tuple[float, float] = (1.0, 20.0)
+    sizes: tuple[str, ...] = ("32x32",)
+    labels: dict[str, int] = field(default_factory=dict, repr=False)  # class name -> id
+
+    def class_id(self, prompt: str) -> int | None:
+        """The class a class-conditional prompt names ("seven", "7", "Seven"), else None."""
+        return self.labels.get(prompt.strip().lower())
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: dict[str, ModelSpec]
+    path: Path
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Parse and check the registry; an error names the entry at fault."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RegistryError(f"cannot read the registry {path}: {exc}") from exc
+    entries = raw.get("models")
+    if not isinstance(entries, dict) or not entries:
+        raise RegistryError(f"{path}: no [models.NAME] entries")
+    models = {name: _model(name, entry, path.parent) for name, entry in entries.items()}
+    return Registry(models, path)
+
+
+def _model(name: str, entry: dict, base: Path) -> ModelSpec:
+    where = f"models.{name}"
+    if "source" not in entry:
+        raise RegistryError(f"{where}: no source")
+    source = _resolve(entry["source"], base)
+    folder = Path(source) if Path(source).is_dir() else None
+    defaults = _read_json(folder / "defaults.json") if folder else {}
+    index = _read_json(folder / "model_index.json") if folder else {}
+    kind = entry.get("kind") or defaults.get("kind")
+    if kind is None:
+        kind = CLASS_CONDITIONAL if index.get("_class_name") in _CLASS_PIPELINES else TEXT_TO_IMAGE
+    if kind not in (CLASS_CONDITIONAL, TEXT_TO_IMAGE):
+        raise RegistryError(f"{where}: kind must be {CLASS_CONDITIONAL!r} or {TEXT_TO_IMAGE!r}")
+    variants = {v: _variant(f"{where}.variants.{v}", v, e, base) for v, e in _variants(entry)}
+    default_variant = entry.get("default_variant", next(iter(variants)))
+    if default_variant not in variants:
+        raise RegistryError(f"{where}: default_variant {default_variant!r} is not a variant")
+    height, width = defaults.get("height"), defaults.get("width")
+    sizes = tuple(entry.get("sizes") or ([f"{width}x{height}"] if height else ["512x512"]))
+    for size in sizes:
+        _parse_size(size, where)
+    low, high = (float(x) for x in entry.get("guidance_range", (1.0, 20.0)))
+    spec = ModelSpec(
+        name=name,
+        source=source,
+        kind=kind,
+        variants=variants,
+        default_variant=default_variant,
+        device=entry.get("device", "cpu"),
+        default_steps=int(entry.get("default_steps", defaults.get("num_inference_steps", 20))),
+        max_steps=int(entry.get("max_steps", 100)),
+        guidance=float(entry.get("guidance", defaults.get("guidance_scale", 5.0))),
+        guidance_range=(low, high),
+        sizes=sizes,
+        labels=_labels(folder) if kind == CLASS_CONDITIONAL and folder else {},
+    )
+    if not 1 <= spec.default_steps <= spec.max_steps:
+        raise RegistryError(f"{where}: default_steps must lie in 1..max_steps")
+    if not low <= spec.guidance <= high:
+        raise RegistryError(f"{where}: guidance {spec.guidance} is outside guidance_range")
+    if kind == CLASS_CONDITIONAL and not spec.labels:
+        raise RegistryError(f"{where}: a class-conditional model needs id2label.json in {source}")
+    return spec
+
+
+def _variants(entry: dict):
+    variants = entry.get("variants") or {"fp32": {"dtype": "fp32"}}
+    if not isinstance(variants, dict):
+        raise RegistryError("variants must be a table")
+    return variants.items()
+
+
+def _variant(where: str, name: str, entry: dict, base: Path) -> VariantSpec:
+    if "artifact" in entry:
+        folder = Path(_resolve(entry["artifact"], base))
+        manifest_file = folder / "manifest.json"
+        if not manifest_file.is_file():
+            raise RegistryError(f"{where}: {folder} is not a quantized artifact (no manifest.json)")
+        manifest = _read_json(manifest_file)
+        return VariantSpec(name, manifest.get("dtype", "fp32"), folder, manifest)
+    dtype = entry.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise RegistryError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
+    return VariantSpec(name, dtype)
+
+
+def _resolve(value: str, base: Path) -> str:
+    """A path relative to the registry file when it exists there; otherwise as given (hub id)."""
+    candidate = Path(value) if Path(value).is_absolute() else base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _labels(folder: Path) -> dict[str, int]:
+    labels: dict[str, int] = {}
+    for class_id, names in _read_json(folder / "id2label.json").items():
+        for label in str(names).split(","):
+            labels[label.strip().lower()] = int(class_id)
+    return labels
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: {exc}") from exc
+
+
+def _parse_size(size: str, where: str) -> tuple[int, int]:
+    try:
+        width, height = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise RegistryError(f"{where}: size {size!r} is not WxH") from None
+    return width, height

@@ -1,0 +1,119 @@
+"""A wire request checked against the registry and the settings, turned into a JobRequest.
+
+Every refusal names the parameter at fault (400), or the unknown model / variant (404).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+from app.config import Settings
+from app.errors import InvalidRequest, NotFound
+from app.queue.records import JobRequest
+from app.registry import CLASS_CONDITIONAL, ModelSpec, Registry
+
+__all__ = ["job_request", "model_spec", "parse_size", "variant_name"]
+
+
+def model_spec(registry: Registry, name: str) -> ModelSpec:
+    spec = registry.get(name)
+    if spec is None:
+        raise NotFound(
+            f"the model {name!r} does not exist; models: {', '.join(registry.models)}",
+            param="model",
+            code="model_not_found",
+        )
+    return spec
+
+
+def variant_name(spec: ModelSpec, variant: str | None) -> str:
+    variant = variant or spec.default_variant
+    if variant not in spec.variants:
+        raise NotFound(
+            f"{spec.name} has no variant {variant!r}; variants: {', '.join(spec.variants)}",
+            param="variant",
+            code="variant_not_found",
+        )
+    return variant
+
+
+def parse_size(spec: ModelSpec, size: str | None) -> tuple[int, int]:
+    size = size or spec.sizes[0]
+    if size not in spec.sizes:
+        raise InvalidRequest(
+            f"size {size!r} is not allowed for {spec.name}; allowed: {', '.join(spec.sizes)}",
+            param="size",
+        )
+    width, height = (int(x) for x in size.split("x"))
+    return width, height
+
+
+def job_request(
+    settings: Settings,
+    registry: Registry,
+    *,
+    model: str,
+    prompt: str,
+    variant: str | None = None,
+    n: int = 1,
+    size: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+    output_format: str = "png",
+) -> JobRequest:
+    spec = model_spec(registry, model)
+    variant = variant_name(spec, variant)
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt is {len(prompt)} characters; at most {settings.max_prompt_chars}",
+            param="prompt",
+        )
+    if not prompt.strip():
+        raise InvalidRequest("prompt is empty", param="prompt")
+    if negative_prompt is not None and len(negative_prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"negative_prompt is longer than {settings.max_prompt_chars} characters",
+            param="negative_prompt",
+        )
+    if n > settings.max_n:
+        raise InvalidRequest(f"n is {n}; at most {settings.max_n}", param="n")
+    width, height = parse_size(spec, size)
+    steps = spec.default_steps if steps is None else steps
+    if not 1 <= steps <= spec.max_steps:
+        raise InvalidRequest(f"steps must lie in 1..{spec.max_steps}", param="steps")
+    guidance = spec.guidance if guidance_scale is None else guidance_scale
+    low, high = spec.guidance_range
+    if not (math.isfinite(guidance) and low <= guidance <= high):
+        raise InvalidRequest(f"guidance_scale must lie in {low}..{high}", param="guidance_scale")
+    class_id = None
+    if spec.kind == CLASS_CONDITIONAL:
+        class_id = spec.class_id(prompt)
+        if class_id is None:
+            examples = ", ".join(list(spec.labels)[:6])
+            raise InvalidRequest(
+                f"{spec.name} is class-conditional: the prompt must name a class "
+                f"(e.g. {examples}); got {prompt[:60]!r}",
+                param="prompt",
+            )
+        if negative_prompt is not None:
+            raise InvalidRequest(
+                f"{spec.name} is class-conditional and takes no negative_prompt",
+                param="negative_prompt",
+            )
+    return JobRequest(
+        model=spec.name,
+        variant=variant,
+        prompt=prompt,
+        n=n,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=float(guidance),
+        seed=secrets.randbelow(2**31) if seed is None else seed,
+        output_format=output_format,
+        negative_prompt=negative_prompt,
+        class_id=class_id,
+    )

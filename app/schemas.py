@@ -1,0 +1,129 @@
+"""Request and response bodies on the wire (OpenAI Images fields plus our extensions)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "CompareRequest",
+    "CompareResponse",
+    "CompareVariant",
+    "GenerationRequest",
+    "ImageData",
+    "ImagesResponse",
+    "JobCreated",
+    "JobView",
+]
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` and ``POST /v1/jobs``. Unknown OpenAI fields (quality,
+    style, ...) are accepted and ignored, so existing clients work unchanged."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="a model of the registry (GET /v1/models)")
+    prompt: str = Field(min_length=1, description="text; for a class-conditional model a class")
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description='"WxH" among the model\'s sizes')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    user: str | None = Field(None, max_length=256)
+    # Extensions.
+    variant: str | None = Field(None, description="default: the model's default variant")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    # Extensions: what ran and how long it took.
+    id: str
+    model: str
+    variant: str
+    seed: int
+    output_format: str
+    timings: dict
+
+
+class JobCreated(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: str
+    position: int
+    model: str
+    variant: str
+
+
+class JobView(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: str
+    progress: int
+    step: int
+    steps: int
+    position: int
+    model: str
+    variant: str
+    seed: int
+    created: float
+    timings: dict
+    deliveries: int
+    worker: str | None
+    cancel_requested: bool
+    error: dict | None
+    images: list[str]
+    result: dict
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str = Field(min_length=1)
+    variants: list[str] | None = Field(
+        None, min_length=1, description="default: every variant of the model"
+    )
+    reference: str | None = Field(None, description="default: the first full-precision variant")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    size: str | None = None
+
+
+class CompareVariant(BaseModel):
+    variant: str
+    quantized: bool
+    job_id: str
+    status: str
+    b64_png: str | None
+    url: str | None
+    latency_s: float | None
+    inference_s: float | None
+    step_ms_median: float | None
+    peak_memory_bytes: int | None
+    denoiser_weight_bytes: int | None
+    psnr_db: float | None
+    ssim: float | None
+    sqnr_latent_db: float | None
+    error: str | None = None
+
+
+class CompareResponse(BaseModel):
+    model: str
+    prompt: str
+    seed: int
+    reference: str
+    variants: list[CompareVariant]

@@ -1,0 +1,1 @@
+"""A worker process: one model variant loaded once, jobs taken from its Redis stream."""

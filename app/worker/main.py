@@ -1,0 +1,249 @@
+"""``python -m app.worker --model NAME --variant V``: serve one model variant from its stream.
+
+Loads the pipeline once, warms it up, then takes jobs (up to ``T2I_BATCH_MAX`` of the same
+size / steps / guidance run as one pipeline call). Per step it records progress and checks
+for cancellation; a pipeline error or out-of-memory fails that job and the worker lives on.
+SIGTERM or SIGINT: stop taking jobs, finish the current one, leave, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import socket
+import statistics
+import threading
+import time
+import uuid
+
+import redis
+from prometheus_client import start_http_server
+
+from app import metrics
+from app.config import Settings, get_settings
+from app.queue.consumer import Claimed, Consumer
+from app.queue.keys import Keys
+from app.queue.records import JobRequest, JobStatus
+from app.registry import ModelSpec, RegistryError, load_registry
+from app.worker import pipeline
+
+log = logging.getLogger("app.worker")
+
+
+class Cancelled(Exception):
+    """Every job of the running batch was asked to stop."""
+
+
+class Worker:
+    def __init__(self, settings: Settings, spec: ModelSpec, variant: str, name: str) -> None:
+        self.settings, self.spec, self.variant, self.name = settings, spec, variant, name
+        self.labels = {"model": spec.name, "variant": variant}
+        self.consumer = Consumer(
+            redis.Redis.from_url(settings.redis_url),
+            Keys(settings.key_prefix),
+            model=spec.name,
+            variant=variant,
+            name=name,
+            job_ttl_s=settings.job_ttl_s,
+            reclaim_idle_s=settings.reclaim_idle_s,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.stopping = threading.Event()
+        self.holding: list[str] = []  # stream entries of the running batch
+        self.loaded: pipeline.Loaded | None = None
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        self.consumer.ensure_group()
+        self.loaded = pipeline.load(
+            self.spec,
+            self.spec.variants[self.variant],
+            pipeline.pick_device(self.spec, self.settings.device),
+        )
+        metrics.MODEL_LOAD_SECONDS.labels(**self.labels).set(self.loaded.load_seconds)
+        metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)
+        self._warm_up()
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        log.info(
+            "worker %s serves %s/%s on %s (loaded in %.1f s)",
+            self.name,
+            self.spec.name,
+            self.variant,
+            self.loaded.device,
+            self.loaded.load_seconds,
+        )
+
+    def _warm_up(self) -> None:
+        size = self.spec.sizes[0]
+        width, height = (int(x) for x in size.split("x"))
+        request = JobRequest(
+            model=self.spec.name,
+            variant=self.variant,
+            prompt=next(iter(self.spec.labels), "a"),
+            n=1,
+            width=width,
+            height=height,
+            steps=2,
+            guidance_scale=self.spec.guidance,
+            seed=0,
+            class_id=next(iter(self.spec.labels.values()), None),
+        )
+        pipeline.run_batch(self.loaded, self.spec, [request], lambda *_: None)
+
+    def _heartbeats(self) -> None:
+        while True:
+            try:
+                self.consumer.heartbeat(list(self.holding))
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            time.sleep(self.settings.heartbeat_s)
+
+    def serve(self) -> None:
+        block_ms = int(min(1.0, self.settings.heartbeat_s) * 1000)
+        while not self.stopping.is_set():
+            try:
+                claimed = self.consumer.take(self.settings.batch_max, block_ms)
+            except redis.RedisError as exc:
+                log.warning("cannot take jobs: %s", exc)
+                time.sleep(1.0)
+                if "NOGROUP" in str(exc):  # Redis lost its data (restarted without persistence)
+                    with contextlib.suppress(redis.RedisError):
+                        self.consumer.ensure_group()
+                continue
+            groups: dict[tuple, list[Claimed]] = {}
+            for c in claimed:
+                groups.setdefault(c.job.request.batch_key(), []).append(c)
+            for group in groups.values():
+                self.run(group)
+        self.consumer.leave()
+
+    # --- one batch -----------------------------------------------------------------------------
+
+    def run(self, group: list[Claimed]) -> None:
+        device = self.loaded.device
+        self.holding = [c.stream_id for c in group]
+        cancelled: set[str] = set()
+        step_times: list[float] = []
+        last = time.perf_counter()
+
+        def on_step(step: int, steps: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            step_times.append(now - last)
+            metrics.STEP_SECONDS.labels(**self.labels).observe(now - last)
+            last = now
+            cancelled.update(self.consumer.progress(group, step, steps))
+            if len(cancelled) == len(group):
+                raise Cancelled
+
+        for c in group:
+            metrics.QUEUE_WAIT_SECONDS.labels(**self.labels).observe(
+                max(0.0, (c.job.started_at or time.time()) - c.job.created_at)
+            )
+        metrics.BATCH_SIZE.labels(**self.labels).observe(len(group))
+        pipeline.reset_peak_memory(device)
+        t0 = time.perf_counter()
+        try:
+            outputs = pipeline.run_batch(
+                self.loaded, self.spec, [c.job.request for c in group], on_step
+            )
+        except Cancelled:
+            for c in group:
+                self._finish(
+                    c, JobStatus.CANCELLED, error="cancelled while running", error_code="cancelled"
+                )
+            return
+        except Exception as exc:
+            message = _describe(exc)
+            log.error("batch of %d failed: %s", len(group), message)
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+            for c in group:
+                self._finish(c, JobStatus.FAILED, error=message, error_code="generation_failed")
+            return
+        finally:
+            self.holding = []
+        seconds = time.perf_counter() - t0
+        kind, peak = pipeline.peak_memory(device)
+        metrics.PEAK_MEMORY_BYTES.labels(**self.labels, kind=kind).set(peak)
+        for c, out in zip(group, outputs, strict=True):
+            if c.job.id in cancelled:
+                self._finish(
+                    c, JobStatus.CANCELLED, error="cancelled while running", error_code="cancelled"
+                )
+                continue
+            self.consumer.store_images(c.job.id, out.images, out.latents.tobytes())
+            result = {
+                "seed": c.job.request.seed,
+                "inference_s": round(seconds, 4),
+                "step_ms_median": round(1000 * statistics.median(step_times), 3)
+                if step_times
+                else None,
+                "peak_memory_bytes": peak,
+                "peak_memory_kind": kind,
+                "denoiser_weight_bytes": self.loaded.denoiser_weight_bytes,
+                "batch_jobs": len(group),
+                "latents_shape": list(out.latents.shape),
+                "device": device,
+                "worker": self.name,
+            }
+            metrics.GENERATION_SECONDS.labels(**self.labels).observe(seconds)
+            metrics.IMAGES.labels(**self.labels).inc(len(out.images))
+            self._finish(
+                c, JobStatus.COMPLETED, images=len(out.images), result=result, duration=seconds
+            )
+
+    def _finish(self, c: Claimed, status: JobStatus, **kwargs) -> None:
+        outcome = self.consumer.finish(c.job.id, c.stream_id, status, **kwargs)
+        if outcome == "ok":
+            metrics.JOBS.labels(**self.labels, status=status.value).inc()
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "OutOfMemory" in name or "out of memory" in str(exc).lower():
+        return f"out of memory: {exc}".strip()
+    return f"{name}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.worker", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--variant", help="default: the model's default variant")
+    parser.add_argument("--name", help="consumer name (default: host-pid-random)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port (default: settings)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    try:
+        registry = load_registry(settings.registry)
+    except RegistryError as exc:
+        parser.error(str(exc))
+    spec = registry.get(args.model)
+    if spec is None:
+        parser.error(f"unknown model {args.model!r}; the registry has {', '.join(registry.models)}")
+    variant = args.variant or spec.default_variant
+    if variant not in spec.variants:
+        parser.error(f"{args.model} has no variant {variant!r}; it has {', '.join(spec.variants)}")
+    name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        start_http_server(port)
+    worker = Worker(settings, spec, variant, name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stopping.set())
+    worker.start()
+    worker.serve()
+    log.info("worker %s stopped", name)
+    return 0

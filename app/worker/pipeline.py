@@ -1,0 +1,138 @@
+"""Load one registry variant as a diffusers pipeline and run a batch of jobs through it."""
+
+from __future__ import annotations
+
+import io
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.queue.records import JobRequest
+from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
+from models import generate
+from models.loader import load_pipeline
+
+__all__ = [
+    "Loaded",
+    "Output",
+    "encode_image",
+    "load",
+    "peak_memory",
+    "pick_device",
+    "reset_peak_memory",
+    "run_batch",
+]
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass
+class Loaded:
+    pipe: object
+    device: str
+    denoiser_weight_bytes: int
+    load_seconds: float
+
+
+@dataclass
+class Output:
+    images: list[bytes]
+    latents: np.ndarray  # float32 (n, C, h, w)
+
+
+def load(spec: ModelSpec, variant: VariantSpec, device: str) -> Loaded:
+    """The pipeline of a variant on ``device``: full precision or a quantized artifact."""
+    t0 = time.perf_counter()
+    if variant.quantized:
+        from quantization.artifact import load_quantized
+
+        pipe = load_quantized(variant.artifact)
+        weight_bytes = int(variant.manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
+    else:
+        pipe = load_pipeline(spec.source, torch_dtype=TORCH_DTYPES[variant.dtype])
+        denoiser = getattr(pipe, "transformer", None) or pipe.unet
+        weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0)
+
+
+def run_batch(
+    loaded: Loaded,
+    spec: ModelSpec,
+    requests: list[JobRequest],
+    on_step: Callable[[int, int], None],
+) -> list[Output]:
+    """One pipeline call for jobs that share size, steps and guidance; image i of a job is
+    seeded with ``seed + i``, so a job gets the same noise whichever batch it is in."""
+    first = requests[0]
+    conditions, seeds = [], []
+    for r in requests:
+        condition = r.class_id if spec.kind == CLASS_CONDITIONAL else r.prompt
+        conditions += [condition] * r.n
+        seeds += [r.seed + i for i in range(r.n)]
+    samples = generate.run(
+        loaded.pipe,
+        conditions,
+        seeds,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        negative_prompt=first.negative_prompt,
+        height=first.height,
+        width=first.width,
+        on_step=on_step,
+    )
+    outputs, start = [], 0
+    latents = samples.latents.numpy().astype(np.float32)
+    for r in requests:
+        part = slice(start, start + r.n)
+        images = [encode_image(img, r.output_format) for img in samples.images[part]]
+        outputs.append(Output(images, latents[part]))
+        start += r.n
+    return outputs
+
+
+def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format=PIL_FORMATS[output_format])
+    return buffer.getvalue()
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a job's memory peak: CUDA's allocator peak on GPU, the RSS high-water mark on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: str) -> tuple[str, int]:
+    """("cuda" | "rss", bytes) since the last ``reset_peak_memory``."""
+    if device.startswith("cuda"):
+        return "cuda", int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return "rss", int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return "rss", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def pick_device(spec: ModelSpec, override: str | None) -> str:
+    """The settings' device when set, else the registry's; an error if CUDA is missing."""
+    device = override or spec.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{spec.name} is configured for {device} but CUDA is not available")
+    return device

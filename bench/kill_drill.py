@@ -1,0 +1,140 @@
+"""Kill drill: jobs submitted, a worker SIGKILLed twice while they run; nothing may be lost.
+
+    python -m bench.kill_drill [--jobs 50] [--steps 40]
+
+Two dit-digits/fp32 workers share a queue. While the jobs run, the worker holding a job is
+SIGKILLed (then restarted, as `python -m app` or Kubernetes would), twice. At the end every
+job must be completed, and each job's image must equal the image of a direct pipeline call with
+the same seed — so a job that ran twice cannot have finished with two different results.
+Writes bench/results/kill-drill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+from bench.stack import Stack
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL, VARIANT = "dit-digits", "fp32"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kill_drill", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=RESULTS / "kill-drill.json")
+    args = parser.parse_args(argv)
+
+    stack = Stack(reclaim_idle_s=3, heartbeat_s=0.5, torch_threads=1, queue_max=args.jobs)
+    t0 = time.monotonic()
+    kills: list[dict] = []
+    try:
+        for name in ("worker-a", "worker-b"):
+            stack.start_worker(name, MODEL, VARIANT)
+        http = httpx.Client(base_url=stack.url, timeout=30)
+        ids = []
+        for i in range(args.jobs):
+            body = {"model": MODEL, "prompt": str(i % 10), "steps": args.steps, "seed": 1000 + i}
+            response = http.post("/v1/jobs", json=body)
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+        kill_at = (args.jobs // 5, args.jobs // 2)  # completed jobs before each kill
+        deadline = time.monotonic() + 900
+        views: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            views = {j: http.get(f"/v1/jobs/{j}").json() for j in ids}
+            done = sum(v["status"] in ("completed", "failed", "cancelled") for v in views.values())
+            if done == len(ids):
+                break
+            if len(kills) < len(kill_at) and done >= kill_at[len(kills)]:
+                running = [
+                    v for v in views.values() if v["status"] == "in_progress" and v["worker"]
+                ]
+                if running:
+                    victim = running[0]["worker"]
+                    stack.kill_worker(victim)
+                    kills.append(
+                        {
+                            "worker": victim,
+                            "job": running[0]["id"],
+                            "step": running[0]["step"],
+                            "completed_before": done,
+                        }
+                    )
+                    print(f"SIGKILL {victim} at step {running[0]['step']} of a job ({done} done)")
+                    stack.start_worker(victim, MODEL, VARIANT, wait=False)
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+        statuses: dict[str, int] = {}
+        for v in views.values():
+            statuses[v["status"]] = statuses.get(v["status"], 0) + 1
+        images = {
+            j: http.get(f"/v1/jobs/{j}/images/0").content
+            for j in ids
+            if views[j]["status"] == "completed"
+        }
+    finally:
+        stack.close()
+
+    mismatches = _compare_with_direct(ids, images, args.steps)
+    record = {
+        "command": "python -m bench.kill_drill",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "jobs": args.jobs,
+        "steps": args.steps,
+        "statuses": statuses,
+        "lost": args.jobs - sum(statuses.values()),
+        "kills": kills,
+        "redelivered_jobs": sum(v["deliveries"] > 1 for v in views.values()),
+        "images_differing_from_a_direct_run": mismatches,
+        "wall_seconds": round(wall, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+def _compare_with_direct(ids: list[str], images: dict[str, bytes], steps: int) -> int:
+    """Jobs whose image differs from the same seed run straight through the pipeline."""
+    import torch
+
+    from app.config import get_settings
+    from app.queue.records import JobRequest
+    from app.registry import load_registry
+    from app.worker import pipeline
+
+    torch.set_num_threads(1)  # as the workers ran: the same kernels, the same bits
+    spec = load_registry(get_settings().registry).get(MODEL)
+    loaded = pipeline.load(spec, spec.variants[VARIANT], "cpu")
+    differing = 0
+    for i, job_id in enumerate(ids):
+        request = JobRequest(
+            model=MODEL,
+            variant=VARIANT,
+            prompt=str(i % 10),
+            n=1,
+            width=32,
+            height=32,
+            steps=steps,
+            guidance_scale=spec.guidance,
+            seed=1000 + i,
+            class_id=spec.class_id(str(i % 10)),
+        )
+        expected = pipeline.run_batch(loaded, spec, [request], lambda *_: None)[0].images[0]
+        differing += images.get(job_id) != expected
+    return differing
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The API against a real redis-server, with no worker running: contract, validation, auth,
+backpressure, idempotency, cancel of a queued job, readiness, the dead-letter path."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from app.queue.consumer import Consumer
+from app.queue.keys import Keys
+from tests.service.conftest import Server, make_settings, wait_until
+
+
+@pytest.fixture
+def server(redis_url, registry_file):
+    with Server(make_settings(redis_url, registry_file, queue_max=3)) as s:
+        yield s
+
+
+def _error(response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+JOB = {"model": "dit-digits", "prompt": "seven", "variant": "spare", "steps": 2}
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "param"),
+    [
+        ({"model": "nope"}, 404, "model"),
+        ({"variant": "w2a2"}, 404, "variant"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": "   "}, 400, "prompt"),
+        ({"prompt": "x" * 1001}, 400, "prompt"),
+        ({"prompt": "a purple elephant"}, 400, "prompt"),  # names no class of a DiT model
+        ({"n": 0}, 400, "n"),
+        ({"n": 5}, 400, "n"),
+        ({"size": "64x64"}, 400, "size"),
+        ({"size": "banana"}, 400, "size"),
+        ({"steps": 0}, 400, "steps"),
+        ({"steps": 2001}, 400, "steps"),
+        ({"guidance_scale": 100.0}, 400, "guidance_scale"),
+        ({"guidance_scale": -1.0}, 400, "guidance_scale"),
+        ({"seed": -1}, 400, "seed"),
+        ({"seed": 2**64}, 400, "seed"),
+        ({"response_format": "gif"}, 400, "response_format"),
+        ({"output_format": "bmp"}, 400, "output_format"),
+        ({"negative_prompt": "blue"}, 400, "negative_prompt"),
+        ({"n": "many"}, 400, "n"),
+    ],
+)
+def test_bad_inputs_are_4xx_naming_the_parameter(server, change, status, param):
+    with server.client() as http:
+        for route in ("/v1/jobs", "/v1/images/generations"):
+            _error(http.post(route, json={**JOB, **change}), status, param)
+
+
+def test_malformed_bodies_never_500(server):
+    with server.client() as http:
+        assert http.post("/v1/jobs", content=b"{not json").status_code == 400
+        assert http.post("/v1/jobs", json=[1, 2]).status_code == 400
+        assert http.post("/v1/jobs", json={}).status_code == 400
+        _error(http.get("/v1/jobs/" + "f" * 32), 404, "id")
+        _error(http.get("/v1/jobs/" + "f" * 500), 404, "id")
+        _error(http.get("/v1/jobs/abc/events", headers={"Last-Event-ID": "x"}), 404)
+        _error(http.get("/nowhere"), 404)
+
+
+def test_job_lifecycle_while_queued(server):
+    with server.client() as http:
+        first = http.post("/v1/jobs", json=JOB)
+        assert first.status_code == 202, first.text
+        created = first.json()
+        assert created["status"] == "queued" and created["position"] == 0
+        assert first.headers["location"].endswith(f"/v1/jobs/{created['id']}")
+        second = http.post("/v1/jobs", json={**JOB, "prompt": "3"}).json()
+        assert second["position"] == 1
+        view = http.get(f"/v1/jobs/{second['id']}").json()
+        assert view["status"] == "queued" and view["position"] == 1 and view["progress"] == 0
+        assert view["steps"] == 2 and view["timings"]["queue_wait_s"] is None
+        assert isinstance(view["seed"], int)  # drawn at submission, so a re-run is the same
+
+        cancelled = http.post(f"/v1/jobs/{created['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert http.get(f"/v1/jobs/{second['id']}").json()["position"] == 0
+        # cancelling twice answers the same; the event stream ends with the cancellation
+        assert http.post(f"/v1/jobs/{created['id']}/cancel").json()["status"] == "cancelled"
+        events = http.get(f"/v1/jobs/{created['id']}/events").text
+        assert events.count("event: status") == 2 and '"status": "cancelled"' in events
+        _error(http.get(f"/v1/jobs/{created['id']}/images/0"), 404, "index")
+
+
+def test_queue_full_is_429_with_retry_after(server):
+    with server.client() as http:
+        for _ in range(3):
+            assert http.post("/v1/jobs", json=JOB).status_code == 202
+        full = http.post("/v1/jobs", json=JOB)
+        error = _error(full, 429)
+        assert error["code"] == "queue_full"
+        assert int(full.headers["retry-after"]) >= 1
+        # another variant's queue is not affected
+        assert http.post("/v1/jobs", json={**JOB, "variant": "fp32"}).status_code == 202
+
+
+def test_idempotency_key_returns_the_same_job(server):
+    with server.client() as http:
+        headers = {"Idempotency-Key": "order-42"}
+        a = http.post("/v1/jobs", json=JOB, headers=headers).json()
+        b = http.post("/v1/jobs", json={**JOB, "prompt": "one"}, headers=headers).json()
+        c = http.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "order-43"}).json()
+        assert a["id"] == b["id"] != c["id"]
+
+
+def test_api_keys(redis_url, registry_file):
+    settings = make_settings(redis_url, registry_file, api_keys=["k-one", "k-two"])
+    with Server(settings) as server, server.client() as http:
+        _error(http.get("/v1/models"), 401)
+        _error(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        _error(http.get("/v1/models", headers={"Authorization": "Basic k-one"}), 401)
+        _error(http.post("/v1/jobs", json=JOB), 401)
+        ok = http.get("/v1/models", headers={"Authorization": "Bearer k-two"})
+        assert ok.status_code == 200
+        assert http.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_rate_limit_per_key(redis_url, registry_file):
+    settings = make_settings(redis_url, registry_file, api_keys=["a", "b"], rate_limit_per_minute=2)
+    with Server(settings) as server, server.client() as http:
+        a, b = ({"Authorization": f"Bearer {k}"} for k in "ab")
+        assert http.post("/v1/jobs", json=JOB, headers=a).status_code == 202
+        assert http.post("/v1/jobs", json=JOB, headers=a).status_code == 202
+        limited = http.post("/v1/jobs", json=JOB, headers=a)
+        assert _error(limited, 429)["code"] == "rate_limit_exceeded"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert http.post("/v1/jobs", json=JOB, headers=b).status_code == 202
+
+
+def test_models_lists_variants_with_manifest_numbers(server):
+    with server.client() as http:
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert set(models) == {"dit-digits", "t2i-digits"}
+    dit = {v["id"]: v for v in models["dit-digits"]["variants"]}
+    assert dit["fp32"]["quantized"] is False
+    assert dit["w8a8"]["quantized"] and dit["w8a8"]["denoiser_weight_bytes"] > 0
+    assert dit["w8a8"]["layers_by_qtype"] and "sqnr_latent_db" in dit["w8a8"]["measured"]
+    assert "seven" in models["dit-digits"]["classes"]
+    assert models["t2i-digits"]["kind"] == "text-to-image"
+
+
+def test_readiness_needs_a_worker_per_model(server):
+    with server.client() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        error = _error(http.get("/readyz"), 503)
+        assert "dit-digits" in error["message"] and "t2i-digits" in error["message"]
+        # a heartbeat for each model makes it ready
+        client = redis.Redis.from_url(server.settings.redis_url)
+        keys = Keys(server.settings.key_prefix)
+        import time
+
+        for model in ("dit-digits", "t2i-digits"):
+            client.zadd(keys.workers(model, "fp32"), {"w": time.time()})
+        assert http.get("/readyz").status_code == 200
+
+
+def test_poison_job_goes_to_dead_letter(server):
+    """A job whose worker dies every time it runs it is given up after max_deliveries."""
+    settings = server.settings
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url)
+
+    def consumer(name):
+        return Consumer(
+            client,
+            keys,
+            model="dit-digits",
+            variant="spare",
+            name=name,
+            job_ttl_s=settings.job_ttl_s,
+            reclaim_idle_s=settings.reclaim_idle_s,
+            max_deliveries=settings.max_deliveries,
+        )
+
+    with server.client() as http:
+        job_id = http.post("/v1/jobs", json=JOB).json()["id"]
+        # two workers take it and die without a word (max_deliveries = 2)
+        for name in ("doomed-1", "doomed-2"):
+            taken = wait_until(lambda n=name: consumer(n).take(1, 100), 10, 0.2, what="take")
+            assert [c.job.id for c in taken] == [job_id]
+        # the next worker to look finds it poisoned
+        survivor = consumer("survivor")
+        wait_until(
+            lambda: survivor.take(1, 100) == [] and _status(http, job_id) == "failed",
+            10,
+            0.3,
+            what="dead letter",
+        )
+        view = http.get(f"/v1/jobs/{job_id}").json()
+        assert view["error"]["code"] == "dead_letter" and view["deliveries"] == 2
+        assert "2 deliveries" in view["error"]["message"]
+        dead = client.xrange(keys.dead_letter())
+        assert [e[1][b"job"].decode() for e in dead] == [job_id]
+        assert client.xlen(keys.stream("dit-digits", "spare")) == 0  # acknowledged and gone
+
+
+def _status(http, job_id):
+    return http.get(f"/v1/jobs/{job_id}").json()["status"]

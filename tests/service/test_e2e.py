@@ -1,0 +1,230 @@
+"""The whole service: real redis-server, the API in uvicorn, real worker processes running the
+embedded models, called through HTTP, SSE and the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.service.conftest import Server, WorkerProcess, free_port, make_settings, wait_until
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url, registry_file):
+    settings = make_settings(redis_url, registry_file)
+    workers = {
+        "dit-a": WorkerProcess(settings, "dit-digits", "fp32", name="dit-a"),
+        "dit-b": WorkerProcess(settings, "dit-digits", "fp32", name="dit-b"),
+        "dit-w8a8": WorkerProcess(settings, "dit-digits", "w8a8", name="dit-w8a8"),
+        "t2i": WorkerProcess(settings, "t2i-digits", "fp32", name="t2i"),
+    }
+    with Server(settings) as server:
+        for w in workers.values():
+            w.wait_ready()
+        yield server, workers
+        for w in workers.values():
+            w.stop()
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _wait_job(http, job_id, predicate, timeout=60.0, what="job state"):
+    return wait_until(
+        lambda: (v := http.get(f"/v1/jobs/{job_id}").json()) and predicate(v) and v,
+        timeout,
+        0.05,
+        what=what,
+    )
+
+
+def test_openai_client_generates_images(stack):
+    server, _ = stack
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(
+        model="dit-digits", prompt="seven", n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
+    )
+    images = [_png(base64.b64decode(d.b64_json)) for d in result.data]
+    assert len(images) == 2 and images[0].shape == (32, 32, 3)
+    assert not np.array_equal(images[0], images[1])  # image i is seeded with seed + i
+    again = client.images.generate(
+        model="dit-digits", prompt="7", n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
+    )
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in result.data]  # same bits
+    alone = client.images.generate(
+        model="dit-digits", prompt="7", n=1, size="32x32", extra_body={"seed": 11, "steps": 8}
+    )
+    # alone, the same seed gives the same noise; only float rounding of another batch shape
+    # may differ
+    diff = np.abs(_png(base64.b64decode(alone.data[0].b64_json)).astype(int) - images[0])
+    assert diff.max() <= 8
+    extra = result.model_extra
+    assert extra["seed"] == 11 and extra["variant"] == "fp32"
+    assert extra["timings"]["inference_s"] > 0
+
+    urls = client.images.generate(
+        model="t2i-digits",
+        prompt="a red seven on a black background",
+        response_format="url",
+        extra_body={"output_format": "webp", "seed": 1},
+    )
+    fetched = httpx.get(urls.data[0].url)
+    assert fetched.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(fetched.content)).size == (32, 32)
+
+
+def test_openai_client_error_classes(stack, redis_url, registry_file):
+    server, _ = stack
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(model="dit-digits", prompt="seven", size="1024x1024")
+    assert bad.value.body["param"] == "size"
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="dall-e-3", prompt="seven")
+    keyed = make_settings(redis_url, registry_file, api_keys=["secret"], queue_max=1)
+    with Server(keyed) as guarded:
+        denied = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            denied.images.generate(model="dit-digits", prompt="seven")
+        allowed = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="secret", max_retries=0)
+        with guarded.client(headers={"Authorization": "Bearer secret"}) as http:
+            job = {"model": "dit-digits", "prompt": "one", "variant": "spare"}
+            assert http.post("/v1/jobs", json=job).status_code == 202  # nobody serves "spare"
+        with pytest.raises(openai.RateLimitError) as limited:
+            allowed.images.generate(
+                model="dit-digits", prompt="two", extra_body={"variant": "spare"}
+            )
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+def _events(http, job_id, last_event_id=None):
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events = []
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = {}
+        for line in response.iter_lines():
+            if not line:
+                if "data" in event:
+                    events.append(event)
+                event = {}
+            elif line.startswith(("id:", "event:", "data:")):
+                key, _, value = line.partition(":")
+                event[key] = json.loads(value) if key == "data" else value.strip()
+    return events
+
+
+def test_sse_progress_per_step_and_resume(stack):
+    server, _ = stack
+    with server.client() as http:
+        job = http.post("/v1/jobs", json={"model": "dit-digits", "prompt": "3", "steps": 12}).json()
+        events = _events(http, job["id"])
+        progress = [e["data"]["step"] for e in events if e["event"] == "progress"]
+        assert progress == list(range(1, 13))
+        assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "completed"
+        statuses = [e["data"]["status"] for e in events if e["event"] == "status"]
+        assert statuses == ["queued", "in_progress", "completed"]
+        # resume after the fifth event: exactly the rest comes again
+        resumed = _events(http, job["id"], last_event_id=events[4]["id"])
+        assert [e["id"] for e in resumed] == [e["id"] for e in events[5:]]
+        view = http.get(f"/v1/jobs/{job['id']}").json()
+        assert view["status"] == "completed" and view["progress"] == 100
+        t = view["timings"]
+        assert t["total_s"] >= t["inference_s"] > 0 and t["queue_wait_s"] >= 0
+        image = http.get(view["images"][0])
+        assert image.headers["content-type"] == "image/png"
+
+
+def test_cancel_a_running_job_stops_it(stack):
+    server, _ = stack
+    with server.client() as http:
+        long = {"model": "t2i-digits", "prompt": "a blue two on white", "steps": 2000, "n": 4}
+        job = http.post("/v1/jobs", json=long).json()
+        _wait_job(http, job["id"], lambda v: v["step"] >= 2, what="the job to run")
+        t0 = time.monotonic()
+        asked = http.post(f"/v1/jobs/{job['id']}/cancel").json()
+        assert asked["cancel_requested"] and asked["status"] == "in_progress"
+        done = _wait_job(http, job["id"], lambda v: v["status"] == "cancelled", 30)
+        assert time.monotonic() - t0 < 10
+        assert done["progress"] < 100 and done["images"] == []
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        # the worker lives on
+        after = http.post("/v1/jobs", json={"model": "t2i-digits", "prompt": "a 1", "steps": 4})
+        _wait_job(http, after.json()["id"], lambda v: v["status"] == "completed", 60)
+
+
+def test_sigkilled_worker_job_completes_on_another(stack):
+    server, workers = stack
+    with server.client() as http:
+        long = {"model": "dit-digits", "prompt": "nine", "steps": 1500, "n": 2, "seed": 5}
+        job = http.post("/v1/jobs", json=long).json()
+        running = _wait_job(http, job["id"], lambda v: v["step"] >= 1, what="the job to run")
+        victim = running["worker"]
+        workers[victim].kill()
+        survivor = "dit-b" if victim == "dit-a" else "dit-a"
+        done = _wait_job(http, job["id"], lambda v: v["status"] == "completed", 120)
+        assert done["deliveries"] == 2 and done["result"]["worker"] == survivor
+        assert len(done["images"]) == 2
+    workers[victim] = WorkerProcess(server.settings, "dit-digits", "fp32", name=victim).wait_ready()
+
+
+def test_compare_fp_against_quantized(stack):
+    server, _ = stack
+    with server.client() as http:
+        body = {"model": "dit-digits", "prompt": "four", "variants": ["fp32", "w8a8"], "seed": 2}
+        response = http.post("/v1/compare", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["reference"] == "fp32" and result["seed"] == 2
+        rows = {r["variant"]: r for r in result["variants"]}
+        assert all(r["status"] == "completed" and r["b64_png"] for r in rows.values())
+        assert rows["fp32"]["psnr_db"] is None  # the reference
+        q = rows["w8a8"]
+        assert q["quantized"] and 5 < q["psnr_db"] < 80 and -1 <= q["ssim"] <= 1
+        assert q["sqnr_latent_db"] is not None and q["peak_memory_bytes"] > 0
+        assert q["denoiser_weight_bytes"] < rows["fp32"]["denoiser_weight_bytes"]
+        scrape = http.get("/metrics").text
+        assert 't2i_fidelity_psnr_db{model="dit-digits",variant="w8a8"}' in scrape
+        _error = http.post("/v1/compare", json={**body, "variants": ["fp32", "w9"]})
+        assert _error.status_code == 404 and _error.json()["error"]["param"] == "variant"
+
+
+def test_ready_and_metrics(stack):
+    server, _ = stack
+    with server.client() as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["workers"]["dit-digits"]["fp32"] == 2
+        scrape = http.get("/metrics").text
+        for name in ("t2i_http_requests_total", "t2i_queue_depth", "t2i_workers_live"):
+            assert name in scrape
+
+
+def test_worker_metrics_port_and_sigterm(stack):
+    server, _ = stack
+    port = free_port()
+    worker = WorkerProcess(server.settings, "t2i-digits", "fp32", "t2i-metrics", port).wait_ready()
+    scrape = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 't2i_model_load_seconds{model="t2i-digits",variant="fp32"}' in scrape
+    assert "t2i_denoiser_weight_bytes" in scrape
+    assert worker.stop() == 0  # SIGTERM: a clean exit
+
+
+def test_api_process_never_imports_torch():
+    code = (
+        "import sys; from app.main import create_app; "
+        "from app.api import compare, generations, jobs, models, health; "
+        "create_app(); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,93 @@
+"""Pure units of the service: registry, settings, request resolution, job records."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import Settings
+from app.errors import InvalidRequest, NotFound
+from app.queue.records import JobRequest, JobStatus, decode, encode_new
+from app.registry import RegistryError, load_registry
+from app.resolve import job_request
+from tests.service.conftest import MODELS
+
+
+def _registry(tmp_path, text):
+    path = tmp_path / "registry.toml"
+    path.write_text(text)
+    return load_registry(path)
+
+
+def test_shipped_registry_serves_both_models_with_their_artifacts():
+    registry = load_registry(MODELS / "registry.toml")
+    assert set(registry.models) == {"dit-digits", "t2i-digits"}
+    for spec in registry.models.values():
+        assert set(spec.variants) == {"fp32", "w8a8", "w4a8-sqnr"}
+        assert spec.variants["w4a8-sqnr"].manifest["recipe"]["name"] == "w4a8-sqnr"
+    dit = registry.get("dit-digits")
+    assert dit.kind == "class-conditional" and dit.class_id("Seven") == dit.class_id("7") == 7
+    assert registry.get("t2i-digits").kind == "text-to-image"
+    assert dit.default_steps == 20 and dit.guidance == 5.0  # from the folder's defaults.json
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"no \[models\.NAME\]"),
+        ("[models.a]\ndevice='cpu'", "no source"),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nkind='video'", "kind must be"),
+        (
+            f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n[models.a.variants.x]\ndtype='int3'",
+            "dtype must be",
+        ),
+        (
+            f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n"
+            "[models.a.variants.q]\nartifact='/nope'",
+            "not a quantized artifact",
+        ),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\ndefault_variant='w9'", "default_variant"),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nsizes=['big']", "is not WxH"),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nguidance=50.0", "outside guidance_range"),
+        ("[models.a]\nsource='some/hub-id'\nkind='class-conditional'", "needs id2label.json"),
+        ("[models", "cannot read"),
+    ],
+)
+def test_registry_errors_name_the_entry(tmp_path, text, message):
+    with pytest.raises(RegistryError, match=message):
+        _registry(tmp_path, text)
+
+
+def test_settings_validate_at_start(monkeypatch):
+    monkeypatch.setenv("T2I_API_KEYS", " one, two ,")
+    assert Settings().api_keys == ["one", "two"]
+    with pytest.raises(ValueError, match="half of reclaim_idle_s"):
+        Settings(reclaim_idle_s=2.0, heartbeat_s=1.5)
+    with pytest.raises(ValueError):
+        Settings(queue_max=0)
+
+
+def test_resolution_fills_defaults_and_draws_a_seed():
+    registry = load_registry(MODELS / "registry.toml")
+    settings = Settings()
+    r = job_request(settings, registry, model="t2i-digits", prompt="a red 7 on black")
+    assert (r.variant, r.steps, r.guidance_scale, r.width, r.height) == ("fp32", 20, 4.5, 32, 32)
+    assert 0 <= r.seed < 2**31 and r.class_id is None
+    d = job_request(settings, registry, model="dit-digits", prompt=" Seven ", variant="w8a8")
+    assert d.class_id == 7 and d.variant == "w8a8"
+    with pytest.raises(NotFound) as missing:
+        job_request(settings, registry, model="dit-digits", prompt="7", variant="w2")
+    assert missing.value.param == "variant" and missing.value.status == 404
+    with pytest.raises(InvalidRequest) as bad:
+        job_request(settings, registry, model="dit-digits", prompt="7", steps=101)
+    assert bad.value.param == "steps"
+
+
+def test_job_record_round_trip_and_timings():
+    request = JobRequest("m", "v", "p", 2, 32, 32, 10, 5.0, 3)
+    fields = encode_new("abc", request, now=100.0)
+    job = decode({k.encode(): v.encode() for k, v in fields.items()})
+    assert job.status == JobStatus.QUEUED and job.request == request
+    assert job.timings == {"queue_wait_s": None, "inference_s": None, "total_s": None}
+    job.started_at, job.finished_at = 100.5, 102.0
+    assert job.timings == {"queue_wait_s": 0.5, "inference_s": 1.5, "total_s": 2.0}
+    assert request.batch_key() == JobRequest("m", "v", "other", 1, 32, 32, 10, 5.0, 9).batch_key()
