@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_n: int = Field(4, ge=1)
     generation_timeout_s: float = Field(120.0, gt=0)
     compare_max_variants: int = Field(6, ge=1)
+    shadow_compare_s: float = Field(
+        0.0, ge=0, description="period of background compares of models with a shadow_prompt"
+    )
 
     # Queue.
     queue_max: int = Field(64, ge=1, description="queued jobs per model variant before 429")

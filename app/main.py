@@ -6,6 +6,7 @@ Redis and the workers).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from redis import asyncio as aioredis
 
 from app import metrics
 from app.api import compare, generations, health, jobs, models
+from app.comparison import shadow_loop
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.queue.client import JobQueue
@@ -45,11 +47,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for spec in registry.models.values():
                 for variant in spec.variants:
                     await queue.ensure_group(spec.name, variant)
-        except Exception as exc:
+        except Exception as exc:  # /readyz reports it; the API still starts
             log.warning("cannot reach Redis at start: %s", exc)
+        shadow = None
+        if settings.shadow_compare_s > 0:
+            shadow = asyncio.create_task(shadow_loop(settings, registry, queue))
         try:
             yield
         finally:
+            if shadow is not None:
+                shadow.cancel()
             await redis.aclose()
 
     app = FastAPI(

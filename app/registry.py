@@ -79,6 +79,7 @@ class ModelSpec:
     guidance_range: tuple[float, float] = (1.0, 20.0)
     sizes: tuple[str, ...] = ("32x32",)
     labels: dict[str, int] = field(default_factory=dict, repr=False)  # class name -> id
+    shadow_prompt: str | None = None  # what background shadow compares ask for
 
     def class_id(self, prompt: str) -> int | None:
         """The class a class-conditional prompt names ("seven", "7", "Seven"), else None."""
@@ -143,6 +144,7 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         guidance_range=(low, high),
         sizes=sizes,
         labels=_labels(folder) if kind == CLASS_CONDITIONAL and folder else {},
+        shadow_prompt=entry.get("shadow_prompt"),
     )
     if not 1 <= spec.default_steps <= spec.max_steps:
         raise RegistryError(f"{where}: default_steps must lie in 1..max_steps")
@@ -150,6 +152,12 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         raise RegistryError(f"{where}: guidance {spec.guidance} is outside guidance_range")
     if kind == CLASS_CONDITIONAL and not spec.labels:
         raise RegistryError(f"{where}: a class-conditional model needs id2label.json in {source}")
+    if (
+        kind == CLASS_CONDITIONAL
+        and spec.shadow_prompt
+        and spec.class_id(spec.shadow_prompt) is None
+    ):
+        raise RegistryError(f"{where}: shadow_prompt {spec.shadow_prompt!r} names no class")
     return spec
 
 

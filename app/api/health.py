@@ -48,6 +48,6 @@ async def prometheus_metrics(registry: RegistryDep, queue: QueueDep) -> Response
                 metrics.WORKERS_LIVE.labels(spec.name, v).set(
                     await queue.live_workers(spec.name, v)
                 )
-    except Exception:
+    except Exception:  # without Redis the other metrics still answer
         pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

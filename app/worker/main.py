@@ -160,7 +160,7 @@ class Worker:
                     c, JobStatus.CANCELLED, error="cancelled while running", error_code="cancelled"
                 )
             return
-        except Exception as exc:
+        except Exception as exc:  # any pipeline failure fails the jobs, not the worker
             message = _describe(exc)
             log.error("batch of %d failed: %s", len(group), message)
             if device.startswith("cuda"):

@@ -16,7 +16,14 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.service.conftest import Server, WorkerProcess, free_port, make_settings, wait_until
+from tests.service.conftest import (
+    MODELS,
+    Server,
+    WorkerProcess,
+    free_port,
+    make_settings,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +205,36 @@ def test_compare_fp_against_quantized(stack):
         assert 't2i_fidelity_psnr_db{model="dit-digits",variant="w8a8"}' in scrape
         _error = http.post("/v1/compare", json={**body, "variants": ["fp32", "w9"]})
         assert _error.status_code == 404 and _error.json()["error"]["param"] == "variant"
+
+
+def test_shadow_compares_feed_the_fidelity_gauges(stack, tmp_path):
+    from app import metrics
+
+    server, _ = stack
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f"""
+[models.dit-digits]
+source = "{MODELS / "dit-digits"}"
+shadow_prompt = "five"
+[models.dit-digits.variants.fp32]
+dtype = "fp32"
+[models.dit-digits.variants.w8a8]
+artifact = "{MODELS / "quantized" / "dit-digits-w8a8"}"
+"""
+    )
+    settings = server.settings.model_copy(update={"registry": registry, "shadow_compare_s": 0.2})
+    metrics.FIDELITY_SQNR.clear()
+    with Server(settings) as shadowing, shadowing.client() as http:
+        wait_until(
+            lambda: (
+                't2i_fidelity_sqnr_db{model="dit-digits",variant="w8a8"}'
+                in http.get("/metrics").text
+            ),
+            60,
+            0.2,
+            what="a shadow compare",
+        )
 
 
 def test_ready_and_metrics(stack):

@@ -1,0 +1,167 @@
+"""One prompt and seed through several variants of a model, with fidelity against a reference.
+
+Used by ``POST /v1/compare`` and by the shadow comparisons the API runs in the background when
+``T2I_SHADOW_COMPARE_S`` is set. Each variant runs as an ordinary job on its own workers;
+fidelity is PSNR and SSIM of the images and SQNR of the final latents against the reference
+(full-precision) variant. The fidelity gauges follow the latest comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from app import metrics
+from app.config import Settings
+from app.errors import InvalidRequest
+from app.queue.client import JobQueue
+from app.queue.records import Job, JobStatus
+from app.registry import ModelSpec, Registry
+from app.resolve import job_request, variant_name
+from quality.metrics import psnr_db, sqnr_db, ssim
+
+__all__ = ["Comparison", "Row", "compare", "shadow_loop"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    variant: str
+    quantized: bool
+    job_id: str
+    job: Job | None  # None: not finished within the timeout
+    png: bytes | None = None
+    psnr_db: float | None = None
+    ssim: float | None = None
+    sqnr_latent_db: float | None = None
+
+
+@dataclass
+class Comparison:
+    model: str
+    prompt: str
+    seed: int
+    reference: str
+    rows: list[Row] = field(default_factory=list)
+
+
+def check_variants(
+    settings: Settings, spec: ModelSpec, names: list[str] | None, reference: str | None
+) -> tuple[list[str], str]:
+    """The variants to run and the reference among them; 4xx naming the parameter otherwise."""
+    names = names or list(spec.variants)
+    for name in names:
+        variant_name(spec, name)
+    if len(set(names)) != len(names):
+        raise InvalidRequest("variants are listed twice", param="variants")
+    if len(names) > settings.compare_max_variants:
+        raise InvalidRequest(
+            f"at most {settings.compare_max_variants} variants per compare", param="variants"
+        )
+    reference = reference or next((v for v in names if not spec.variants[v].quantized), names[0])
+    if reference not in names:
+        raise InvalidRequest(
+            f"the reference {reference!r} is not among variants", param="reference"
+        )
+    return names, reference
+
+
+async def compare(
+    settings: Settings,
+    registry: Registry,
+    queue: JobQueue,
+    spec: ModelSpec,
+    *,
+    prompt: str,
+    variants: list[str] | None = None,
+    reference: str | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    size: str | None = None,
+    owner: str = "anonymous",
+) -> Comparison:
+    names, reference = check_variants(settings, spec, variants, reference)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    requests = [
+        job_request(
+            settings,
+            registry,
+            model=spec.name,
+            prompt=prompt,
+            variant=name,
+            size=size,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+        )
+        for name in names
+    ]
+    submitted = [await queue.submit(r, owner=owner) for r in requests]
+    jobs = await asyncio.gather(
+        *(queue.wait(s.id, settings.generation_timeout_s) for s in submitted)
+    )
+    result = Comparison(spec.name, prompt, seed, reference)
+    latents: dict[str, np.ndarray | None] = {}
+    for name, s, job in zip(names, submitted, jobs, strict=True):
+        row = Row(name, spec.variants[name].quantized, s.id, job)
+        latents[name] = None
+        if job is not None and job.status == JobStatus.COMPLETED and job.images:
+            row.png = await queue.image(job.id, 0)
+            blob = await queue.latents(job.id)
+            latents[name] = np.frombuffer(blob, np.float32) if blob else None
+        result.rows.append(row)
+    ref = next(r for r in result.rows if r.variant == reference)
+    if ref.png is None:
+        return result
+    ref_image = _pixels(ref.png)
+    for row in result.rows:
+        if row.variant == reference or row.png is None:
+            continue
+        image = _pixels(row.png)
+        row.psnr_db = _finite(psnr_db(ref_image[None], image[None]))
+        row.ssim = _finite(ssim(ref_image[None], image[None]))
+        a, b = latents[reference], latents[row.variant]
+        if a is not None and b is not None and a.shape == b.shape:
+            row.sqnr_latent_db = _finite(sqnr_db(a, b))
+        labels = {"model": spec.name, "variant": row.variant}
+        for gauge, value in (
+            (metrics.FIDELITY_PSNR, row.psnr_db),
+            (metrics.FIDELITY_SSIM, row.ssim),
+            (metrics.FIDELITY_SQNR, row.sqnr_latent_db),
+        ):
+            if value is not None:
+                gauge.labels(**labels).set(value)
+    return result
+
+
+async def shadow_loop(settings: Settings, registry: Registry, queue: JobQueue) -> None:
+    """Every ``shadow_compare_s``, compare all variants of each model that has a
+    ``shadow_prompt``, with a fresh seed, so the fidelity gauges follow live traffic's models."""
+    while True:
+        await asyncio.sleep(settings.shadow_compare_s)
+        for spec in registry.models.values():
+            if not spec.shadow_prompt or len(spec.variants) < 2:
+                continue
+            try:
+                await compare(
+                    settings, registry, queue, spec, prompt=spec.shadow_prompt, owner="shadow"
+                )
+            except Exception as exc:  # a failed shadow run must not stop the next
+                log.warning("shadow compare of %s failed: %s", spec.name, exc)
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
