@@ -4,7 +4,9 @@
 
 Overhead: for the same job (model, prompt, seed, steps), the median latency of
 ``POST /v1/images/generations`` through HTTP, Redis and a worker, minus the median of the same
-pipeline call made directly in this process (same torch thread count), one job at a time.
+pipeline call made directly in this process (same torch thread count), the two alternating,
+one job at a time. Also the median of (HTTP latency - the worker's own inference time), what
+the service adds around the pipeline call without comparing two processes.
 Batching: 16 jobs submitted at once to one worker with T2I_BATCH_MAX=1 and =4; jobs per second
 from the first submission to the last completion.
 Writes bench/results/service-overhead.json.
@@ -32,7 +34,9 @@ CASES = [  # model, prompt, steps
 ]
 
 
-def _direct_ms(model: str, prompt: str, steps: int, runs: int) -> float:
+def _latencies(http: httpx.Client, model: str, prompt: str, steps: int, runs: int) -> dict:
+    """The same job, alternately called directly here and through the service, so that drift
+    of the machine hits both alike; medians over ``runs`` after 3 warm-up pairs."""
     import torch
 
     from app.config import get_settings
@@ -55,24 +59,25 @@ def _direct_ms(model: str, prompt: str, steps: int, runs: int) -> float:
         seed=0,
         class_id=spec.class_id(prompt),
     )
-    times = []
+    body = {"model": model, "prompt": prompt, "steps": steps, "seed": 0}
+    direct, service, outside_worker = [], [], []
     for i in range(runs + 3):
         t0 = time.perf_counter()
         pipeline.run_batch(loaded, spec, [request], lambda *_: None)
+        t1 = time.perf_counter()
+        response = http.post("/v1/images/generations", json=body)
+        t2 = time.perf_counter()
+        response.raise_for_status()
         if i >= 3:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def _service_ms(http: httpx.Client, model: str, prompt: str, steps: int, runs: int) -> float:
-    body = {"model": model, "prompt": prompt, "steps": steps, "seed": 0}
-    times = []
-    for i in range(runs + 3):
-        t0 = time.perf_counter()
-        http.post("/v1/images/generations", json=body).raise_for_status()
-        if i >= 3:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            direct.append(1000 * (t1 - t0))
+            service.append(1000 * (t2 - t1))
+            outside_worker.append(1000 * (t2 - t1 - response.json()["timings"]["inference_s"]))
+    return {
+        "direct_ms_median": round(statistics.median(direct), 2),
+        "service_ms_median": round(statistics.median(service), 2),
+        "overhead_ms": round(statistics.median(service) - statistics.median(direct), 2),
+        "outside_worker_ms_median": round(statistics.median(outside_worker), 2),
+    }
 
 
 def _throughput(http: httpx.Client, model: str, prompt: str, steps: int, jobs: int) -> float:
@@ -99,12 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for model, prompt, steps in CASES:
-        direct = _direct_ms(model, prompt, steps, args.runs)
         stack = Stack(torch_threads=THREADS)
         try:
             http = httpx.Client(base_url=stack.url, timeout=120)
             stack.start_worker("w1", model, "fp32")
-            service = _service_ms(http, model, prompt, steps, args.runs)
+            latency = _latencies(http, model, prompt, steps, args.runs)
             single = _throughput(http, model, prompt, steps, 16)
             stack.stop_worker("w1")
             stack.start_worker("w4", model, "fp32", batch_max=4)
@@ -115,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": model,
             "variant": "fp32",
             "steps": steps,
-            "direct_ms_median": round(direct, 2),
-            "service_ms_median": round(service, 2),
-            "overhead_ms": round(service - direct, 2),
+            **latency,
             "jobs_per_s_batch_1": round(single, 2),
             "jobs_per_s_batch_4": round(batched, 2),
             "batching_gain": round(batched / single, 2),

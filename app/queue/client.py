@@ -98,8 +98,8 @@ class JobQueue:
         m, v = job.request.model, job.request.variant
         k = self.keys
         outcome = await self._cancel(
-            keys=[k.job(job.id), k.queued(m, v), k.events(job.id), k.stream(m, v)],
-            args=[job.id, repr(time.time())],
+            keys=[k.job(job.id), k.queued(m, v), k.events(job.id), k.stream(m, v), k.done(job.id)],
+            args=[job.id, repr(time.time()), self.job_ttl_s],
         )
         return _s(outcome)
 
@@ -112,18 +112,20 @@ class JobQueue:
         return [(_s(eid), {_s(a): _s(b) for a, b in data.items()}) for eid, data in reply[0][1]]
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        """The job once it has finished, or None if it has not within ``timeout_s``."""
+        """The job once it has finished, or None if it has not within ``timeout_s``.
+
+        Blocks on the job's ``done`` stream, so a waiter wakes once, not at every step.
+        """
         deadline = time.monotonic() + timeout_s
-        after = "0-0"
-        while True:
-            job = await self.get(job_id)
-            if job is None or job.status in TERMINAL:
-                return job
+        job = await self.get(job_id)
+        while job is not None and job.status not in TERMINAL:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            for eid, _ in await self.events(job_id, after, max(1, int(min(left, 5.0) * 1000))):
-                after = eid
+            block_ms = max(1, int(min(left, 5.0) * 1000))
+            await self.redis.xread({self.keys.done(job_id): "0-0"}, block=block_ms, count=1)
+            job = await self.get(job_id)
+        return job
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.keys.image(job_id, index))

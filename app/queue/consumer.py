@@ -87,8 +87,15 @@ class Consumer:
                         self.keys.job(job_id),
                         self.keys.queued(self.model, self.variant),
                         self.keys.events(job_id),
+                        self.keys.done(job_id),
                     ],
-                    args=[job_id, repr(time.time()), self.name, self.max_deliveries],
+                    args=[
+                        job_id,
+                        repr(time.time()),
+                        self.name,
+                        self.max_deliveries,
+                        self.job_ttl_s,
+                    ],
                 )
             )
             if outcome == "run":
@@ -133,19 +140,29 @@ class Consumer:
         fields = self.redis.hgetall(self.keys.job(job_id))
         return decode(fields) if fields else None
 
-    def progress(self, claimed: list[Claimed], step: int, steps: int) -> set[str]:
-        """Record step ``step`` of ``steps`` for each job; the ids of those asked to cancel."""
-        percent = int(100 * step / steps) if steps else 0
+    def progress(self, claimed: list[Claimed], steps_done: list[int], steps: int) -> set[str]:
+        """Record the steps done since the last call (one event each) for each job; the ids of
+        the jobs asked to cancel. One round trip."""
+        last = steps_done[-1]
+        percent = int(100 * last / steps) if steps else 0
         pipe = self.redis.pipeline(transaction=False)
         for c in claimed:
-            pipe.hset(self.keys.job(c.job.id), mapping={"progress": percent, "step": step})
-            pipe.xadd(
-                self.keys.events(c.job.id),
-                {"type": "progress", "step": step, "steps": steps, "progress": percent},
-            )
+            for step in steps_done:
+                pipe.xadd(
+                    self.keys.events(c.job.id),
+                    {
+                        "type": "progress",
+                        "step": step,
+                        "steps": steps,
+                        "progress": int(100 * step / steps) if steps else 0,
+                    },
+                )
+            pipe.hset(self.keys.job(c.job.id), mapping={"progress": percent, "step": last})
             pipe.hget(self.keys.job(c.job.id), "cancel_requested")
         replies = pipe.execute()
-        return {c.job.id for c, flag in zip(claimed, replies[2::3], strict=True) if _s(flag) == "1"}
+        per_job = len(steps_done) + 2
+        flags = replies[per_job - 1 :: per_job]
+        return {c.job.id for c, flag in zip(claimed, flags, strict=True) if _s(flag) == "1"}
 
     def heartbeat(self, holding: list[str]) -> None:
         """Say this worker is alive and reset the idle time of the entries it holds."""
@@ -186,6 +203,7 @@ class Consumer:
                     self.keys.events(job_id),
                     self.stream,
                     self.keys.durations(self.model, self.variant),
+                    self.keys.done(job_id),
                 ],
                 args=[
                     GROUP,

@@ -37,6 +37,11 @@ class Keys:
         """Stream of the job's status and progress events (what SSE replays)."""
         return f"{self.prefix}:job:{job_id}:events"
 
+    def done(self, job_id: str) -> str:
+        """Stream with one entry once the job has finished: what synchronous waiters block on,
+        so they wake once per job rather than at every step."""
+        return f"{self.prefix}:job:{job_id}:done"
+
     def image(self, job_id: str, index: int) -> str:
         return f"{self.prefix}:job:{job_id}:image:{index}"
 

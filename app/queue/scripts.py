@@ -32,7 +32,7 @@ if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ttl) end
 return {'queued', tostring(depth)}
 """
 
-# KEYS: job, queued, events, stream.  ARGV: id, now.
+# KEYS: job, queued, events, stream, done.  ARGV: id, now, ttl.
 # -> "cancelled" (it was queued) | "cancelling" (running: stops at its next step)
 #    | "missing" | the terminal status it already had
 CANCEL = """
@@ -45,6 +45,8 @@ if st == 'queued' then
   local sid = redis.call('HGET', KEYS[1], 'stream_id')
   if sid then redis.call('XDEL', KEYS[4], sid) end
   redis.call('XADD', KEYS[3], '*', 'type', 'status', 'status', 'cancelled', 'progress', '0')
+  redis.call('XADD', KEYS[5], '*', 'status', 'cancelled')
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
   return 'cancelled'
 end
 if st == 'in_progress' then
@@ -54,7 +56,7 @@ end
 return st
 """
 
-# KEYS: job, queued, events.  ARGV: id, now, worker, max_deliveries.
+# KEYS: job, queued, events, done.  ARGV: id, now, worker, max_deliveries, ttl.
 # -> "run" | "poison" (delivered max_deliveries times already) | "missing" | "cancelled"
 #    | the terminal status it already had
 START = """
@@ -66,6 +68,8 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2],
              'error_code', 'cancelled', 'error', 'cancelled')
   redis.call('XADD', KEYS[3], '*', 'type', 'status', 'status', 'cancelled', 'progress', '0')
+  redis.call('XADD', KEYS[4], '*', 'status', 'cancelled')
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[5]))
   return 'cancelled'
 end
 local delivered = tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0')
@@ -77,7 +81,7 @@ redis.call('XADD', KEYS[3], '*', 'type', 'status', 'status', 'in_progress', 'pro
 return 'run'
 """
 
-# KEYS: job, events, stream, durations.
+# KEYS: job, events, stream, durations, done.
 # ARGV: group, stream_id, status, now, ttl, error_code, error, images, result_json, duration.
 # Acks the stream entry in every case. -> "ok" | "duplicate" (already finished) | "missing"
 FINISH = """
@@ -93,8 +97,10 @@ redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', ARGV[4], 'error_co
 redis.call('XADD', KEYS[2], '*', 'type', 'status', 'status', ARGV[3], 'progress', progress,
            'message', ARGV[7])
 local ttl = tonumber(ARGV[5])
+redis.call('XADD', KEYS[5], '*', 'status', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[5], ttl)
 if ARGV[3] == 'completed' and ARGV[10] ~= '' then
   redis.call('LPUSH', KEYS[4], ARGV[10])
   redis.call('LTRIM', KEYS[4], 0, 49)
