@@ -97,7 +97,8 @@ class Workers:
     def _watch(self) -> None:
         while not self.stopping.wait(1.0):
             for i, process in list(self.processes.items()):
-                if process.poll() is not None and not self.stopping.is_set():
+                # exit code 0: it was asked to stop (Ctrl-C reaches the whole process group)
+                if process.poll() not in (None, 0) and not self.stopping.is_set():
                     model, variant = self.targets[i]
                     log.warning(
                         "worker %s/%s exited (%s); restarting", model, variant, process.returncode
