@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup redis run samples test lint format train artifacts bench
+.PHONY: setup system run samples test lint format train artifacts bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,13 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed redis
+setup: $(VENV)/.installed system
 
-# The service and its tests need a redis-server (Debian's package; installed when we are root).
-redis:
-	@command -v redis-server >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-		else echo "install redis-server (sudo apt-get install redis-server)"; exit 1; fi; }
+# Debian packages: redis-server (the service and its tests), prometheus (promtool and the
+# server the monitoring tests run). Installed when missing and we are root.
+system:
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server prometheus >/dev/null; \
+		else echo "install redis-server and prometheus (sudo apt-get install redis-server prometheus)"; exit 1; fi; }
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m app

@@ -93,7 +93,13 @@ class Stack:
         self.prefix = self.env["T2I_KEY_PREFIX"]
 
     def start_worker(
-        self, name: str, model: str, variant: str, wait: bool = True, **settings: str
+        self,
+        name: str,
+        model: str,
+        variant: str,
+        wait: bool = True,
+        metrics_port: int = 0,
+        **settings: str,
     ) -> None:
         env = dict(self.env, **{f"T2I_{k.upper()}": str(v) for k, v in settings.items()})
         self.workers[name] = subprocess.Popen(
@@ -107,6 +113,8 @@ class Stack:
                 variant,
                 "--name",
                 name,
+                "--metrics-port",
+                str(metrics_port),
             ],
             env=env,
         )

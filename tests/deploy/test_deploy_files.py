@@ -1,0 +1,237 @@
+"""The deployment files, checked without a Docker engine or a cluster: Prometheus config and
+rules through promtool, the dashboard's structure, compose and Kubernetes manifests parsed,
+validated and cross-checked against the registry, the queue keys and the settings."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.config import Settings
+from app.queue.keys import GROUP, Keys
+from app.registry import load_registry
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "quantized-vs-fp.json"
+SETTINGS_DOC = (ROOT / "docs" / "service.md").read_text()
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing (Debian package prometheus; make setup installs it)")
+    return path
+
+
+def test_prometheus_config_and_rules_pass_promtool():
+    folder = DEPLOY / "prometheus"
+    for args in (["check", "config", "prometheus.yml"], ["test", "rules", "rules.test.yml"]):
+        result = subprocess.run([_promtool(), *args], cwd=folder, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_structure():
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    provisioned = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    uid = provisioned["datasources"][0]["uid"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"model", "variant"} and variables["variant"]["includeAll"]
+    for v in variables.values():
+        assert v["datasource"]["uid"] == uid
+    cells = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == uid and target["expr"].startswith(
+                ("histogram_quantile", "sum", "max", "t2i_")
+            )
+        g = panel["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps another panel"
+                cells.add((x, y))
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for needed in (
+        "latency",
+        "per-step",
+        "throughput",
+        "queue depth",
+        "queue wait",
+        "memory",
+        "weight bytes",
+        "psnr",
+        "ssim",
+        "sqnr",
+        "error",
+        "workers",
+    ):
+        assert needed in titles, needed
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/t2i.yml").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro" in mounts
+
+
+def _documented(name: str) -> bool:
+    return f"`{name}`" in SETTINGS_DOC
+
+
+def test_every_setting_is_documented():
+    for field in Settings.model_fields:
+        env = "REDIS_URL" if field == "redis_url" else f"T2I_{field.upper()}"
+        assert _documented(env), f"{env} is not in docs/service.md"
+
+
+def _known_env(name: str) -> bool:
+    fields = {f"T2I_{f.upper()}" for f in Settings.model_fields} | {"REDIS_URL"}
+    return name in fields or name == "HF_HUB_OFFLINE"
+
+
+def _worker_targets(commands) -> set[tuple[str, str]]:
+    found = set()
+    for command in commands:
+        if "app.worker" in command:
+            found.add(
+                (command[command.index("--model") + 1], command[command.index("--variant") + 1])
+            )
+    return found
+
+
+def test_compose_is_consistent():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "api", "prometheus", "grafana"} <= set(services)
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command and services["redis"]["volumes"]
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in services and condition["condition"] == "service_healthy"
+        env = service.get("environment", {}) if service.get("image", "").startswith("t2i-") else {}
+        for key in env:
+            assert _known_env(key), f"{name}: {key} is not a setting"
+            assert _documented(key) or key == "HF_HUB_OFFLINE"
+        if "app.worker" in " ".join(service.get("command", [])):
+            assert env["REDIS_URL"] == "redis://redis:6379/0"
+    registry = load_registry(ROOT / "models" / "registry.toml")
+    served = {(m, v) for m, spec in registry.models.items() for v in spec.variants}
+    cpu = _worker_targets(s.get("command", []) for s in services.values() if "profiles" not in s)
+    assert cpu == served, "a CPU worker per registry variant"
+    gpu = {n: s for n, s in services.items() if "gpu" in s.get("profiles", [])}
+    assert gpu and _worker_targets(s["command"] for s in gpu.values()) <= served
+    for service in gpu.values():
+        assert service["environment"]["T2I_DEVICE"] == "cuda"
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {
+        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
+    workers = {n for n, s in services.items() if "app.worker" in " ".join(s.get("command", []))}
+    assert targets == {"api:8000"} | {f"{n}:9101" for n in workers}
+    for name in workers:
+        assert "--metrics-port" in services[name]["command"]
+        assert "9101" in services[name]["healthcheck"]["test"][-1]
+    assert services["api"]["ports"] == ["8000:8000"]
+
+
+def test_dockerfile_builds_what_the_service_needs():
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2, "multi-stage"
+    assert re.search(r"^USER (?!root)\S+", text, re.M), "non-root user"
+    assert "HEALTHCHECK" in text and "ARG TORCH_INDEX" in text
+    assert text.index("torch==") < text.index("COPY --chown=t2i:t2i app/"), "deps before code"
+    for folder in ("models/", "quality/", "quantization/", "app/"):
+        assert f"COPY --chown=t2i:t2i {folder}" in text
+    assert "T2I_REGISTRY=/srv/models/registry.toml" in text
+
+
+def _k8s_docs() -> list[dict]:
+    kustomization = yaml.safe_load((DEPLOY / "k8s/kustomization.yaml").read_text())
+    docs = []
+    for resource in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((DEPLOY / "k8s" / resource).read_text()) if d]
+    return docs
+
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    docs = [d for d in _k8s_docs() if not d["apiVersion"].startswith("keda.sh")]
+    for doc in docs:
+        kubernetes_validate.validate(doc, desired_version="1.30", strict=True)
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, desired_version="1.30", strict=True)
+
+
+def test_kubernetes_manifests_are_consistent(tmp_path):
+    docs = _k8s_docs()
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    # the cluster's registry is the shipped one, with paths inside the image
+    text = (DEPLOY / "k8s/registry.toml").read_text()
+    local = tmp_path / "registry.toml"
+    local.write_text(text.replace("/srv/models", str(ROOT / "models")))
+    registry = load_registry(local)
+    served = {(m, v) for m, spec in registry.models.items() for v in spec.variants}
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    workers = {
+        n: d
+        for n, d in deployments.items()
+        if "app.worker" in d["spec"]["template"]["spec"]["containers"][0]["command"]
+    }
+    assert (
+        _worker_targets(
+            d["spec"]["template"]["spec"]["containers"][0]["command"] for d in workers.values()
+        )
+        == served
+    )
+    keys = Keys(Settings().key_prefix)
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind["ScaledObject"]}
+    assert set(scaled) == set(workers), "a ScaledObject per worker Deployment"
+    settings = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "t2i-settings")
+    redis_host = settings["data"]["REDIS_URL"].split("//")[1].split(":")[0]
+    for name, deployment in workers.items():
+        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+        model, variant = (
+            command[command.index("--model") + 1],
+            command[command.index("--variant") + 1],
+        )
+        trigger = scaled[name]["spec"]["triggers"][0]
+        assert trigger["type"] == "redis-streams"
+        assert trigger["metadata"]["stream"] == keys.stream(model, variant)
+        assert trigger["metadata"]["consumerGroup"] == GROUP
+        assert trigger["metadata"]["address"].split(":")[0] == redis_host
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    for key in settings["data"]:
+        assert _known_env(key) and (_documented(key) or key == "HF_HUB_OFFLINE"), key
+    api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert settings["data"]["T2I_REGISTRY"] == "/etc/t2i/registry.toml"
+    assert api["volumeMounts"][0]["mountPath"] == "/etc/t2i"
+    services = {s["metadata"]["name"] for s in by_kind["Service"]}
+    assert redis_host.split(".")[0] in services and "api" in services
+    assert {
+        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for p in by_kind["PodDisruptionBudget"]
+    } == {"t2i-api", "t2i-worker"}
+    assert by_kind["StatefulSet"][0]["spec"]["volumeClaimTemplates"]
+    secret = by_kind["Secret"][0]
+    assert set(secret["stringData"]) == {"T2I_API_KEYS"}
