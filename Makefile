@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed system
 
 # Debian packages: redis-server (the service and its tests), prometheus (promtool and the
-# server the monitoring tests run). Installed when missing and we are root.
+# server the monitoring tests run), chromium (the playground's browser test). Installed when
+# missing and we are root.
+SYSTEM_PACKAGES := redis-server prometheus chromium
 system:
-	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server prometheus >/dev/null; \
-		else echo "install redis-server and prometheus (sudo apt-get install redis-server prometheus)"; exit 1; fi; }
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+		else echo "install them: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; }
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m app

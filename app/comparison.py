@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import secrets
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,12 +23,12 @@ from app import metrics
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.queue.client import JobQueue
-from app.queue.records import Job, JobStatus
+from app.queue.records import TERMINAL, Job, JobStatus
 from app.registry import ModelSpec, Registry
 from app.resolve import job_request, variant_name
 from quality.metrics import psnr_db, sqnr_db, ssim
 
-__all__ = ["Comparison", "Row", "compare", "shadow_loop"]
+__all__ = ["Comparison", "Row", "collect", "compare", "shadow_loop", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,42 @@ class Row:
 
 @dataclass
 class Comparison:
+    id: str
     model: str
     prompt: str
     seed: int
     reference: str
     rows: list[Row] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.job is not None and r.job.status in TERMINAL for r in self.rows)
+
+    def record(self) -> dict:
+        """What is stored in Redis to find the comparison again."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "reference": self.reference,
+            "rows": [
+                {"variant": r.variant, "quantized": r.quantized, "job_id": r.job_id}
+                for r in self.rows
+            ],
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Comparison:
+        rows = [Row(r["variant"], r["quantized"], r["job_id"], None) for r in record["rows"]]
+        return cls(
+            record["id"],
+            record["model"],
+            record["prompt"],
+            record["seed"],
+            record["reference"],
+            rows,
+        )
 
 
 def check_variants(
@@ -74,7 +106,7 @@ def check_variants(
     return names, reference
 
 
-async def compare(
+async def submit(
     settings: Settings,
     registry: Registry,
     queue: JobQueue,
@@ -89,6 +121,7 @@ async def compare(
     size: str | None = None,
     owner: str = "anonymous",
 ) -> Comparison:
+    """Queue one job per variant (same prompt, seed and settings) and store the comparison."""
     names, reference = check_variants(settings, spec, variants, reference)
     seed = secrets.randbelow(2**31) if seed is None else seed
     requests = [
@@ -106,33 +139,51 @@ async def compare(
         for name in names
     ]
     submitted = [await queue.submit(r, owner=owner) for r in requests]
-    jobs = await asyncio.gather(
-        *(queue.wait(s.id, settings.generation_timeout_s) for s in submitted)
+    result = Comparison(
+        uuid.uuid4().hex,
+        spec.name,
+        prompt,
+        seed,
+        reference,
+        [
+            Row(n, spec.variants[n].quantized, s.id, None)
+            for n, s in zip(names, submitted, strict=True)
+        ],
     )
-    result = Comparison(spec.name, prompt, seed, reference)
+    await queue.store_comparison(result.id, result.record())
+    return result
+
+
+async def collect(queue: JobQueue, comparison: Comparison, wait_s: float) -> Comparison:
+    """The comparison with its jobs as far as they have come, waiting up to ``wait_s`` for them
+    to finish; once all have, the fidelity of each variant against the reference."""
+    if wait_s > 0:
+        await asyncio.gather(*(queue.wait(r.job_id, wait_s) for r in comparison.rows))
+    jobs = [await queue.get(r.job_id) for r in comparison.rows]
     latents: dict[str, np.ndarray | None] = {}
-    for name, s, job in zip(names, submitted, jobs, strict=True):
-        row = Row(name, spec.variants[name].quantized, s.id, job)
-        latents[name] = None
+    for row, job in zip(comparison.rows, jobs, strict=True):
+        row.job = job
+        latents[row.variant] = None
         if job is not None and job.status == JobStatus.COMPLETED and job.images:
             row.png = await queue.image(job.id, 0)
             blob = await queue.latents(job.id)
-            latents[name] = np.frombuffer(blob, np.float32) if blob else None
-        result.rows.append(row)
-    ref = next(r for r in result.rows if r.variant == reference)
+            latents[row.variant] = np.frombuffer(blob, np.float32) if blob else None
+    if not comparison.finished:
+        return comparison
+    ref = next(r for r in comparison.rows if r.variant == comparison.reference)
     if ref.png is None:
-        return result
+        return comparison
     ref_image = _pixels(ref.png)
-    for row in result.rows:
-        if row.variant == reference or row.png is None:
+    for row in comparison.rows:
+        if row.variant == comparison.reference or row.png is None:
             continue
         image = _pixels(row.png)
         row.psnr_db = _finite(psnr_db(ref_image[None], image[None]))
         row.ssim = _finite(ssim(ref_image[None], image[None]))
-        a, b = latents[reference], latents[row.variant]
+        a, b = latents[comparison.reference], latents[row.variant]
         if a is not None and b is not None and a.shape == b.shape:
             row.sqnr_latent_db = _finite(sqnr_db(a, b))
-        labels = {"model": spec.name, "variant": row.variant}
+        labels = {"model": comparison.model, "variant": row.variant}
         for gauge, value in (
             (metrics.FIDELITY_PSNR, row.psnr_db),
             (metrics.FIDELITY_SSIM, row.ssim),
@@ -140,7 +191,13 @@ async def compare(
         ):
             if value is not None:
                 gauge.labels(**labels).set(value)
-    return result
+    return comparison
+
+
+async def compare(settings, registry, queue, spec, **kwargs) -> Comparison:
+    """Submit and wait (at most the generation timeout) for the result."""
+    comparison = await submit(settings, registry, queue, spec, **kwargs)
+    return await collect(queue, comparison, settings.generation_timeout_s)
 
 
 async def shadow_loop(settings: Settings, registry: Registry, queue: JobQueue) -> None:

@@ -10,8 +10,11 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from redis import asyncio as aioredis
 
 from app import metrics
@@ -26,6 +29,8 @@ from app.registry import load_registry
 __all__ = ["create_app"]
 
 log = logging.getLogger("app")
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,6 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (generations, jobs, compare, models, health):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The playground page (its assets are served from /static; no external CDN)."""
+        return FileResponse(STATIC / "index.html")
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -108,6 +108,7 @@ class CompareVariant(BaseModel):
     quantized: bool
     job_id: str
     status: str
+    progress: int
     b64_png: str | None
     url: str | None
     latency_s: float | None
@@ -122,6 +123,8 @@ class CompareVariant(BaseModel):
 
 
 class CompareResponse(BaseModel):
+    id: str
+    status: str  # "completed" once every variant's job has finished, else "in_progress"
     model: str
     prompt: str
     seed: int

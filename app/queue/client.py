@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -126,6 +127,14 @@ class JobQueue:
             await self.redis.xread({self.keys.done(job_id): "0-0"}, block=block_ms, count=1)
             job = await self.get(job_id)
         return job
+
+    async def store_comparison(self, comparison_id: str, record: dict) -> None:
+        key = self.keys.comparison(comparison_id)
+        await self.redis.set(key, json.dumps(record), ex=self.job_ttl_s)
+
+    async def comparison(self, comparison_id: str) -> dict | None:
+        raw = await self.redis.get(self.keys.comparison(comparison_id))
+        return json.loads(raw) if raw else None
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.keys.image(job_id, index))

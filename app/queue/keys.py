@@ -49,6 +49,10 @@ class Keys:
         """The final latents (float32, C-order) of all the job's images, for SQNR in compares."""
         return f"{self.prefix}:job:{job_id}:latents"
 
+    def comparison(self, comparison_id: str) -> str:
+        """String: a comparison's record (JSON), which names its jobs."""
+        return f"{self.prefix}:comparison:{comparison_id}"
+
     def idempotency(self, owner: str, key: str) -> str:
         return f"{self.prefix}:idempotency:{owner}:{key}"
 

@@ -101,7 +101,11 @@ def scraped(redis_url, registry_file, tmp_path_factory):
 
 
 def _query(prom: httpx.Client, expr: str):
-    body = prom.get("/api/v1/query", params={"query": expr}).json()
+    """The first sample's value, or None (no sample, or Prometheus not answering yet)."""
+    try:
+        body = prom.get("/api/v1/query", params={"query": expr}).json()
+    except httpx.HTTPError:
+        return None
     result = body.get("data", {}).get("result", [])
     return float(result[0]["value"][1]) if result else None
 

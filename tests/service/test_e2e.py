@@ -203,6 +203,14 @@ def test_compare_fp_against_quantized(stack):
         assert q["denoiser_weight_bytes"] < rows["fp32"]["denoiser_weight_bytes"]
         scrape = http.get("/metrics").text
         assert 't2i_fidelity_psnr_db{model="dit-digits",variant="w8a8"}' in scrape
+        # the same comparison, read back by id; an async one answers 202 at once
+        again = http.get(f"/v1/comparisons/{result['id']}").json()
+        assert again["status"] == "completed"
+        assert {r["variant"]: r["psnr_db"] for r in again["variants"]}["w8a8"] == q["psnr_db"]
+        started = http.post("/v1/comparisons", json={**body, "seed": 9})
+        assert started.status_code == 202 and started.json()["status"] == "in_progress"
+        assert all(r["status"] in ("queued", "in_progress") for r in started.json()["variants"])
+        assert http.get("/v1/comparisons/nope").status_code == 404
         _error = http.post("/v1/compare", json={**body, "variants": ["fp32", "w9"]})
         assert _error.status_code == 404 and _error.json()["error"]["param"] == "variant"
 

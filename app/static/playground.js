@@ -1,0 +1,164 @@
+// The playground: submit a comparison, follow each variant's job by Server-Sent Events (read
+// with fetch, so an API key can be sent), then show the images and numbers side by side.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let models = [];
+
+function headers(json) {
+  const h = {};
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  if (json) h["Content-Type"] = "application/json";
+  return h;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const message = body.error ? body.error.message : response.statusText;
+    throw new Error(`${response.status}: ${message}`);
+  }
+  return body;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function loadModels() {
+  try {
+    models = (await api("/v1/models")).data;
+  } catch (error) {
+    showError(`cannot list the models (${error.message}); an API key may be needed`);
+    return;
+  }
+  showError("");
+  $("model").replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+  showModel();
+}
+
+function showModel() {
+  const model = models.find((m) => m.id === $("model").value);
+  if (!model) return;
+  const boxes = model.variants.map((v) => {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = v.id;
+    box.checked = true;
+    box.name = "variant";
+    label.append(box, ` ${v.id}`);
+    return label;
+  });
+  const legend = document.createElement("legend");
+  legend.textContent = "Variants";
+  $("variants").replaceChildren(legend, ...boxes);
+  $("steps").value = model.default_steps;
+  $("steps").max = model.max_steps;
+  $("hint").textContent = model.classes
+    ? `${model.id} is class-conditional: the prompt names a class, e.g. ${model.classes.slice(0, 4).join(", ")}`
+    : `${model.id} is text-to-image, e.g. "a red seven on a black background"`;
+  if (!$("prompt").value) $("prompt").value = model.classes ? "seven" : "a red seven on a black background";
+}
+
+function card(row) {
+  const div = document.createElement("div");
+  div.className = "card";
+  div.dataset.variant = row.variant;
+  const title = document.createElement("h2");
+  title.textContent = row.variant + (row.quantized ? "" : " (reference)");
+  const img = document.createElement("img");
+  img.alt = `${row.variant} image`;
+  const bar = document.createElement("progress");
+  bar.max = 100;
+  bar.value = 0;
+  const numbers = document.createElement("dl");
+  div.append(title, img, bar, numbers);
+  return div;
+}
+
+// Reads the job's event stream and updates the card's progress bar until the job ends.
+async function follow(jobId, bar) {
+  const response = await fetch(`/v1/jobs/${jobId}/events`, { headers: headers(false) });
+  if (!response.ok) throw new Error(`events of ${jobId}: ${response.status}`);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = block.split("\n").find((line) => line.startsWith("data:"));
+      if (!data) continue;
+      const event = JSON.parse(data.slice(5));
+      if (typeof event.progress === "number") bar.value = event.progress;
+      if (["completed", "failed", "cancelled"].includes(event.status)) return;
+    }
+  }
+}
+
+const FORMATS = {
+  latency_s: ["latency", (v) => `${(v * 1000).toFixed(0)} ms`],
+  step_ms_median: ["per step", (v) => `${v.toFixed(1)} ms`],
+  peak_memory_bytes: ["peak memory", (v) => `${(v / 2 ** 20).toFixed(0)} MiB`],
+  denoiser_weight_bytes: ["denoiser weights", (v) => `${(v / 2 ** 20).toFixed(2)} MiB`],
+  psnr_db: ["PSNR vs FP", (v) => `${v.toFixed(2)} dB`],
+  ssim: ["SSIM vs FP", (v) => v.toFixed(3)],
+  sqnr_latent_db: ["SQNR latents", (v) => `${v.toFixed(2)} dB`],
+};
+
+function fill(div, row) {
+  if (row.b64_png) div.querySelector("img").src = `data:image/png;base64,${row.b64_png}`;
+  div.querySelector("progress").value = row.status === "completed" ? 100 : row.progress;
+  const items = [];
+  for (const [key, [name, format]] of Object.entries(FORMATS)) {
+    if (row[key] === null || row[key] === undefined) continue;
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = format(row[key]);
+    dd.dataset.metric = key;
+    items.push(dt, dd);
+  }
+  if (row.error) {
+    const dd = document.createElement("dd");
+    dd.textContent = row.error;
+    items.push(document.createElement("dt"), dd);
+  }
+  div.querySelector("dl").replaceChildren(...items);
+}
+
+async function compare(event) {
+  event.preventDefault();
+  showError("");
+  const variants = [...document.querySelectorAll("#variants input:checked")].map((b) => b.value);
+  const body = { model: $("model").value, prompt: $("prompt").value, variants };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("steps").value !== "") body.steps = Number($("steps").value);
+  $("run").disabled = true;
+  try {
+    const started = await api("/v1/comparisons", { method: "POST", body: JSON.stringify(body) });
+    const cards = started.variants.map(card);
+    $("results").replaceChildren(...cards);
+    await Promise.all(started.variants.map((row, i) => follow(row.job_id, cards[i].querySelector("progress"))));
+    const result = await api(`/v1/comparisons/${started.id}`);
+    result.variants.forEach((row, i) => fill(cards[i], row));
+    $("results").dataset.status = result.status;
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+$("model").addEventListener("change", showModel);
+$("api-key").addEventListener("change", loadModels);
+$("compare-form").addEventListener("submit", compare);
+loadModels();
