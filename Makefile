@@ -56,3 +56,9 @@ artifacts: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.calibration
 	HF_HUB_OFFLINE=1 $(PY) -m bench.full_size
+	HF_HUB_OFFLINE=1 $(PY) -m bench.full_size --arch sd15-unet --recipes fp w8a8 w4a16-g128
+	HF_HUB_OFFLINE=1 $(PY) -m bench.report
+	HF_HUB_OFFLINE=1 $(PY) -m bench.service_overhead --runs 50
+	HF_HUB_OFFLINE=1 $(PY) -m bench.load_test
+	HF_HUB_OFFLINE=1 $(PY) -m bench.kill_drill
+	HF_HUB_OFFLINE=1 $(PY) -m bench.dashboard --seconds 90

@@ -1,7 +1,12 @@
-"""Full-size architecture check: a DiT-XL/2-shaped transformer, random weights, quantized.
+"""Full-size architecture check: a DiT-XL/2-shaped transformer or an SD-1.5-shaped UNet,
+random weights, quantized.
 
-    python -m bench.full_size                                  # CPU, float32 (this machine)
+    python -m bench.full_size                          # DiT-XL/2, CPU, float32 (this machine)
+    python -m bench.full_size --arch sd15-unet --recipes fp w8a8 w4a16-g128
     python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w8a8 w4a16-g128 fp8
+
+SD-1.5 UNet: UNet2DConditionModel with SD 1.5's configuration (320/640/1280/1280 channels,
+2 layers per block, cross-attention on 77 x 768 text states), 64x64x4 latents (512 px images).
 
 DiT-XL/2: 28 layers, hidden 1152, 16 heads, patch 2, 32x32x4 latents (256 px images), 1000
 classes. Random weights say nothing about image quality; what this measures is what does not
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 
 from quality.metrics import sqnr_db
 from quantization import backend
@@ -48,11 +53,41 @@ def dit_xl_2(dtype: torch.dtype, device: str, layers: int = 28) -> DiTTransforme
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_calls(timesteps: list[int], dtype: torch.dtype, device: str, batch: int = 2) -> list[Call]:
+def sd15_unet(dtype: torch.dtype, device: str, layers: int = 2) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=layers,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_calls(
+    timesteps: list[int], dtype: torch.dtype, device: str, batch: int = 2, arch: str = "dit-xl-2"
+) -> list[Call]:
     g = torch.Generator().manual_seed(1)
     calls = []
     for i, t in enumerate(timesteps):
-        x = torch.randn(batch, 4, 32, 32, generator=g).to(device=device, dtype=dtype)
+        size = 64 if arch == "sd15-unet" else 32
+        x = torch.randn(batch, 4, size, size, generator=g).to(device=device, dtype=dtype)
+        if arch == "sd15-unet":
+            text = torch.randn(batch, 77, 768, generator=g).to(device=device, dtype=dtype)
+            calls.append(
+                Call(
+                    i,
+                    (x,),
+                    {
+                        "timestep": torch.full((batch,), t, device=device),
+                        "encoder_hidden_states": text,
+                    },
+                )
+            )
+            continue
         kwargs = {
             "timestep": torch.full((batch,), t, device=device),
             "class_labels": torch.tensor(
@@ -61,6 +96,21 @@ def make_calls(timesteps: list[int], dtype: torch.dtype, device: str, batch: int
         }
         calls.append(Call(i, (x,), kwargs))
     return calls
+
+
+ARCHS = {
+    "dit-xl-2": (
+        dit_xl_2,
+        "DiT-XL/2 shape ({layers} layers, hidden 1152, 16 heads, patch 2, 32x32x4), random weights",
+        "full_size-{device}.json",
+    ),
+    "sd15-unet": (
+        sd15_unet,
+        "SD-1.5 UNet shape (320/640/1280/1280, {layers} layers per block, cross-attention "
+        "77x768, 64x64x4), random weights",
+        "full_size-sd15-unet-{device}.json",
+    ),
+}
 
 
 def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
@@ -84,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--arch", default="dit-xl-2", choices=list(ARCHS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--recipes", nargs="+", default=["fp", "w8a8", "w4a16-g128", "w4a8-sqnr"])
@@ -91,20 +142,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--layers",
         type=int,
-        default=28,
-        help="transformer blocks (28 = DiT-XL/2; fewer for a dry run)",
+        help="transformer blocks (DiT-XL/2: 28) or layers per UNet block (SD 1.5: 2); "
+        "fewer for a dry run",
     )
     p.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/full_size-<device>.json)"
     )
     args = p.parse_args(argv)
     dtype, device = DTYPES[args.dtype], args.device
-    out = args.out or RESULTS / f"full_size-{device}.json"
-    fp = dit_xl_2(dtype, device, args.layers)
+    build, description, filename = ARCHS[args.arch]
+    layers = args.layers or (28 if args.arch == "dit-xl-2" else 2)
+    out = args.out or RESULTS / filename.format(device=device)
+    fp = build(dtype, device, layers)
     params = sum(p.numel() for p in fp.parameters())
-    calibration = make_calls([999], dtype, device)
-    trajectory = make_calls([999, 500], dtype, device)
-    timing_call = make_calls([500], dtype, device)[0]
+    calibration = make_calls([999], dtype, device, arch=args.arch)
+    trajectory = make_calls([999, 500], dtype, device, arch=args.arch)
+    timing_call = make_calls([500], dtype, device, arch=args.arch)[0]
     reference = [o.float().cpu() for o in replay(fp, trajectory)]
     rows = []
     for name in args.recipes:
@@ -172,8 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         if name != "fp":
             del model
     result = {
-        "model": f"DiT-XL/2 shape ({args.layers} layers, hidden 1152, 16 heads, patch 2, "
-        "32x32x4), random weights",
+        "model": description.format(layers=layers),
         "parameters": params,
         "fp16_bytes": params * 2,
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
