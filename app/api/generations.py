@@ -34,6 +34,8 @@ async def create_images(
         raise Timeout(
             f"job {submitted.id} did not finish within {settings.generation_timeout_s:g} s; "
             f"it goes on: follow it at /v1/jobs/{submitted.id}",
+            # the job is still running: a client retry would only queue a duplicate
+            headers={"x-should-retry": "false"},
         )
     if job.status == JobStatus.CANCELLED:
         raise ConflictError(f"job {job.id} was cancelled", code="cancelled")

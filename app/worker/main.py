@@ -123,7 +123,11 @@ class Worker:
             for c in claimed:
                 groups.setdefault(c.job.request.batch_key(), []).append(c)
             for group in groups.values():
-                self.run(group)
+                try:
+                    self.run(group)
+                except redis.RedisError as exc:  # the jobs stay pending: taken over later
+                    log.warning("lost Redis while running a batch: %s", exc)
+                    time.sleep(1.0)
         self.consumer.leave()
 
     # --- one batch -----------------------------------------------------------------------------
