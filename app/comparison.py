@@ -32,13 +32,15 @@ __all__ = ["Comparison", "Row", "collect", "compare", "shadow_loop", "submit"]
 
 log = logging.getLogger(__name__)
 
+_FIDELITY = ("psnr_db", "ssim", "sqnr_latent_db")
+
 
 @dataclass
 class Row:
     variant: str
     quantized: bool
     job_id: str
-    job: Job | None  # None: not finished within the timeout
+    job: Job | None  # None: unknown or expired
     png: bytes | None = None
     psnr_db: float | None = None
     ssim: float | None = None
@@ -53,6 +55,7 @@ class Comparison:
     seed: int
     reference: str
     rows: list[Row] = field(default_factory=list)
+    scored: bool = False  # fidelity measured (once, when the last job finished)
 
     @property
     def finished(self) -> bool:
@@ -66,15 +69,24 @@ class Comparison:
             "prompt": self.prompt,
             "seed": self.seed,
             "reference": self.reference,
+            "scored": self.scored,
             "rows": [
-                {"variant": r.variant, "quantized": r.quantized, "job_id": r.job_id}
+                {
+                    "variant": r.variant,
+                    "quantized": r.quantized,
+                    "job_id": r.job_id,
+                    **{k: getattr(r, k) for k in _FIDELITY},
+                }
                 for r in self.rows
             ],
         }
 
     @classmethod
     def from_record(cls, record: dict) -> Comparison:
-        rows = [Row(r["variant"], r["quantized"], r["job_id"], None) for r in record["rows"]]
+        rows = [
+            Row(r["variant"], r["quantized"], r["job_id"], None, **{k: r.get(k) for k in _FIDELITY})
+            for r in record["rows"]
+        ]
         return cls(
             record["id"],
             record["model"],
@@ -156,33 +168,38 @@ async def submit(
 
 async def collect(queue: JobQueue, comparison: Comparison, wait_s: float) -> Comparison:
     """The comparison with its jobs as far as they have come, waiting up to ``wait_s`` for them
-    to finish; once all have, the fidelity of each variant against the reference."""
+    to finish. When the last one has, the fidelity of each variant against the reference is
+    measured, stored with the comparison and set on the gauges — once, so reading an older
+    comparison again does not move the gauges back."""
+    waited = [None] * len(comparison.rows)
     if wait_s > 0:
-        await asyncio.gather(*(queue.wait(r.job_id, wait_s) for r in comparison.rows))
-    jobs = [await queue.get(r.job_id) for r in comparison.rows]
-    latents: dict[str, np.ndarray | None] = {}
-    for row, job in zip(comparison.rows, jobs, strict=True):
-        row.job = job
-        latents[row.variant] = None
-        if job is not None and job.status == JobStatus.COMPLETED and job.images:
-            row.png = await queue.image(job.id, 0)
-            blob = await queue.latents(job.id)
-            latents[row.variant] = np.frombuffer(blob, np.float32) if blob else None
-    if not comparison.finished:
-        return comparison
+        waited = await asyncio.gather(*(queue.wait(r.job_id, wait_s) for r in comparison.rows))
+    for row, job in zip(comparison.rows, waited, strict=True):
+        row.job = job or await queue.get(row.job_id)  # None: still running, or gone
+        if row.job is not None and row.job.status == JobStatus.COMPLETED and row.job.images:
+            row.png = await queue.image(row.job_id, 0)
+    if comparison.finished and not comparison.scored:
+        await _score(queue, comparison)
+        comparison.scored = True
+        await queue.store_comparison(comparison.id, comparison.record())
+    return comparison
+
+
+async def _score(queue: JobQueue, comparison: Comparison) -> None:
     ref = next(r for r in comparison.rows if r.variant == comparison.reference)
     if ref.png is None:
-        return comparison
+        return
     ref_image = _pixels(ref.png)
+    ref_latents = await _latents(queue, ref)
     for row in comparison.rows:
         if row.variant == comparison.reference or row.png is None:
             continue
         image = _pixels(row.png)
         row.psnr_db = _finite(psnr_db(ref_image[None], image[None]))
         row.ssim = _finite(ssim(ref_image[None], image[None]))
-        a, b = latents[comparison.reference], latents[row.variant]
-        if a is not None and b is not None and a.shape == b.shape:
-            row.sqnr_latent_db = _finite(sqnr_db(a, b))
+        latents = await _latents(queue, row)
+        if latents is not None and ref_latents is not None and latents.shape == ref_latents.shape:
+            row.sqnr_latent_db = _finite(sqnr_db(ref_latents, latents))
         labels = {"model": comparison.model, "variant": row.variant}
         for gauge, value in (
             (metrics.FIDELITY_PSNR, row.psnr_db),
@@ -191,7 +208,11 @@ async def collect(queue: JobQueue, comparison: Comparison, wait_s: float) -> Com
         ):
             if value is not None:
                 gauge.labels(**labels).set(value)
-    return comparison
+
+
+async def _latents(queue: JobQueue, row: Row) -> np.ndarray | None:
+    blob = await queue.latents(row.job_id)
+    return np.frombuffer(blob, np.float32) if blob else None
 
 
 async def compare(settings, registry, queue, spec, **kwargs) -> Comparison:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
-from bench.stack import Stack, free_port
+from bench.record import save
+from bench.stack import Stack, free_port, start_prometheus, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "quantized-vs-fp.json"
@@ -52,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "dashboard.png")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dashboard.json")
     args = parser.parse_args(argv)
-    binary = shutil.which("prometheus")
-    if binary is None:
+    if shutil.which("prometheus") is None:  # before starting anything
         sys.exit("no prometheus on PATH (apt-get install prometheus)")
 
     from app.config import get_settings
@@ -68,28 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         for variant in spec.variants:
             ports[variant] = free_port()
             stack.start_worker(f"w-{variant}", args.model, variant, metrics_port=ports[variant])
-        targets = [f"127.0.0.1:{p}" for p in ports.values()]
-        api_target = stack.url.removeprefix("http://")
-        (folder / "prometheus.yml").write_text(
-            "global: {scrape_interval: 2s, evaluation_interval: 2s}\n"
-            "scrape_configs:\n"
-            f"  - {{job_name: api, static_configs: [{{targets: ['{api_target}']}}]}}\n"
-            f"  - {{job_name: workers, static_configs: [{{targets: {targets}}}]}}\n"
-        )
-        prom_port = free_port()
-        prometheus = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={folder / 'prometheus.yml'}",
-                f"--storage.tsdb.path={folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=30)
+        targets = {
+            "api": [stack.url.removeprefix("http://")],
+            "workers": [f"127.0.0.1:{p}" for p in ports.values()],
+        }
+        prometheus, prom_url = start_prometheus(folder, targets, "2s")
+        prom = httpx.Client(base_url=prom_url, timeout=30)
         http = httpx.Client(base_url=stack.url, timeout=120)
-        _wait_scraping(prom, len(targets) + 1)
+        wait_for(lambda: _scraping(prom, len(ports) + 1), 60, "Prometheus scraping every target")
         start = time.time()
         _traffic(http, spec, args.seconds)
         time.sleep(6)
@@ -102,29 +85,24 @@ def main(argv: list[str] | None = None) -> None:
         stack.close()
         shutil.rmtree(folder, ignore_errors=True)
     _plot(series, args.model, args.png)
-    record = {
-        "command": "python -m bench.dashboard",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "model": args.model,
-        "seconds": args.seconds,
-        "panels": series,
-    }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    save(
+        args.out, "python -m bench.dashboard", model=args.model, seconds=args.seconds, panels=series
+    )
     print(f"wrote {args.png} and {args.out}")
 
 
-def _wait_scraping(prom: httpx.Client, targets: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            result = prom.get("/api/v1/query", params={"query": "sum(up)"}).json()["data"]["result"]
-            if result and float(result[0]["value"][1]) == targets:
-                return
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("Prometheus did not scrape every target within 60 s")
+def grafana_to_promql(expr: str, model: str, rate_interval: str) -> str:
+    """A panel's query as Grafana runs it: the template variables filled in (all variants)."""
+    return (
+        expr.replace("$__rate_interval", rate_interval)
+        .replace("$model", model)
+        .replace("$variant", ".*")
+    )
+
+
+def _scraping(prom: httpx.Client, targets: int) -> bool:
+    result = prom.get("/api/v1/query", params={"query": "sum(up)"}).json()["data"]["result"]
+    return bool(result) and float(result[0]["value"][1]) == targets
 
 
 def _traffic(http: httpx.Client, spec, seconds: int) -> None:
@@ -168,12 +146,7 @@ def _query_panels(prom: httpx.Client, model: str, start: float, end: float) -> d
         panel = panels[title]
         lines = []
         for target in panel["targets"]:
-            expr = (
-                target["expr"]
-                .replace("$__rate_interval", "20s")
-                .replace("$model", model)
-                .replace("$variant", ".*")
-            )
+            expr = grafana_to_promql(target["expr"], model, "20s")
             body = prom.get(
                 "/api/v1/query_range", params={"query": expr, "start": start, "end": end, "step": 2}
             ).json()

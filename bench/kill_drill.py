@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
+from bench.record import save
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,21 +86,18 @@ def main(argv: list[str] | None = None) -> None:
         stack.close()
 
     mismatches = _compare_with_direct(ids, images, args.steps)
-    record = {
-        "command": "python -m bench.kill_drill",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "jobs": args.jobs,
-        "steps": args.steps,
-        "statuses": statuses,
-        "lost": args.jobs - sum(statuses.values()),
-        "kills": kills,
-        "redelivered_jobs": sum(v["deliveries"] > 1 for v in views.values()),
-        "images_differing_from_a_direct_run": mismatches,
-        "wall_seconds": round(wall, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    record = save(
+        args.out,
+        "python -m bench.kill_drill",
+        jobs=args.jobs,
+        steps=args.steps,
+        statuses=statuses,
+        lost=args.jobs - sum(statuses.values()),
+        kills=kills,
+        redelivered_jobs=sum(v["deliveries"] > 1 for v in views.values()),
+        images_differing_from_a_direct_run=mismatches,
+        wall_seconds=round(wall, 1),
+    )
     print(json.dumps(record, indent=2))
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
+from bench.record import save
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,19 +120,16 @@ def main(argv: list[str] | None = None) -> None:
         run = {"workers": workers, "closed_loop": loops, "saturation": saturation}
         print(json.dumps(run))
         runs.append(run)
-    record = {
-        "command": "python -m bench.load_test",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
-        "model": args.model,
-        "variant": args.variant,
-        "steps": args.steps,
-        "seconds": args.seconds,
-        "torch_threads_per_worker": 1,
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    save(
+        args.out,
+        "python -m bench.load_test",
+        model=args.model,
+        variant=args.variant,
+        steps=args.steps,
+        seconds=args.seconds,
+        torch_threads_per_worker=1,
+        runs=runs,
+    )
 
 
 if __name__ == "__main__":

@@ -17,19 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
+from bench.record import save
+
 RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2  # torch threads of the timed runs
 STEP_SWEEP = (5, 10, 20, 40)
 BATCH_SWEEP = (1, 2, 4, 8)
+GRID_COLORS = ("red", "blue", "green", "yellow", "white", "black")
 QUALITY = ("prompt_accuracy", "fd", "psnr_db", "ssim", "sqnr_latent_db")
 
 
@@ -42,7 +44,7 @@ def _measure(model: str, variant: str, runs: int) -> dict:
     from app.registry import load_registry
     from app.worker import pipeline
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     spec = load_registry(get_settings().registry).get(model)
     loaded = pipeline.load(spec, spec.variants[variant], "cpu")
     prompt = "seven" if spec.labels else "a red seven on a black background"
@@ -109,31 +111,25 @@ def _measure(model: str, variant: str, runs: int) -> dict:
 
 
 def _grid(model: str, variants: list[str]) -> np.ndarray:
-    """In a child process: the ten digits (seeds 0..9), a row per variant."""
+    """In a child process: the ten digits (image i seeded with i), a row per variant."""
     from app.config import get_settings
     from app.registry import load_registry
     from app.worker import pipeline
+    from models.data import Target
+    from models.generate import conditions_for, sample
 
     spec = load_registry(get_settings().registry).get(model)
+    targets = [  # a text-to-image model also gets a color pair per digit
+        Target(d) if spec.labels else Target(d, GRID_COLORS[d % 6], GRID_COLORS[(d + 2) % 6])
+        for d in range(10)
+    ]
     rows = []
     for variant in variants:
-        loaded = pipeline.load(spec, spec.variants[variant], "cpu")
-        from models.generate import run
-
-        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-        colors = ["red", "blue", "green", "yellow", "white", "black"]
-        conditions = (
-            list(range(10))
-            if spec.labels
-            else [
-                f"a {colors[d % 6]} {w} on a {colors[(d + 2) % 6]} background"
-                for d, w in enumerate(words)
-            ]
-        )
-        samples = run(
-            loaded.pipe,
-            conditions,
-            list(range(10)),
+        pipe = pipeline.load(spec, spec.variants[variant], "cpu").pipe
+        samples = sample(
+            pipe,
+            conditions_for(pipe, targets),
+            seed=0,
             num_inference_steps=spec.default_steps,
             guidance_scale=spec.guidance,
         )
@@ -174,16 +170,13 @@ def main(argv: list[str] | None = None) -> None:
             row.update({k: q.get(k) for k in QUALITY})
             rows.append(row)
         grids[model] = (variants, _fresh(_grid, model, variants))
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, torch 2 threads"
-    record = {
-        "command": "python -m bench.report",
-        "date": date.today().isoformat(),
-        "machine": machine,
-        "runs": args.runs,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    record = save(
+        args.out / "report.json",
+        "python -m bench.report",
+        torch_threads=THREADS,
+        runs=args.runs,
+        rows=rows,
+    )
     _plots(rows, args.out)
     for model, (variants, images) in grids.items():
         _save_grid(images, variants, args.out / f"report-grid-{model}.png")
@@ -262,7 +255,8 @@ def _markdown(record: dict, models: list[str]) -> str:
     lines = [
         "# Side-by-side report",
         "",
-        f"`{record['command']}` on {record['date']}, {record['machine']}. Latency: one image at",
+        f"`{record['command']}` on {record['date']}, {record['machine']}, torch "
+        f"{record['torch_threads']} threads. Latency: one image at",
         f"the model's default steps, median and p95 of {record['runs']} runs after 2 warm-ups;",
         "quality: 64 images against FP with the same seeds (`quantization.evaluate`).",
         "",

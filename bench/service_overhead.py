@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
 
+from bench.record import save
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,16 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(json.dumps(row))
         rows.append(row)
-    record = {
-        "command": "python -m bench.service_overhead",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "torch_threads": THREADS,
-        "runs": args.runs,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    save(
+        args.out,
+        "python -m bench.service_overhead",
+        torch_threads=THREADS,
+        runs=args.runs,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["Stack", "free_port"]
+from app.queue.keys import Keys
+
+__all__ = ["Stack", "free_port", "start_prometheus", "wait_for"]
 
 
 def free_port() -> int:
@@ -24,7 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Until ``predicate()`` is true (its errors count as not yet), or RuntimeError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -69,7 +73,7 @@ class Stack:
             stdout=subprocess.DEVNULL,
         )
         self.redis = redis.Redis.from_url(self.redis_url)
-        _wait(self.redis.ping, 10, "redis-server")
+        wait_for(self.redis.ping, 10, "redis-server")
         self.api = subprocess.Popen(
             [
                 sys.executable,
@@ -88,7 +92,7 @@ class Stack:
         )
         import httpx
 
-        _wait(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, 30, "the API")
+        wait_for(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, 30, "the API")
         self.workers: dict[str, subprocess.Popen] = {}
         self.prefix = self.env["T2I_KEY_PREFIX"]
 
@@ -102,6 +106,7 @@ class Stack:
         **settings: str,
     ) -> None:
         env = dict(self.env, **{f"T2I_{k.upper()}": str(v) for k, v in settings.items()})
+        started = time.time()
         self.workers[name] = subprocess.Popen(
             [
                 sys.executable,
@@ -119,8 +124,9 @@ class Stack:
             env=env,
         )
         if wait:
-            key = f"{self.prefix}:workers:{model}:{variant}"
-            _wait(lambda: self.redis.zscore(key, name) is not None, 180, f"worker {name}")
+            key = Keys(self.prefix).workers(model, variant)
+            # a heartbeat of this process, not one left by a killed worker of the same name
+            wait_for(lambda: (self.redis.zscore(key, name) or 0) >= started, 180, f"worker {name}")
 
     def stop_worker(self, name: str) -> None:
         self.workers[name].terminate()
@@ -142,3 +148,34 @@ class Stack:
         self.redis_process.terminate()
         self.redis_process.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_prometheus(
+    folder: Path, targets: dict[str, list[str]], interval: str, rules: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    """Debian's prometheus scraping ``targets`` (job name -> "host:port" list) every
+    ``interval``, data in ``folder``; its process and its URL."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("no prometheus on PATH (apt-get install prometheus)")
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": list(rules),
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": hosts}]}
+            for job, hosts in targets.items()
+        ],
+    }
+    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return process, f"http://127.0.0.1:{port}"

@@ -6,6 +6,7 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass
 
 from redis import asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -20,9 +21,10 @@ __all__ = ["JobQueue", "Submitted"]
 DEFAULT_JOB_SECONDS = 5.0  # Retry-After's guess before any job of a variant has finished
 
 
+@dataclass(frozen=True)
 class Submitted:
-    def __init__(self, job_id: str, position: int, existing: bool) -> None:
-        self.id, self.position, self.existing = job_id, position, existing
+    id: str
+    position: int  # jobs ahead of it in its queue
 
 
 class JobQueue:
@@ -71,7 +73,7 @@ class JobQueue:
         outcome, value = _s(outcome), _s(value)
         if outcome == "existing":
             job = await self.get(value)
-            return Submitted(value, await self.position(job) if job else 0, existing=True)
+            return Submitted(value, await self.position(job) if job else 0)
         if outcome == "full":
             depth = int(value)
             retry = await self.retry_after(m, v, depth)
@@ -80,7 +82,7 @@ class JobQueue:
                 param="model",
                 headers={"Retry-After": str(retry)},
             )
-        return Submitted(job_id, int(value), existing=False)
+        return Submitted(job_id, int(value))
 
     async def get(self, job_id: str) -> Job | None:
         fields = await self.redis.hgetall(self.keys.job(job_id))

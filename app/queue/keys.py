@@ -62,6 +62,3 @@ class Keys:
     def dead_letter(self) -> str:
         """Stream of jobs given up after too many deliveries."""
         return f"{self.prefix}:dead-letter"
-
-    def job_pattern(self) -> str:
-        return f"{self.prefix}:job:*"

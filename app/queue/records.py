@@ -43,10 +43,6 @@ class JobRequest:
         """Jobs with equal keys can share one pipeline call."""
         return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt)
 
-    @property
-    def content_type(self) -> str:
-        return CONTENT_TYPES[self.output_format]
-
 
 @dataclass
 class Job:

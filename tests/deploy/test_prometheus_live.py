@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from bench.dashboard import grafana_to_promql
+from bench.stack import start_prometheus
 from tests.service.conftest import Server, WorkerProcess, free_port, make_settings, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,17 +33,9 @@ MAIN_PANELS = (
 )
 
 
-def grafana_to_promql(expr: str, model: str = "dit-digits") -> str:
-    """The dashboard's template variables as Grafana would fill them in."""
-    return (
-        expr.replace("$__rate_interval", "30s").replace("$model", model).replace("$variant", ".*")
-    )
-
-
 @pytest.fixture(scope="module")
 def scraped(redis_url, registry_file, tmp_path_factory):
-    binary = shutil.which("prometheus")
-    if binary is None:
+    if shutil.which("prometheus") is None:
         pytest.fail("prometheus is missing (Debian package prometheus; make setup installs it)")
     settings = make_settings(redis_url, registry_file)
     ports = {"fp32": free_port(), "w8a8": free_port()}
@@ -53,30 +46,13 @@ def scraped(redis_url, registry_file, tmp_path_factory):
     with Server(settings) as server:
         for w in workers:
             w.wait_ready()
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ROOT / "deploy" / "prometheus" / "rules.yml")],
-            "scrape_configs": [
-                {"job_name": "api", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]},
-                {
-                    "job_name": "workers",
-                    "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports.values()]}],
-                },
-            ],
+        targets = {
+            "api": [f"127.0.0.1:{server.port}"],
+            "workers": [f"127.0.0.1:{p}" for p in ports.values()],
         }
-        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={folder / 'prometheus.yml'}",
-                f"--storage.tsdb.path={folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        prom = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        rules = [str(ROOT / "deploy" / "prometheus" / "rules.yml")]
+        process, url = start_prometheus(folder, targets, "1s", rules)
+        prom = httpx.Client(base_url=url, timeout=10)
         try:
             wait_until(lambda: _query(prom, "sum(up)") == 3.0, 60, 0.5, what="3 targets up")
             with server.client() as http:
@@ -104,7 +80,7 @@ def _query(prom: httpx.Client, expr: str):
     """The first sample's value, or None (no sample, or Prometheus not answering yet)."""
     try:
         body = prom.get("/api/v1/query", params={"query": expr}).json()
-    except httpx.HTTPError:
+    except (httpx.HTTPError, ValueError):  # not listening yet, or "Service Unavailable" text
         return None
     result = body.get("data", {}).get("result", [])
     return float(result[0]["value"][1]) if result else None
@@ -126,7 +102,10 @@ def test_every_dashboard_expression_runs_and_main_panels_have_data(scraped):
     for panel in dashboard["panels"]:
         results = []
         for target in panel["targets"]:
-            reply = prom.get("/api/v1/query", params={"query": grafana_to_promql(target["expr"])})
+            reply = prom.get(
+                "/api/v1/query",
+                params={"query": grafana_to_promql(target["expr"], "dit-digits", "30s")},
+            )
             body = reply.json()
             assert body["status"] == "success", f"{panel['title']}: {body}"
             results += body["data"]["result"]
@@ -138,7 +117,8 @@ def test_every_dashboard_expression_runs_and_main_panels_have_data(scraped):
         metric = query[query.index("(") + 1 : query.index(",")].replace("$model", "dit-digits")
         label = query[query.rindex(",") + 1 : -1].strip()
         values = prom.get(f"/api/v1/label/{label}/values", params={"match[]": metric}).json()
-        assert "dit-digits" in values["data"] or "fp32" in values["data"], variable["name"]
+        expected = {"model": "dit-digits", "variant": "fp32"}[variable["name"]]
+        assert expected in values["data"], (variable["name"], values)
 
 
 def test_recording_rules_evaluate(scraped):

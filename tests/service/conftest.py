@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import redis
 import uvicorn
 
 from app.config import Settings
+from bench.stack import free_port
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -46,12 +46,6 @@ sizes = ["32x32"]
 [models.t2i-digits.variants.fp32]
 dtype = "fp32"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 30.0, every: float = 0.05, what: str = "condition"):
