@@ -55,6 +55,7 @@ artifacts: setup
 # Benchmarks: commands that write results under bench/results/.
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.calibration
+	HF_HUB_OFFLINE=1 $(PY) -m bench.amplification
 	HF_HUB_OFFLINE=1 $(PY) -m bench.full_size
 	HF_HUB_OFFLINE=1 $(PY) -m bench.full_size --arch sd15-unet --recipes fp w8a8 w4a16-g128
 	HF_HUB_OFFLINE=1 $(PY) -m bench.report

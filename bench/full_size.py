@@ -4,6 +4,8 @@ random weights, quantized.
     python -m bench.full_size                          # DiT-XL/2, CPU, float32 (this machine)
     python -m bench.full_size --arch sd15-unet --recipes fp w8a8 w4a16-g128
     python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w8a8 w4a16-g128 fp8
+    python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w4a8-sqnr \
+        --budget-fp16-ratio 0.35
 
 SD-1.5 UNet: UNet2DConditionModel with SD 1.5's configuration (320/640/1280/1280 channels,
 2 layers per block, cross-attention on 77 x 768 text states), 64x64x4 latents (512 px images).
@@ -140,6 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipes", nargs="+", default=["fp", "w8a8", "w4a16-g128", "w4a8-sqnr"])
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
     p.add_argument(
+        "--budget-fp16-ratio",
+        type=float,
+        help="w4a8-sqnr: cap the quantized denoiser at this many times its fp16 bytes "
+        "(default: the planner's own budget, 1.2x what the base recipe makes it weigh)",
+    )
+    p.add_argument(
         "--layers",
         type=int,
         help="transformer blocks (DiT-XL/2: 28) or layers per UNet block (SD 1.5: 2); "
@@ -170,9 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         if name == "fp":
             model = fp
         elif get_recipe(name).mixed_precision:
+            budget = None
+            if args.budget_fp16_ratio is not None:
+                budget = int(args.budget_fp16_ratio * params * 2)
             result = analyze(
                 Measurer(fp, calibration, trajectory),
                 get_recipe(name),
+                budget_bytes=budget,
                 detail=False,
                 scope="block",
                 progress=lambda m: print(f"  {m}", flush=True),
@@ -180,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             model = result.model
             g = result.analysis["global"]
             extra = {
+                "budget_bytes": g["budget_bytes"],
                 "block_levels": g["block_levels"],
                 "predicted_sqnr_db": g["predicted_sqnr_db"],
                 "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),

@@ -84,7 +84,13 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget-ratio",
         type=float,
-        help="w4a8-sqnr: at most this many times the base recipe's quantized-layer bytes",
+        help="w4a8-sqnr: the denoiser weighs at most this many times what the base recipe "
+        "makes it weigh (default 1.2)",
+    )
+    p.add_argument(
+        "--budget-bytes",
+        type=int,
+        help="w4a8-sqnr: the denoiser weighs at most this many bytes (overrides --budget-ratio)",
     )
     p.add_argument("--no-smoothing", action="store_true", help="w4a8-sqnr: switch SmoothQuant off")
     p.add_argument(

@@ -35,13 +35,14 @@ __all__ = [
     "DEFAULT_TARGET_SQNR_DB",
     "Result",
     "analyze",
+    "fixed_bytes",
     "quantize_denoiser",
     "timesteps_of",
     "uniform_plan",
 ]
 
 # The SQNR-driven recipe stops at this predicted denoiser SQNR, or at this many times the bytes
-# the uniform base recipe gives the quantizable layers, whichever comes first.
+# of the whole denoiser quantized by the uniform base recipe, whichever comes first.
 DEFAULT_TARGET_SQNR_DB = 35.0
 DEFAULT_BUDGET_RATIO = 1.2
 WORST_BLOCKS = 2  # per-layer SQNR is measured inside this many least-SQNR blocks
@@ -71,6 +72,15 @@ def _fp_bytes(denoiser: nn.Module, layers: tuple[str, ...]) -> int:
         for n in layers
         for p in denoiser.get_submodule(n).parameters(recurse=False)
     )
+
+
+def fixed_bytes(denoiser: nn.Module, layers: list[str]) -> int:
+    """Bytes of the denoiser that stay float whatever the plan: everything but ``layers``
+    (embedding tables, norms, positional buffers that are saved)."""
+    total = backend.state_dict_bytes(
+        {k: v for k, v in denoiser.state_dict().items() if v is not None}
+    )
+    return total - _fp_bytes(denoiser, tuple(layers))
 
 
 def uniform_plan(blocks: list[Block], recipe: Recipe) -> dict[str, LayerPlan]:
@@ -123,6 +133,7 @@ def analyze(
     *,
     target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB,
     budget_ratio: float | None = DEFAULT_BUDGET_RATIO,
+    budget_bytes: int | None = None,
     smoothing_on: bool = True,
     time_protection_on: bool = True,
     detail: bool = True,
@@ -133,7 +144,10 @@ def analyze(
 
     Args:
         target_sqnr_db: stop promoting once the predicted denoiser SQNR reaches this.
-        budget_ratio: never exceed this many times the base recipe's quantizable-layer bytes.
+        budget_ratio: never exceed this many times the bytes of the whole denoiser quantized
+            by the base recipe (what the model weighs, float leftovers included).
+        budget_bytes: never exceed this many bytes for the whole denoiser (overrides
+            ``budget_ratio``); a budget below what the base recipe needs is an error.
         detail: also measure accumulated SQNR, per-layer SQNR in the worst blocks and the gain
             of each treatment (the plan itself needs none of them).
         scope: where relative SQNR is measured for the plan: "denoiser" (the block quantized
@@ -192,8 +206,20 @@ def analyze(
         options[b.name] = opts
 
     base_bytes = sum(o[0].weight_bytes for o in options.values())
-    budget = None if budget_ratio is None else int(base_bytes * budget_ratio)
-    choice = greedy_plan(options, target_sqnr_db=target_sqnr_db, budget_bytes=budget)
+    fixed = fixed_bytes(denoiser, layers)
+    budget = budget_bytes
+    if budget is None and budget_ratio is not None:
+        budget = int((base_bytes + fixed) * budget_ratio)
+    if budget is not None and budget < base_bytes + fixed:
+        raise ValueError(
+            f"budget of {budget} bytes is below the {base_bytes + fixed} bytes the base recipe "
+            f"already makes the denoiser ({fixed} of them stay float whatever the plan)"
+        )
+    choice = greedy_plan(
+        options,
+        target_sqnr_db=target_sqnr_db,
+        budget_bytes=None if budget is None else budget - fixed,
+    )
     plan = _plan_at_levels(blocks, choice.levels, group, time_sensitive, smoothing)
 
     worst = sorted(blocks, key=lambda b: options[b.name][0].sqnr_db)[:WORST_BLOCKS]
@@ -275,11 +301,14 @@ def analyze(
         "treatment_gains": gains,
         "global": {
             "target_sqnr_db": target_sqnr_db,
-            "budget_ratio": budget_ratio,
+            "budget_ratio": None if budget_bytes is not None else budget_ratio,
+            "fixed_bytes": fixed,
             "base_layer_bytes": base_bytes,
+            "base_denoiser_bytes": base_bytes + fixed,
             "budget_bytes": budget,
             "predicted_sqnr_db": _finite(choice.predicted_sqnr_db),
             "plan_layer_bytes": choice.weight_bytes,
+            "plan_denoiser_bytes": choice.weight_bytes + fixed,
             "block_levels": choice.levels,
             "promotions": [
                 {

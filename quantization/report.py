@@ -69,6 +69,17 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget(g: dict) -> str:
+    if g["budget_bytes"] is None:
+        return "no size budget"
+    basis = (
+        "given in bytes"
+        if g["budget_ratio"] is None
+        else f"{g['budget_ratio']}x the {g['base_denoiser_bytes']} B of the base recipe"
+    )
+    return f"budget {g['budget_bytes']} B for the whole denoiser ({basis})"
+
+
 def write_report(out: Path, manifest: dict, analysis: dict | None, sqnr_vs_step: dict) -> str:
     """Write the plots into ``out`` and return the Markdown that shows them."""
     out = Path(out)
@@ -111,10 +122,9 @@ def write_report(out: Path, manifest: dict, analysis: dict | None, sqnr_vs_step:
                 ],
             ),
             "## Global treatment: mixed precision\n",
-            f"Target {g['target_sqnr_db']} dB predicted, budget {g['budget_bytes']} B "
-            f"({g['budget_ratio']}x the base recipe's {g['base_layer_bytes']} B "
-            "of quantized layers). "
-            f"Predicted {g['predicted_sqnr_db']} dB at {g['plan_layer_bytes']} B.\n\n",
+            f"Target {g['target_sqnr_db']} dB predicted, {_budget(g)}; {g['fixed_bytes']} B of "
+            f"the denoiser stay float whatever the plan. Predicted {g['predicted_sqnr_db']} dB at "
+            f"{g['plan_denoiser_bytes']} B ({g['plan_layer_bytes']} B of quantized layers).\n\n",
             _table(
                 [
                     [p["block"], p["to"], p["predicted_sqnr_db"], p["layer_bytes"]]

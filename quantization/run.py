@@ -45,6 +45,7 @@ class Options:
     trajectory_prompts: int = 8
     target_sqnr: float | None = None
     budget_ratio: float | None = None
+    budget_bytes: int | None = None
     smoothing: bool = True
     time_protection: bool = True
     dtype: str = "float32"
@@ -95,6 +96,7 @@ def _analysis(measurer: Measurer, o: Options, progress):
         recipe,
         target_sqnr_db=DEFAULT_TARGET_SQNR_DB if o.target_sqnr is None else o.target_sqnr,
         budget_ratio=DEFAULT_BUDGET_RATIO if o.budget_ratio is None else o.budget_ratio,
+        budget_bytes=o.budget_bytes,
         smoothing_on=o.smoothing and recipe.smoothing,
         time_protection_on=o.time_protection and recipe.protect_time_sensitive,
         progress=progress,
@@ -238,6 +240,7 @@ def options_from_args(args) -> Options:
         trajectory_prompts=args.trajectory_prompts,
         target_sqnr=args.target_sqnr,
         budget_ratio=args.budget_ratio,
+        budget_bytes=args.budget_bytes,
         smoothing=not args.no_smoothing,
         time_protection=not args.no_time_protection,
         dtype=args.dtype,

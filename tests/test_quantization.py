@@ -110,12 +110,36 @@ def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind):
     a = result.analysis
     assert set(result.plan) <= {layer for b in find_blocks(model) for layer in b.layers}
     assert a["measured"]["plan_sqnr_db"] > a["measured"]["uniform_base_sqnr_db"]
-    assert a["global"]["plan_layer_bytes"] <= a["global"]["budget_bytes"]
+    g = a["global"]
+    # the budget is on the whole denoiser: quantized layers plus what stays float
+    assert g["plan_denoiser_bytes"] == g["plan_layer_bytes"] + g["fixed_bytes"]
+    assert g["plan_denoiser_bytes"] <= g["budget_bytes"] == int(1.5 * g["base_denoiser_bytes"])
+    assert g["fixed_bytes"] == backend.state_dict_bytes(model.state_dict()) - sum(
+        p.numel() * p.element_size()
+        for layer in (n for b in find_blocks(model) for n in b.layers)
+        for p in model.get_submodule(layer).parameters(recurse=False)
+    )
     # the first promotion goes to a block whose base-level SQNR is among the lowest
     relative = {b: r["w4a8"]["sqnr_db"] for b, r in a["relative_sqnr"].items()}
     first = a["global"]["promotions"][0]["block"]
     assert relative[first] <= sorted(relative.values())[len(relative) // 2]
     assert list(a["accumulated_sqnr_db"]) == a["blocks"]
+
+
+def test_a_byte_budget_caps_the_whole_denoiser_and_one_below_the_base_is_refused():
+    model, calls = tiny.dit(), tiny.calls("dit")
+    measurer = Measurer(model, calls[:1], calls)
+    recipe = get_recipe("w4a8-sqnr")
+    free = analyze(measurer, recipe, target_sqnr_db=80.0, budget_ratio=None, detail=False)
+    base = free.analysis["global"]["base_denoiser_bytes"]
+    assert free.analysis["global"]["plan_denoiser_bytes"] > base  # unbounded: it promotes
+    budget = base + (free.analysis["global"]["plan_denoiser_bytes"] - base) // 2
+    capped = analyze(measurer, recipe, target_sqnr_db=80.0, budget_bytes=budget, detail=False)
+    g = capped.analysis["global"]
+    assert g["budget_bytes"] == budget and g["budget_ratio"] is None
+    assert base < g["plan_denoiser_bytes"] <= budget
+    with pytest.raises(ValueError, match=r"below the \d+ bytes the base recipe"):
+        analyze(measurer, recipe, budget_bytes=base - 1, detail=False)
 
 
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
