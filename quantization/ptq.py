@@ -182,39 +182,39 @@ def analyze(
     scales = _scales(base_plan, smoothing)
 
     progress(f"relative SQNR of {len(blocks)} blocks at {len(LEVELS) - 1} levels")
-    options: dict[str, list[BlockOption]] = {}
-    relative: dict[str, dict] = {}
-    for b in blocks:
-        opts = []
-        relative[b.name] = {}
-        for level in LEVELS:
+    options: dict[str, list[BlockOption]] = {b.name: [] for b in blocks}
+    relative: dict[str, dict] = {b.name: {} for b in blocks}
+    fixed = fixed_bytes(denoiser, layers)
+    budget, base_bytes = budget_bytes, 0
+    for level in LEVELS:  # the base level first for every block: the budget is checked on it
+        for b in blocks:
             if level == "float":
-                opts.append(BlockOption(level, math.inf, _fp_bytes(denoiser, b.layers)))
+                nbytes = _fp_bytes(denoiser, b.layers)
+                options[b.name].append(BlockOption(level, math.inf, nbytes))
+                relative[b.name]["float"] = {"weight_bytes": nbytes}
                 continue
             plan = _plan_at_levels(
                 blocks, {**base_levels, b.name: level}, group, time_sensitive, smoothing
             )
             measure = measurer.relative if scope == "denoiser" else measurer.relative_alone
             v = measure(b.name, _block_specs(plan, b), _scales(plan, smoothing))
-            opts.append(BlockOption(level, v.sqnr_db, v.weight_bytes))
+            options[b.name].append(BlockOption(level, v.sqnr_db, v.weight_bytes))
             relative[b.name][level] = {
                 "sqnr_db": _finite(v.sqnr_db),
                 "block_output_sqnr_db": _finite(v.local_sqnr_db),
                 "weight_bytes": v.weight_bytes,
             }
-        relative[b.name]["float"] = {"weight_bytes": opts[-1].weight_bytes}
-        options[b.name] = opts
+        if level == base_level:
+            base_bytes = sum(o[0].weight_bytes for o in options.values())
+            if budget is None and budget_ratio is not None:
+                budget = int((base_bytes + fixed) * budget_ratio)
+            if budget is not None and budget < base_bytes + fixed:
+                raise ValueError(
+                    f"budget of {budget} bytes is below the {base_bytes + fixed} bytes the "
+                    f"base recipe already makes the denoiser ({fixed} of them stay float "
+                    "whatever the plan)"
+                )
 
-    base_bytes = sum(o[0].weight_bytes for o in options.values())
-    fixed = fixed_bytes(denoiser, layers)
-    budget = budget_bytes
-    if budget is None and budget_ratio is not None:
-        budget = int((base_bytes + fixed) * budget_ratio)
-    if budget is not None and budget < base_bytes + fixed:
-        raise ValueError(
-            f"budget of {budget} bytes is below the {base_bytes + fixed} bytes the base recipe "
-            f"already makes the denoiser ({fixed} of them stay float whatever the plan)"
-        )
     choice = greedy_plan(
         options,
         target_sqnr_db=target_sqnr_db,
