@@ -25,18 +25,15 @@ from pathlib import Path
 import torch
 
 from bench.record import save
-from models.generate import conditions_for, evaluation_targets, sample
-from models.loader import read_defaults
+from bench.reference import fp_reference
+from models.generate import sample
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import open_source
-from quantization.blocks import denoiser_attr, denoiser_swapped, find_blocks
-from quantization.calibration import calibration_conditions, record_calibration
+from quantization.blocks import denoiser_swapped, find_blocks
+from quantization.calibration import calibration_conditions, record_calibration, record_trajectory
 from quantization.ptq import quantize_denoiser, uniform_plan
 from quantization.recipes import get_recipe
-from quantization.run import TRAJECTORY_SEED
 from quantization.sensitivity import Measurer
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD = ("proj_out_1", "proj_out_2", "conv_out")  # the blocks that write the denoiser's output
 
@@ -65,24 +62,10 @@ def noise_to_signal_at_t_max(scheduler) -> float:
 
 @torch.no_grad()
 def measure(model: str, n: int) -> dict:
-    folder = ROOT / "models" / model
-    d = read_defaults(folder)
-    kw = {"num_inference_steps": d["num_inference_steps"], "guidance_scale": d["guidance_scale"]}
-    pipe = open_source(folder)
-    attr = denoiser_attr(pipe)
-    fp_denoiser = getattr(pipe, attr)
-    targets = evaluation_targets(n, with_colors=d["kind"] == "text-to-image", seed=0)
-    conditions = conditions_for(pipe, targets)
-    fp = sample(pipe, conditions, seed=0, **kw)
+    ref = fp_reference(model, n)
+    pipe, attr, kw, fp_denoiser = ref.pipe, ref.attr, ref.sampling, ref.denoiser
     calib = record_calibration(pipe, attr, calibration_conditions(pipe, 32), **kw)
-    trajectory = record_calibration(
-        pipe,
-        attr,
-        calibration_conditions(pipe, 8, seed=TRAJECTORY_SEED),
-        kind="multi-step",
-        seed=TRAJECTORY_SEED,
-        **kw,
-    )
+    trajectory = record_trajectory(pipe, attr, 8, **kw)
     measurer = Measurer(fp_denoiser, calib.calls, trajectory.calls)
     variants = {
         "fp16 weights": lambda: rounded(fp_denoiser, torch.float16),
@@ -97,14 +80,14 @@ def measure(model: str, n: int) -> dict:
         denoiser = build()
         step = measurer.measure(denoiser).sqnr_db
         with denoiser_swapped(pipe, denoiser):
-            q = sample(pipe, conditions, seed=0, **kw)
-        latent = sqnr_db(fp.latents, q.latents)
+            q = sample(pipe, ref.conditions, seed=0, **kw)
+        latent = sqnr_db(ref.fp.latents, q.latents)
         row = {
             "variant": name,
             "step_sqnr_db": round(step, 2),
             "sqnr_latent_db": round(latent, 2),
             "amplification_db": round(step - latent, 2),
-            "psnr_db": round(psnr_db(fp.images, q.images), 2),
+            "psnr_db": round(psnr_db(ref.fp.images, q.images), 2),
         }
         print(model, row, flush=True)
         rows.append(row)

@@ -18,33 +18,24 @@ from pathlib import Path
 
 import torch
 
-from models.generate import conditions_for, evaluation_targets, sample
-from models.loader import read_defaults
+from bench.reference import fp_reference
+from models.generate import sample
 from quality.evaluator import Evaluator
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import open_source
-from quantization.blocks import denoiser_attr, denoiser_swapped
-from quantization.calibration import calibration_conditions, record_calibration
+from quantization.blocks import denoiser_swapped
+from quantization.calibration import calibration_conditions, record_calibration, record_trajectory
 from quantization.ptq import analyze, quantize_denoiser
 from quantization.recipes import get_recipe
-from quantization.run import TRAJECTORY_SEED
 from quantization.sensitivity import Measurer
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
 def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
-    folder = ROOT / "models" / model
-    d = read_defaults(folder)
-    kw = {"num_inference_steps": d["num_inference_steps"], "guidance_scale": d["guidance_scale"]}
-    pipe = open_source(folder)
-    attr = denoiser_attr(pipe)
-    fp_denoiser = getattr(pipe, attr)
-    targets = evaluation_targets(n, with_colors=d["kind"] == "text-to-image", seed=0)
-    conditions = conditions_for(pipe, targets)
-    fp = sample(pipe, conditions, seed=0, **kw)
+    ref = fp_reference(model, n)
+    pipe, attr, kw = ref.pipe, ref.attr, ref.sampling
+    fp, targets = ref.fp, ref.targets
     evaluator = Evaluator.load()
     rows = [
         {
@@ -58,24 +49,17 @@ def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
         plan = None
         if get_recipe(recipe).mixed_precision:
             single = record_calibration(pipe, attr, calib_conditions, **kw)
-            trajectory = record_calibration(
-                pipe,
-                attr,
-                calibration_conditions(pipe, 8, seed=TRAJECTORY_SEED),
-                kind="multi-step",
-                seed=TRAJECTORY_SEED,
-                **kw,
-            )
+            trajectory = record_trajectory(pipe, attr, 8, **kw)
             plan = analyze(
-                Measurer(fp_denoiser, single.calls, trajectory.calls),
+                Measurer(ref.denoiser, single.calls, trajectory.calls),
                 get_recipe(recipe),
                 detail=False,
             ).plan
         for kind in ("single-step", "multi-step"):
             calib = record_calibration(pipe, attr, calib_conditions, kind=kind, **kw)
-            result = quantize_denoiser(fp_denoiser, get_recipe(recipe), calib.calls, plan=plan)
+            result = quantize_denoiser(ref.denoiser, get_recipe(recipe), calib.calls, plan=plan)
             with denoiser_swapped(pipe, result.model):
-                q = sample(pipe, conditions, seed=0, **kw)
+                q = sample(pipe, ref.conditions, seed=0, **kw)
             row = {
                 "model": model,
                 "variant": recipe,

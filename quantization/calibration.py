@@ -18,13 +18,16 @@ from quantization.capture import Call, record_calls
 
 __all__ = [
     "CALIBRATION_KINDS",
+    "TRAJECTORY_SEED",
     "Calibration",
     "calibration_conditions",
     "record_calibration",
+    "record_trajectory",
     "steps_for",
 ]
 
 CALIBRATION_KINDS = ("single-step", "multi-step")
+TRAJECTORY_SEED = 2000  # the measuring prompts differ from the calibration ones (seed 1000)
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,18 @@ def record_calibration(
         steps=set(steps),
     )
     return Calibration(kind, steps, len(conditions), calls, time.perf_counter() - start)
+
+
+def record_trajectory(
+    pipe, denoiser_attr: str, prompts: int, *, num_inference_steps: int, guidance_scale: float
+) -> Calibration:
+    """Every step of the FP sampling of ``prompts`` measuring prompts: what SQNR is measured on."""
+    return record_calibration(
+        pipe,
+        denoiser_attr,
+        calibration_conditions(pipe, prompts, seed=TRAJECTORY_SEED),
+        kind="multi-step",
+        seed=TRAJECTORY_SEED,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    )

@@ -17,7 +17,12 @@ from models.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import DTYPES, open_source, save_artifact
 from quantization.blocks import denoiser_attr, denoiser_swapped
-from quantization.calibration import calibration_conditions, record_calibration
+from quantization.calibration import (
+    TRAJECTORY_SEED,
+    calibration_conditions,
+    record_calibration,
+    record_trajectory,
+)
 from quantization.plan import plan_from_json, plan_to_json
 from quantization.ptq import (
     DEFAULT_BUDGET_RATIO,
@@ -31,8 +36,6 @@ from quantization.report import write_report
 from quantization.sensitivity import Measurer
 
 __all__ = ["Options", "analyze_source", "quantize_source", "run", "stage_count"]
-
-TRAJECTORY_SEED = 2000  # the measuring prompts differ from the calibration ones (seed 1000)
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,8 @@ def _prepare(src: str, o: Options, progress):
         guidance_scale=guidance,
     )
     progress(f"FP trajectory of {o.trajectory_prompts} prompts to measure on")
-    traj = record_calibration(
-        pipe,
-        attr,
-        calibration_conditions(pipe, o.trajectory_prompts, seed=TRAJECTORY_SEED),
-        kind="multi-step",
-        seed=TRAJECTORY_SEED,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
+    traj = record_trajectory(
+        pipe, attr, o.trajectory_prompts, num_inference_steps=steps, guidance_scale=guidance
     )
     return (
         pipe,

@@ -195,8 +195,7 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
     pipe = load_quantized(out)
     from models.loader import load_pipeline
     from quality.metrics import sqnr_db
-    from quantization.calibration import calibration_conditions
-    from quantization.run import TRAJECTORY_SEED
+    from quantization.calibration import TRAJECTORY_SEED, calibration_conditions
 
     fp = load_pipeline(src)
     conditions = calibration_conditions(fp, FAST["check_images"], seed=TRAJECTORY_SEED + 1)

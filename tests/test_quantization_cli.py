@@ -11,10 +11,9 @@ from models.generate import sample
 from models.loader import load_pipeline
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import load_quantized
-from quantization.calibration import calibration_conditions
+from quantization.calibration import TRAJECTORY_SEED, calibration_conditions
 from quantization.cli import main
 from quantization.recipes import RECIPES
-from quantization.run import TRAJECTORY_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = sorted(
