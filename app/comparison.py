@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image
 
 from app import metrics
+from app.api.deps import check_rate, check_workers
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.queue.client import JobQueue
-from app.queue.records import TERMINAL, Job, JobStatus
+from app.queue.records import ANONYMOUS, TERMINAL, Job, JobStatus
 from app.registry import ModelSpec, Registry
 from app.resolve import job_request, variant_name
 from quality.metrics import psnr_db, sqnr_db, ssim
@@ -56,6 +57,7 @@ class Comparison:
     reference: str
     rows: list[Row] = field(default_factory=list)
     scored: bool = False  # fidelity measured (once, when the last job finished)
+    owner: str = ANONYMOUS
 
     @property
     def finished(self) -> bool:
@@ -70,6 +72,7 @@ class Comparison:
             "seed": self.seed,
             "reference": self.reference,
             "scored": self.scored,
+            "owner": self.owner,
             "rows": [
                 {
                     "variant": r.variant,
@@ -94,6 +97,8 @@ class Comparison:
             record["seed"],
             record["reference"],
             rows,
+            record.get("scored", False),
+            record.get("owner", ANONYMOUS),
         )
 
 
@@ -131,9 +136,10 @@ async def submit(
     steps: int | None = None,
     guidance_scale: float | None = None,
     size: str | None = None,
-    owner: str = "anonymous",
+    owner: str = ANONYMOUS,
 ) -> Comparison:
-    """Queue one job per variant (same prompt, seed and settings) and store the comparison."""
+    """Queue one job per variant (same prompt, seed and settings), all or none, and store the
+    comparison."""
     names, reference = check_variants(settings, spec, variants, reference)
     seed = secrets.randbelow(2**31) if seed is None else seed
     requests = [
@@ -150,7 +156,9 @@ async def submit(
         )
         for name in names
     ]
-    submitted = [await queue.submit(r, owner=owner) for r in requests]
+    await check_workers(registry, queue, requests)
+    await check_rate(queue, settings, owner)
+    submitted = await queue.submit_all(requests, owner=owner)
     result = Comparison(
         uuid.uuid4().hex,
         spec.name,
@@ -161,6 +169,7 @@ async def submit(
             Row(n, spec.variants[n].quantized, s.id, None)
             for n, s in zip(names, submitted, strict=True)
         ],
+        owner=owner,
     )
     await queue.store_comparison(result.id, result.record())
     return result

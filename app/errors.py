@@ -20,12 +20,14 @@ __all__ = [
     "InvalidRequest",
     "JobFailed",
     "NotFound",
+    "PayloadTooLarge",
     "QueueFull",
     "RateLimited",
     "ServiceError",
     "Timeout",
     "Unavailable",
     "error_body",
+    "error_response",
     "install_error_handlers",
 ]
 
@@ -67,6 +69,10 @@ class ConflictError(ServiceError):
     status, type, code = 409, "invalid_request_error", "conflict"
 
 
+class PayloadTooLarge(ServiceError):
+    status, type, code = 413, "invalid_request_error", "body_too_large"
+
+
 class RateLimited(ServiceError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
@@ -91,16 +97,38 @@ def error_body(message: str, type_: str, param: str | None, code: str | None) ->
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception the API can meet onto the one error body."""
-
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+def error_response(exc: Exception) -> JSONResponse:
+    """The response for any exception: a ServiceError as it says; anything else is logged
+    and answered 503 when Redis failed (the request may be retried), else 500."""
+    if isinstance(exc, ServiceError):
         return JSONResponse(
             error_body(exc.message, exc.type, exc.param, exc.code),
             status_code=exc.status,
             headers=exc.headers,
         )
+    if type(exc).__module__.startswith("redis"):
+        log.warning("Redis failed under a request: %s: %s", type(exc).__name__, exc)
+        status, code = 503, "redis_unavailable"
+    else:
+        log.error("unhandled error", exc_info=exc)
+        status, code = 500, "internal_error"
+    return JSONResponse(
+        error_body(
+            f"{type(exc).__name__}: the service could not answer", "server_error", None, code
+        ),
+        status_code=status,
+        headers={"Retry-After": "1"} if status == 503 else None,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map the exceptions of routes onto the one error body. Anything else is answered by
+    ``app.api.middleware.Guard`` through ``error_response``, inside the server's own error
+    handling, so the connection stays usable."""
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,17 +149,4 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(str(exc.detail), type_, None, None),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        status, code = 500, "internal_error"
-        if type(exc).__module__.startswith("redis"):
-            status, code = 503, "redis_unavailable"
-        return JSONResponse(
-            error_body(
-                f"{type(exc).__name__}: the service could not answer", "server_error", None, code
-            ),
-            status_code=status,
         )

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from redis import asyncio as aioredis
 
-from app import metrics
 from app.api import compare, generations, health, jobs, models
+from app.api.middleware import Guard, Observe
 from app.comparison import shadow_loop
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.queue.client import JobQueue
+from app.queue.connect import api_client, listener_client
 from app.queue.keys import Keys
+from app.queue.listener import Listener
 from app.registry import load_registry
 
 __all__ = ["create_app"]
@@ -31,6 +31,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("app")
 
 STATIC = Path(__file__).resolve().parent / "static"
+LISTEN_BLOCK_S = 10.0  # the shared XREAD's block time; a new subscription wakes it at once
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,10 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = api_client(settings)
+        keys = Keys(settings.key_prefix)
+        listener = Listener(
+            listener_client(settings, LISTEN_BLOCK_S), redis, keys, block_s=LISTEN_BLOCK_S
+        )
+        listener.start()
         queue = JobQueue(
             redis,
-            Keys(settings.key_prefix),
+            listener,
+            keys,
             queue_max=settings.queue_max,
             job_ttl_s=settings.job_ttl_s,
             heartbeat_s=settings.heartbeat_s,
@@ -62,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if shadow is not None:
                 shadow.cancel()
+            await listener.close()
             await redis.aclose()
 
     app = FastAPI(
@@ -80,18 +88,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The playground page (its assets are served from /static; no external CDN)."""
         return FileResponse(STATIC / "index.html")
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(template, request.method, str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(template).observe(time.perf_counter() - t0)
-
+    app.add_middleware(Guard)
+    app.add_middleware(Observe)  # outermost: it sees the status Guard answers with
     return app

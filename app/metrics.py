@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_LOAD_SECONDS",
     "PEAK_MEMORY_BYTES",
     "QUEUE_DEPTH",
+    "QUEUE_OLDEST_SECONDS",
     "QUEUE_WAIT_SECONDS",
     "REQUESTS",
     "REQUEST_SECONDS",
@@ -45,6 +46,11 @@ REQUEST_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("t2i_queue_depth", "Jobs waiting in the queue (read at scrape)", MV)
+QUEUE_OLDEST_SECONDS = Gauge(
+    "t2i_queue_oldest_seconds",
+    "How long the longest-waiting queued job has waited, 0 when none (read at scrape)",
+    MV,
+)
 WORKERS_LIVE = Gauge("t2i_workers_live", "Workers with a fresh heartbeat (read at scrape)", MV)
 FIDELITY_PSNR = Gauge("t2i_fidelity_psnr_db", "PSNR of the latest compare against FP, dB", MV)
 FIDELITY_SSIM = Gauge("t2i_fidelity_ssim", "SSIM of the latest compare against FP", MV)

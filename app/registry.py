@@ -37,6 +37,7 @@ class VariantSpec:
     name: str
     dtype: str = "fp32"
     artifact: Path | None = None  # a quantized artifact folder; None for full precision
+    require_worker: bool = False  # refuse jobs (503) while no worker is live, instead of queueing
     manifest: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -46,7 +47,12 @@ class VariantSpec:
     def summary(self) -> dict:
         """What ``GET /v1/models`` says of the variant: bytes, bits plan, measured quality."""
         if not self.quantized:
-            return {"id": self.name, "quantized": False, "dtype": self.dtype}
+            return {
+                "id": self.name,
+                "quantized": False,
+                "dtype": self.dtype,
+                "require_worker": self.require_worker,
+            }
         m = self.manifest
         levels: dict[str, int] = {}
         for layer in m.get("layers", {}).values():
@@ -56,6 +62,7 @@ class VariantSpec:
             "id": self.name,
             "quantized": True,
             "dtype": m.get("dtype", self.dtype),
+            "require_worker": self.require_worker,
             "recipe": m.get("recipe", {}).get("name"),
             "denoiser_weight_bytes": m.get("sizes", {}).get("denoiser_weight_bytes"),
             "ratio_to_fp16": m.get("sizes", {}).get("ratio_to_fp16"),
@@ -122,7 +129,10 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         kind = CLASS_CONDITIONAL if index.get("_class_name") in _CLASS_PIPELINES else TEXT_TO_IMAGE
     if kind not in (CLASS_CONDITIONAL, TEXT_TO_IMAGE):
         raise RegistryError(f"{where}: kind must be {CLASS_CONDITIONAL!r} or {TEXT_TO_IMAGE!r}")
-    variants = {v: _variant(f"{where}.variants.{v}", v, e, base) for v, e in _variants(entry)}
+    require = entry.get("require_worker", False)
+    variants = {
+        v: _variant(f"{where}.variants.{v}", v, e, base, require) for v, e in _variants(entry)
+    }
     default_variant = entry.get("default_variant", next(iter(variants)))
     if default_variant not in variants:
         raise RegistryError(f"{where}: default_variant {default_variant!r} is not a variant")
@@ -168,18 +178,21 @@ def _variants(entry: dict):
     return variants.items()
 
 
-def _variant(where: str, name: str, entry: dict, base: Path) -> VariantSpec:
+def _variant(where: str, name: str, entry: dict, base: Path, require: bool) -> VariantSpec:
+    require = entry.get("require_worker", require)
+    if not isinstance(require, bool):
+        raise RegistryError(f"{where}: require_worker must be true or false")
     if "artifact" in entry:
         folder = Path(_resolve(entry["artifact"], base))
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
             raise RegistryError(f"{where}: {folder} is not a quantized artifact (no manifest.json)")
         manifest = _read_json(manifest_file)
-        return VariantSpec(name, manifest.get("dtype", "fp32"), folder, manifest)
+        return VariantSpec(name, manifest.get("dtype", "fp32"), folder, require, manifest)
     dtype = entry.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise RegistryError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
-    return VariantSpec(name, dtype)
+    return VariantSpec(name, dtype, require_worker=require)
 
 
 def _resolve(value: str, base: Path) -> str:

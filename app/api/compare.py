@@ -11,10 +11,11 @@ import base64
 
 from fastapi import APIRouter, Request
 
-from app.api.deps import Caller, Owner, QueueDep, RegistryDep, SettingsDep
+from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep
 from app.api.jobs import image_url
 from app.comparison import Comparison, collect, compare, submit
 from app.errors import NotFound
+from app.queue.records import ANONYMOUS, is_id
 from app.resolve import model_spec
 from app.schemas import CompareRequest, CompareResponse, CompareVariant
 
@@ -44,7 +45,7 @@ async def compare_variants(
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
-    owner: Caller,
+    owner: Owner,
 ) -> CompareResponse:
     result = await compare(settings, registry, queue, **_arguments(body, registry, owner))
     return _response(request, result)
@@ -57,7 +58,7 @@ async def start_comparison(
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
-    owner: Caller,
+    owner: Owner,
 ) -> CompareResponse:
     result = await submit(settings, registry, queue, **_arguments(body, registry, owner))
     return _response(request, await collect(queue, result, 0))
@@ -65,10 +66,10 @@ async def start_comparison(
 
 @router.get("/comparisons/{comparison_id}", response_model=CompareResponse)
 async def read_comparison(
-    comparison_id: str, request: Request, queue: QueueDep, _: Owner
+    comparison_id: str, request: Request, queue: QueueDep, owner: Owner
 ) -> CompareResponse:
-    record = await queue.comparison(comparison_id) if len(comparison_id) <= 64 else None
-    if record is None:
+    record = await queue.comparison(comparison_id) if is_id(comparison_id) else None
+    if record is None or record.get("owner", ANONYMOUS) != owner:
         raise NotFound(f"no comparison {comparison_id!r} (unknown, or expired)", param="id")
     result = await collect(queue, Comparison.from_record(record), 0)
     return _response(request, result)

@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Header, Request
 
-from app.api.deps import Caller, QueueDep, RegistryDep, SettingsDep
+from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep
 from app.api.jobs import image_url, submit
 from app.errors import ConflictError, InvalidRequest, JobFailed, Timeout
 from app.queue.records import JobStatus
@@ -25,7 +25,7 @@ async def create_images(
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
-    owner: Caller,
+    owner: Owner,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
 ) -> ImagesResponse:
     submitted = await submit(body, settings, registry, queue, owner, idempotency_key)

@@ -21,21 +21,16 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(registry: RegistryDep, queue: QueueDep) -> dict:
-    """Redis answers and every configured model has at least one live worker."""
+async def readyz(queue: QueueDep) -> dict:
+    """This API can take work: Redis answers. Workers are not required (jobs wait for them:
+    workers may scale to zero); ``GET /v1/models`` shows the live ones."""
     try:
         await queue.redis.ping()
     except Exception as exc:
         raise Unavailable(
             f"Redis does not answer: {type(exc).__name__}", code="redis_down"
         ) from exc
-    workers = {}
-    for spec in registry.models.values():
-        workers[spec.name] = {v: await queue.live_workers(spec.name, v) for v in spec.variants}
-    missing = [m for m, counts in workers.items() if sum(counts.values()) == 0]
-    if missing:
-        raise Unavailable(f"no live worker for {', '.join(missing)}", code="no_workers")
-    return {"status": "ready", "workers": workers}
+    return {"status": "ready"}
 
 
 @router.get("/metrics")
@@ -45,6 +40,8 @@ async def prometheus_metrics(registry: RegistryDep, queue: QueueDep) -> Response
         for spec in registry.models.values():
             for v in spec.variants:
                 metrics.QUEUE_DEPTH.labels(spec.name, v).set(await queue.depth(spec.name, v))
+                oldest = await queue.oldest_queued_age(spec.name, v)
+                metrics.QUEUE_OLDEST_SECONDS.labels(spec.name, v).set(oldest or 0.0)
                 metrics.WORKERS_LIVE.labels(spec.name, v).set(
                     await queue.live_workers(spec.name, v)
                 )

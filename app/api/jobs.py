@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 
 from app import metrics
-from app.api.deps import Caller, Owner, QueueDep, RegistryDep, SettingsDep
+from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep, check_rate, check_workers
+from app.config import Settings
 from app.errors import ConflictError, InvalidRequest, NotFound
 from app.queue.client import JobQueue, Submitted
-from app.queue.records import CONTENT_TYPES, TERMINAL, Job, JobStatus
+from app.queue.listener import stream_id
+from app.queue.records import CONTENT_TYPES, TERMINAL, Job, is_id
 from app.resolve import job_request
 from app.schemas import GenerationRequest, JobCreated, JobView
 
-__all__ = ["get_job", "image_url", "job_view", "router", "submit"]
+__all__ = ["get_job", "job_view", "public_url", "router", "submit"]
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-KEEPALIVE_MS = 15_000
+KEEPALIVE_S = 15.0  # an SSE comment at least this often keeps proxies and clients from timing out
 
 
 async def submit(
@@ -47,18 +53,29 @@ async def submit(
     )
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
         raise InvalidRequest("Idempotency-Key must be 1 to 256 characters", param="Idempotency-Key")
+    await check_workers(registry, queue, [request])
+    await check_rate(queue, settings, owner)
     return await queue.submit(request, idempotency=idempotency_key, owner=owner)
 
 
-async def get_job(queue: JobQueue, job_id: str) -> Job:
-    job = await queue.get(job_id) if len(job_id) <= 64 else None
-    if job is None:
+async def get_job(queue: JobQueue, job_id: str, owner: str) -> Job:
+    """The job, if it exists and belongs to ``owner``; 404 alike for all else, so other keys
+    cannot even learn that an id exists."""
+    job = await queue.get(job_id) if is_id(job_id) else None
+    if job is None or job.owner != owner:
         raise NotFound(f"no job {job_id!r} (unknown, or expired)", param="id")
     return job
 
 
+def public_url(request: Request, name: str, **params) -> str:
+    """A route's URL: under ``T2I_PUBLIC_URL`` when set, else a path; never from ``Host``."""
+    path = request.app.url_path_for(name, **params)
+    settings: Settings = request.app.state.settings
+    return f"{settings.public_url}{path}" if settings.public_url else str(path)
+
+
 def image_url(request: Request, job_id: str, index: int) -> str:
-    return str(request.url_for("job_image", job_id=job_id, index=index))
+    return public_url(request, "job_image", job_id=job_id, index=index)
 
 
 async def job_view(request: Request, queue: JobQueue, job: Job) -> JobView:
@@ -92,12 +109,12 @@ async def create_job(
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
-    owner: Caller,
+    owner: Owner,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
 ) -> JobCreated:
     submitted = await submit(body, settings, registry, queue, owner, idempotency_key)
-    job = await get_job(queue, submitted.id)
-    response.headers["Location"] = str(request.url_for("read_job", job_id=submitted.id))
+    job = await get_job(queue, submitted.id, owner)
+    response.headers["Location"] = public_url(request, "read_job", job_id=submitted.id)
     return JobCreated(
         id=job.id,
         status=job.status.value,
@@ -108,24 +125,27 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def read_job(job_id: str, request: Request, queue: QueueDep, _: Owner) -> JobView:
-    return await job_view(request, queue, await get_job(queue, job_id))
+async def read_job(job_id: str, request: Request, queue: QueueDep, owner: Owner) -> JobView:
+    return await job_view(request, queue, await get_job(queue, job_id, owner))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
-async def cancel_job(job_id: str, request: Request, queue: QueueDep, _: Owner) -> JobView:
-    job = await get_job(queue, job_id)
+async def cancel_job(job_id: str, request: Request, queue: QueueDep, owner: Owner) -> JobView:
+    """Cancel a queued job at once, a running one at its next step; cancelling again is a
+    no-op (and counted once)."""
+    job = await get_job(queue, job_id, owner)
     outcome = await queue.cancel(job)
-    if outcome in (JobStatus.COMPLETED, JobStatus.FAILED):
-        raise ConflictError(f"job {job_id} has already {outcome}; nothing to cancel", param="id")
+    if outcome in ("already_completed", "already_failed"):
+        status = outcome.removeprefix("already_")
+        raise ConflictError(f"job {job_id} has already {status}; nothing to cancel", param="id")
     if outcome == "cancelled":
         metrics.JOBS.labels(job.request.model, job.request.variant, "cancelled").inc()
-    return await job_view(request, queue, await get_job(queue, job_id))
+    return await job_view(request, queue, await get_job(queue, job_id, owner))
 
 
 @router.get("/{job_id}/images/{index}", name="job_image")
-async def job_image(job_id: str, index: int, queue: QueueDep, _: Owner) -> Response:
-    job = await get_job(queue, job_id)
+async def job_image(job_id: str, index: int, queue: QueueDep, owner: Owner) -> Response:
+    job = await get_job(queue, job_id, owner)
     data = await queue.image(job_id, index) if 0 <= index < job.images else None
     if data is None:
         raise NotFound(f"job {job_id} has no image {index}", param="index")
@@ -136,15 +156,18 @@ async def job_image(job_id: str, index: int, queue: QueueDep, _: Owner) -> Respo
 async def job_events(
     job_id: str,
     queue: QueueDep,
-    _: Owner,
+    owner: Owner,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
     """Server-Sent Events: the job's status changes and one event per denoising step, each
-    with its id; reconnecting with ``Last-Event-ID`` resumes after that event."""
-    job = await get_job(queue, job_id)
-    after = last_event_id or "0-0"
-    if not _is_stream_id(after):
-        raise InvalidRequest("Last-Event-ID is not an event id of this job", param="Last-Event-ID")
+    with its id; reconnecting with ``Last-Event-ID`` resumes after that event. A comment at
+    least every 15 s keeps an idle connection open however long the job takes."""
+    job = await get_job(queue, job_id, owner)
+    after = last_event_id.strip() if last_event_id is not None else "0-0"
+    if stream_id(after) is None:
+        raise InvalidRequest(
+            "Last-Event-ID is not an event id of this job (ms-seq)", param="Last-Event-ID"
+        )
     return StreamingResponse(
         _stream(queue, job.id, after, job.status in TERMINAL),
         media_type="text/event-stream",
@@ -152,26 +175,44 @@ async def job_events(
     )
 
 
+def _event(event_id: str, data: dict) -> tuple[str, bool]:
+    """One SSE message, and whether it is the job's last."""
+    kind = data.pop("type", "message")
+    for key in ("progress", "step", "steps"):
+        if key in data:
+            data[key] = int(data[key])
+    last = kind == "status" and data.get("status") in {s.value for s in TERMINAL}
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n", last
+
+
 async def _stream(queue: JobQueue, job_id: str, after: str, finished: bool) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
-    while True:
-        events = await queue.events(job_id, after, None if finished else KEEPALIVE_MS)
-        if not events:
-            if finished or await queue.get(job_id) is None:
-                return
-            yield ": keep-alive\n\n"
-            continue
-        for event_id, data in events:
+    while finished:  # everything there is to send is in the stream already
+        replayed = await queue.replay(job_id, after)
+        if not replayed:
+            return
+        for event_id, data in replayed:
             after = event_id
-            kind = data.pop("type", "message")
-            for key in ("progress", "step", "steps"):
-                if key in data:
-                    data[key] = int(data[key])
-            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
-            if kind == "status" and data.get("status") in {s.value for s in TERMINAL}:
-                return
+            yield _event(event_id, data)[0]
+    async with queue.follow(job_id, after) as events:
+        while True:
+            batch = await events.next(KEEPALIVE_S)
+            if not batch:
+                if await _gone(queue, job_id):
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            for event_id, data in batch:
+                message, last = _event(event_id, data)
+                yield message
+                if last:
+                    return
 
 
-def _is_stream_id(value: str) -> bool:
-    ms, _, seq = value.partition("-")
-    return ms.isdigit() and seq.isdigit() and len(value) <= 41
+async def _gone(queue: JobQueue, job_id: str) -> bool:
+    """The job's record has expired (a stalled Redis does not end the stream)."""
+    try:
+        return await queue.get(job_id) is None
+    except RedisError as exc:
+        log.warning("cannot read job %s while streaming: %s", job_id, exc)
+        return False

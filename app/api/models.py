@@ -20,6 +20,7 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> dict:
             summary = variant.summary()
             summary["workers"] = await queue.live_workers(spec.name, variant.name)
             summary["queue_depth"] = await queue.depth(spec.name, variant.name)
+            summary["oldest_queued_s"] = await queue.oldest_queued_age(spec.name, variant.name)
             variants.append(summary)
         data.append(
             {

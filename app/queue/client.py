@@ -1,4 +1,8 @@
-"""The API's side of the queue (redis.asyncio): submit, look up, cancel, follow, fetch."""
+"""The API's side of the queue (redis.asyncio): submit, look up, cancel, follow, fetch.
+
+Ordinary calls go through the pooled client; following a job (SSE) and waiting for one go
+through the process's one ``Listener``, so they hold no pooled connection while they wait.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ from redis.exceptions import ResponseError
 from app.errors import QueueFull
 from app.queue import scripts
 from app.queue.keys import GROUP, Keys
+from app.queue.listener import Listener, Subscription
 from app.queue.records import TERMINAL, Job, JobRequest, JobStatus, decode, encode_new
 
 __all__ = ["JobQueue", "Submitted"]
 
 DEFAULT_JOB_SECONDS = 5.0  # Retry-After's guess before any job of a variant has finished
+RECHECK_S = 5.0  # a waiter re-reads the job record at least this often (expired? Redis lost?)
 
 
 @dataclass(frozen=True)
@@ -31,13 +37,14 @@ class JobQueue:
     def __init__(
         self,
         redis: aioredis.Redis,
+        listener: Listener,
         keys: Keys,
         *,
         queue_max: int,
         job_ttl_s: int,
         heartbeat_s: float,
     ) -> None:
-        self.redis, self.keys = redis, keys
+        self.redis, self.listener, self.keys = redis, listener, keys
         self.queue_max, self.job_ttl_s, self.heartbeat_s = queue_max, job_ttl_s, heartbeat_s
         self._enqueue = redis.register_script(scripts.ENQUEUE)
         self._cancel = redis.register_script(scripts.CANCEL)
@@ -55,34 +62,40 @@ class JobQueue:
         self, request: JobRequest, *, idempotency: str | None = None, owner: str = "anonymous"
     ) -> Submitted:
         """Queue a job; the same idempotency key (per owner) gives back the same job."""
-        job_id = uuid.uuid4().hex
-        m, v, k = request.model, request.variant, self.keys
-        fields = encode_new(job_id, request, time.time())
-        idem_key = k.idempotency(owner, idempotency) if idempotency else k.idempotency(owner, "-")
-        outcome, value = await self._enqueue(
-            keys=[k.job(job_id), k.queued(m, v), k.stream(m, v), k.events(job_id), idem_key],
-            args=[
-                job_id,
-                self.queue_max,
-                self.job_ttl_s,
-                repr(time.time()),
-                "1" if idempotency else "0",
-                *[x for pair in fields.items() for x in pair],
-            ],
-        )
-        outcome, value = _s(outcome), _s(value)
+        return (await self.submit_all([request], idempotency=idempotency, owner=owner))[0]
+
+    async def submit_all(
+        self,
+        requests: list[JobRequest],
+        *,
+        idempotency: str | None = None,
+        owner: str = "anonymous",
+    ) -> list[Submitted]:
+        """Queue every job or none (429 ``queue_full`` naming the full queue), atomically."""
+        k, now = self.keys, time.time()
+        job_ids = [uuid.uuid4().hex for _ in requests]
+        keys = [k.idempotency(owner, idempotency or "-")]
+        args = [self.queue_max, self.job_ttl_s, repr(now), "1" if idempotency else "0", k.job("")]
+        for job_id, r in zip(job_ids, requests, strict=True):
+            m, v = r.model, r.variant
+            keys += [k.job(job_id), k.queued(m, v), k.stream(m, v), k.events(job_id)]
+            fields = encode_new(job_id, r, now, owner)
+            args += [job_id, 2 * len(fields), *[x for pair in fields.items() for x in pair]]
+        reply = [_s(x) for x in await self._enqueue(keys=keys, args=args)]
+        outcome = reply[0]
         if outcome == "existing":
-            job = await self.get(value)
-            return Submitted(value, await self.position(job) if job else 0)
+            job = await self.get(reply[1])
+            return [Submitted(reply[1], await self.position(job) if job else 0)]
         if outcome == "full":
-            depth = int(value)
-            retry = await self.retry_after(m, v, depth)
+            full, depth = requests[int(reply[1]) - 1], int(reply[2])
+            retry = await self.retry_after(full.model, full.variant, depth)
             raise QueueFull(
-                f"the queue of {m}/{v} is full ({depth} jobs waiting); retry in {retry} s",
+                f"the queue of {full.model}/{full.variant} is full ({depth} jobs waiting); "
+                f"retry in {retry} s",
                 param="model",
                 headers={"Retry-After": str(retry)},
             )
-        return Submitted(job_id, int(value))
+        return [Submitted(j, int(p)) for j, p in zip(job_ids, reply[1:], strict=True)]
 
     async def get(self, job_id: str) -> Job | None:
         fields = await self.redis.hgetall(self.keys.job(job_id))
@@ -106,29 +119,37 @@ class JobQueue:
         )
         return _s(outcome)
 
-    async def events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, dict]]:
-        """Events after the stream id ``after`` ("0-0": from the start), waiting up to block_ms
-        for one (None: not at all)."""
-        reply = await self.redis.xread({self.keys.events(job_id): after}, block=block_ms, count=100)
+    async def replay(self, job_id: str, after: str) -> list[tuple[str, dict]]:
+        """The job's events after the stream id ``after``, as they are now (no waiting)."""
+        reply = await self.redis.xread({self.keys.events(job_id): after}, count=1000)
         if not reply:
             return []
         return [(_s(eid), {_s(a): _s(b) for a, b in data.items()}) for eid, data in reply[0][1]]
 
+    def follow(self, job_id: str, after: str):
+        """``async with queue.follow(id, after) as events``: the job's events as they come."""
+        return self.listener.follow(self.keys.events(job_id), after)
+
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """The job once it has finished, or None if it has not within ``timeout_s``.
 
-        Blocks on the job's ``done`` stream, so a waiter wakes once, not at every step.
+        Follows the job's ``done`` stream through the listener, so a waiter wakes once, not at
+        every step, and holds no connection meanwhile.
         """
         deadline = time.monotonic() + timeout_s
         job = await self.get(job_id)
-        while job is not None and job.status not in TERMINAL:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            block_ms = max(1, int(min(left, 5.0) * 1000))
-            await self.redis.xread({self.keys.done(job_id): "0-0"}, block=block_ms, count=1)
-            job = await self.get(job_id)
-        return job
+        if job is None or job.status in TERMINAL:
+            return job
+        done: Subscription
+        async with self.listener.follow(self.keys.done(job_id)) as done:
+            while True:
+                job = await self.get(job_id)  # read after subscribing: no finish is missed
+                if job is None or job.status in TERMINAL:
+                    return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                await done.next(min(left, RECHECK_S))
 
     async def store_comparison(self, comparison_id: str, record: dict) -> None:
         key = self.keys.comparison(comparison_id)
@@ -145,7 +166,22 @@ class JobQueue:
         return await self.redis.get(self.keys.latents(job_id))
 
     async def depth(self, model: str, variant: str) -> int:
-        return int(await self.redis.zcard(self.keys.queued(model, variant)))
+        """Jobs that can still run in the queue (those whose record expired are dropped)."""
+        return (await self._queued(model, variant))[0]
+
+    async def oldest_queued_age(self, model: str, variant: str) -> float | None:
+        """Seconds the longest-waiting queued job has waited; None for an empty queue."""
+        _, oldest = await self._queued(model, variant)
+        return None if oldest is None else round(max(0.0, time.time() - oldest), 3)
+
+    async def _queued(self, model: str, variant: str) -> tuple[int, float | None]:
+        key, now = self.keys.queued(model, variant), time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zremrangebyscore(key, "-inf", f"({now - self.job_ttl_s!r}")
+        pipe.zcard(key)
+        pipe.zrange(key, 0, 0, withscores=True)
+        _, depth, first = await pipe.execute()
+        return int(depth), float(first[0][1]) if first else None
 
     async def live_workers(self, model: str, variant: str) -> int:
         """Workers whose heartbeat is at most three heartbeat periods old."""
@@ -162,10 +198,26 @@ class JobQueue:
         return max(1, math.ceil(mean * max(1, depth) / workers))
 
     async def rate_limit(self, owner: str, per_minute: int) -> int | None:
-        """None when the owner may go on; else the seconds until its minute window ends."""
+        """Count one submission; None when the owner may go on, else the seconds until its
+        minute window ends."""
+        return await self._count(self.keys.rate, owner, per_minute)
+
+    async def auth_throttled(self, address: str, per_minute: int) -> int | None:
+        """None when this client address may try a key again; else the seconds to wait."""
         now = time.time()
         window = int(now // 60)
-        key = self.keys.rate(owner, window)
+        count = await self.redis.get(self.keys.auth_failures(address, window))
+        if count is not None and int(count) >= per_minute:
+            return max(1, math.ceil((window + 1) * 60 - now))
+        return None
+
+    async def count_auth_failure(self, address: str) -> None:
+        await self._count(self.keys.auth_failures, address, 0)
+
+    async def _count(self, key_of, who: str, per_minute: int) -> int | None:
+        now = time.time()
+        window = int(now // 60)
+        key = key_of(who, window)
         pipe = self.redis.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, 120)

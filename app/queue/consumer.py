@@ -56,6 +56,7 @@ class Consumer:
         self.stream = keys.stream(model, variant)
         self._start = client.register_script(scripts.START)
         self._finish = client.register_script(scripts.FINISH)
+        self._reconcile = client.register_script(scripts.RECONCILE)
 
     def ensure_group(self) -> None:
         try:
@@ -63,6 +64,17 @@ class Consumer:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    def reconcile(self) -> int:
+        """Drop from the queued set the jobs that can no longer run (record expired, evicted
+        or deleted; no longer queued), so depth counts only what can run. Their stream entries
+        are skipped when taken. The number dropped."""
+        return int(
+            self._reconcile(
+                keys=[self.keys.queued(self.model, self.variant)],
+                args=[self.keys.job(""), repr(time.time()), self.job_ttl_s],
+            )
+        )
 
     # --- taking jobs -------------------------------------------------------------------------
 

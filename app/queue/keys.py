@@ -57,7 +57,16 @@ class Keys:
         return f"{self.prefix}:idempotency:{owner}:{key}"
 
     def rate(self, owner: str, window: int) -> str:
+        """Counter of an owner's accepted submissions in one minute window."""
         return f"{self.prefix}:rate:{owner}:{window}"
+
+    def auth_failures(self, address: str, window: int) -> str:
+        """Counter of failed authentications from one client address in one minute window."""
+        return f"{self.prefix}:authfail:{address}:{window}"
+
+    def wake(self, listener: str) -> str:
+        """Stream that wakes one API process's event listener when it has new streams to read."""
+        return f"{self.prefix}:listener:{listener}"
 
     def dead_letter(self) -> str:
         """Stream of jobs given up after too many deliveries."""

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-__all__ = ["TERMINAL", "Job", "JobRequest", "JobStatus", "decode", "encode_new"]
+__all__ = [
+    "ANONYMOUS",
+    "TERMINAL",
+    "Job",
+    "JobRequest",
+    "JobStatus",
+    "decode",
+    "encode_new",
+    "is_id",
+]
+
+_ID = re.compile(r"[0-9a-f]{32}")
+ANONYMOUS = "anonymous"  # the owner of everything when the service has no API keys
+
+
+def is_id(value: str) -> bool:
+    """The one format of job and comparison ids (``uuid4().hex``), checked before any Redis
+    call, so a crafted id never reaches a key it was not meant for."""
+    return _ID.fullmatch(value) is not None
 
 
 class JobStatus(StrEnum):
@@ -62,6 +81,7 @@ class Job:
     worker: str | None = None
     images: int = 0
     cancel_requested: bool = False
+    owner: str = ANONYMOUS  # a hash of the API key that made it (app.api.auth), never the key
     result: dict = field(default_factory=dict)  # the worker's measurements
 
     @property
@@ -77,10 +97,13 @@ class Job:
         return out
 
 
-def encode_new(job_id: str, request: JobRequest, now: float) -> dict[str, str]:
+def encode_new(
+    job_id: str, request: JobRequest, now: float, owner: str = ANONYMOUS
+) -> dict[str, str]:
     """The hash fields of a freshly queued job."""
     return {
         "id": job_id,
+        "owner": owner,
         "status": JobStatus.QUEUED.value,
         "request": json.dumps(asdict(request)),
         "created_at": repr(now),
@@ -112,6 +135,7 @@ def decode(fields: dict) -> Job:
         worker=f.get("worker") or None,
         images=int(f.get("images", 0)),
         cancel_requested=f.get("cancel_requested") == "1",
+        owner=f.get("owner") or ANONYMOUS,
         result=json.loads(f["result"]) if f.get("result") else {},
     )
 

@@ -6,35 +6,88 @@ life — queued, taken, finished — is decided in one place and never half-writ
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "ENQUEUE", "FINISH", "START"]
+__all__ = ["CANCEL", "ENQUEUE", "FINISH", "RECONCILE", "START"]
 
-# KEYS: job, queued, stream, events, idempotency.
-# ARGV: id, queue_max, ttl, now, use_idempotency ("1"/"0"), field, value, ...
-# -> {"queued", position} | {"full", depth} | {"existing", job_id}
-ENQUEUE = """
-if ARGV[5] == '1' then
-  local existing = redis.call('GET', KEYS[5])
+# Removes from a queued set (KEYS[qi]) the jobs that can no longer run: those queued longer
+# ago than the record's TTL (their record has expired), and, when ``full`` is set, every member
+# whose record is gone (evicted, deleted) or no longer queued. ``prefix`` + id is a job's key.
+_PRUNE = """
+local function prune(queued, prefix, now, ttl, full)
+  local removed = redis.call('ZREMRANGEBYSCORE', queued, '-inf', '(' .. (now - ttl))
+  if full then
+    for _, id in ipairs(redis.call('ZRANGE', queued, 0, -1)) do
+      if redis.call('HGET', prefix .. id, 'status') ~= 'queued' then
+        redis.call('ZREM', queued, id)
+        removed = removed + 1
+      end
+    end
+  end
+  return removed
+end
+"""
+
+# KEYS: queued.  ARGV: job key prefix, now, ttl.  -> members removed
+RECONCILE = (
+    _PRUNE
+    + """
+return prune(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+"""
+)
+
+# All or nothing: queues every job given, or none when one of their queues is full.
+# KEYS: idempotency, then per job: job, queued, stream, events.
+# ARGV: queue_max, ttl, now, use_idempotency ("1"/"0"), job key prefix,
+#       then per job: id, field count, field, value, ...
+# -> {"queued", position, ...} (one per job) | {"full", job index (1-based), depth}
+#    | {"existing", job_id}
+ENQUEUE = (
+    _PRUNE
+    + """
+if ARGV[4] == '1' then
+  local existing = redis.call('GET', KEYS[1])
   if existing then return {'existing', existing} end
 end
-local depth = redis.call('ZCARD', KEYS[2])
-if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], unpack(fields))
-local sid = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
-redis.call('HSET', KEYS[1], 'stream_id', sid)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('XADD', KEYS[4], '*', 'type', 'status', 'status', 'queued', 'progress', '0')
-redis.call('EXPIRE', KEYS[4], ttl)
-if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ttl) end
-return {'queued', tostring(depth)}
+local max, ttl, now, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
+local jobs, a = {}, 6
+while a <= #ARGV do
+  local count = tonumber(ARGV[a + 1])
+  local fields = {}
+  for i = a + 2, a + 1 + count do fields[#fields + 1] = ARGV[i] end
+  local k = 1 + 4 * #jobs
+  jobs[#jobs + 1] = {id = ARGV[a], fields = fields, job = KEYS[k + 1], queued = KEYS[k + 2],
+                     stream = KEYS[k + 3], events = KEYS[k + 4]}
+  a = a + 2 + count
+end
+local incoming = {}
+for _, j in ipairs(jobs) do incoming[j.queued] = (incoming[j.queued] or 0) + 1 end
+for i, j in ipairs(jobs) do
+  prune(j.queued, prefix, now, ttl, false)
+  local depth = redis.call('ZCARD', j.queued)
+  if depth + incoming[j.queued] > max then
+    prune(j.queued, prefix, now, ttl, true)  -- records gone early (evicted, deleted)?
+    depth = redis.call('ZCARD', j.queued)
+    if depth + incoming[j.queued] > max then return {'full', i, tostring(depth)} end
+  end
+end
+local positions = {'queued'}
+for _, j in ipairs(jobs) do
+  positions[#positions + 1] = tostring(redis.call('ZCARD', j.queued))
+  redis.call('HSET', j.job, unpack(j.fields))
+  local sid = redis.call('XADD', j.stream, '*', 'job', j.id)
+  redis.call('HSET', j.job, 'stream_id', sid)
+  redis.call('EXPIRE', j.job, ttl)
+  redis.call('ZADD', j.queued, now, j.id)
+  redis.call('XADD', j.events, '*', 'type', 'status', 'status', 'queued', 'progress', '0')
+  redis.call('EXPIRE', j.events, ttl)
+end
+if ARGV[4] == '1' then redis.call('SET', KEYS[1], jobs[1].id, 'EX', ttl) end
+return positions
 """
+)
 
 # KEYS: job, queued, events, stream, done.  ARGV: id, now, ttl.
 # -> "cancelled" (it was queued) | "cancelling" (running: stops at its next step)
-#    | "missing" | the terminal status it already had
+#    | "missing" | "already_" .. the terminal status it already had (cancelling is idempotent)
 CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
@@ -53,7 +106,7 @@ if st == 'in_progress' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
   return 'cancelling'
 end
-return st
+return 'already_' .. st
 """
 
 # KEYS: job, queued, events, done.  ARGV: id, now, worker, max_deliveries, ttl.

@@ -3,6 +3,9 @@
 Loads the pipeline once, warms it up, then takes jobs (up to ``T2I_BATCH_MAX`` of the same
 size / steps / guidance run as one pipeline call). Per step it records progress and checks
 for cancellation; a pipeline error or out-of-memory fails that job and the worker lives on.
+A Redis fault is never a job failure: progress that cannot be written is written later, and
+the result waits for Redis to answer (the job stays pending meanwhile, so if this worker dies
+another one takes it over).
 SIGTERM or SIGINT: stop taking jobs, finish the current one, leave, exit 0.
 """
 
@@ -23,6 +26,7 @@ from prometheus_client import start_http_server
 
 from app import metrics
 from app.config import Settings, get_settings
+from app.queue.connect import worker_client
 from app.queue.consumer import Claimed, Consumer
 from app.queue.keys import Keys
 from app.queue.records import JobRequest, JobStatus
@@ -32,6 +36,9 @@ from app.worker import pipeline
 log = logging.getLogger("app.worker")
 
 PROGRESS_FLUSH_S = 0.1  # the longest a step's progress event (and a cancel check) waits
+TAKE_BLOCK_S = 1.0  # the longest a worker blocks on its stream before it looks around again
+REDIS_RETRY_S = 1.0  # pause between attempts to write a result while Redis does not answer
+GIVE_UP_WHEN_STOPPING_S = 10.0  # stopping, a result Redis will not take is left for reclaim
 
 
 class Cancelled(Exception):
@@ -43,7 +50,7 @@ class Worker:
         self.settings, self.spec, self.variant, self.name = settings, spec, variant, name
         self.labels = {"model": spec.name, "variant": variant}
         self.consumer = Consumer(
-            redis.Redis.from_url(settings.redis_url),
+            worker_client(settings, TAKE_BLOCK_S),
             Keys(settings.key_prefix),
             model=spec.name,
             variant=variant,
@@ -64,6 +71,9 @@ class Worker:
 
             torch.set_num_threads(self.settings.torch_threads)
         self.consumer.ensure_group()
+        dropped = self.consumer.reconcile()
+        if dropped:
+            log.info("dropped %d queued entries whose jobs can no longer run", dropped)
         self.loaded = pipeline.load(
             self.spec,
             self.spec.variants[self.variant],
@@ -108,7 +118,7 @@ class Worker:
             time.sleep(self.settings.heartbeat_s)
 
     def serve(self) -> None:
-        block_ms = int(min(1.0, self.settings.heartbeat_s) * 1000)
+        block_ms = int(min(TAKE_BLOCK_S, self.settings.heartbeat_s) * 1000)
         while not self.stopping.is_set():
             try:
                 claimed = self.consumer.take(self.settings.batch_max, block_ms)
@@ -126,9 +136,9 @@ class Worker:
                 try:
                     self.run(group)
                 except redis.RedisError as exc:  # the jobs stay pending: taken over later
-                    log.warning("lost Redis while running a batch: %s", exc)
-                    time.sleep(1.0)
-        self.consumer.leave()
+                    log.warning("left a batch to be taken over: %s", exc)
+        with contextlib.suppress(redis.RedisError):
+            self.consumer.leave()
 
     # --- one batch -----------------------------------------------------------------------------
 
@@ -142,6 +152,8 @@ class Worker:
 
         def on_step(step: int, steps: int) -> None:
             nonlocal last, flushed
+            if self.settings.step_delay_s:
+                time.sleep(self.settings.step_delay_s)
             now = time.perf_counter()
             step_times.append(now - last)
             metrics.STEP_SECONDS.labels(**self.labels).observe(now - last)
@@ -150,9 +162,13 @@ class Worker:
             # Every step gets its event, but fast steps are written together, at most one
             # round trip per PROGRESS_FLUSH_S: Redis work beside a 2-thread step slows it.
             if now - flushed >= PROGRESS_FLUSH_S or step == steps:
-                cancelled.update(self.consumer.progress(group, unreported, steps))
-                unreported.clear()
                 flushed = now
+                try:
+                    cancelled.update(self.consumer.progress(group, unreported, steps))
+                except redis.RedisError as exc:  # kept, and written at the next flush
+                    log.warning("cannot write progress (step %d): %s", step, exc)
+                    return
+                unreported.clear()
                 if len(cancelled) == len(group):
                     raise Cancelled
 
@@ -186,6 +202,9 @@ class Worker:
         finally:
             self.holding = []
         seconds = time.perf_counter() - t0
+        if unreported:  # the last flush failed: one more try; the final status follows anyway
+            with contextlib.suppress(redis.RedisError):
+                self.consumer.progress(group, unreported, group[0].job.request.steps)
         kind, peak = pipeline.peak_memory(device)
         metrics.PEAK_MEMORY_BYTES.labels(**self.labels, kind=kind).set(peak)
         for c, out in zip(group, outputs, strict=True):
@@ -194,7 +213,11 @@ class Worker:
                     c, JobStatus.CANCELLED, error="cancelled while running", error_code="cancelled"
                 )
                 continue
-            self.consumer.store_images(c.job.id, out.images, out.latents.tobytes())
+            self._until_written(
+                lambda c=c, out=out: self.consumer.store_images(
+                    c.job.id, out.images, out.latents.tobytes()
+                )
+            )
             result = {
                 "seed": c.job.request.seed,
                 "inference_s": round(seconds, 4),
@@ -216,9 +239,28 @@ class Worker:
             )
 
     def _finish(self, c: Claimed, status: JobStatus, **kwargs) -> None:
-        outcome = self.consumer.finish(c.job.id, c.stream_id, status, **kwargs)
+        outcome = self._until_written(
+            lambda: self.consumer.finish(c.job.id, c.stream_id, status, **kwargs)
+        )
         if outcome == "ok":
             metrics.JOBS.labels(**self.labels, status=status.value).inc()
+
+    def _until_written(self, write):
+        """``write()`` once Redis takes it: a result is not thrown away because Redis stalled.
+        Both writes are idempotent (a result stored twice is the same; FINISH of a finished
+        job is a no-op), so a write that timed out but ran is harmless to repeat. When the
+        worker is stopping it gives up after a while; the job stays pending for reclaim."""
+        gave_up_at = None
+        while True:
+            try:
+                return write()
+            except redis.RedisError as exc:
+                if self.stopping.is_set():
+                    gave_up_at = gave_up_at or time.monotonic() + GIVE_UP_WHEN_STOPPING_S
+                    if time.monotonic() > gave_up_at:
+                        raise
+                log.warning("Redis does not take a result yet (%s); retrying", exc)
+                time.sleep(REDIS_RETRY_S)
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from bench.stack import free_port
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 # dit-digits in full precision and w8a8, t2i-digits in full precision; "spare" has no worker in
-# any test, so jobs sent to it stay queued.
+# any test, so jobs sent to it stay queued; "strict" refuses jobs while it has no live worker.
 REGISTRY = f"""
 [models.dit-digits]
 source = "{MODELS / "dit-digits"}"
@@ -45,6 +45,9 @@ max_steps = 2000
 sizes = ["32x32"]
 [models.t2i-digits.variants.fp32]
 dtype = "fp32"
+[models.t2i-digits.variants.strict]
+dtype = "fp32"
+require_worker = true
 """
 
 
@@ -91,20 +94,16 @@ def registry_file(tmp_path_factory) -> Path:
     return path
 
 
-def service_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a worker process the same settings."""
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that gives a worker process the same settings (every one of them)."""
     env = dict(os.environ)
-    env.update(
-        REDIS_URL=settings.redis_url,
-        T2I_REGISTRY=str(settings.registry),
-        T2I_KEY_PREFIX=settings.key_prefix,
-        T2I_RECLAIM_IDLE_S=str(settings.reclaim_idle_s),
-        T2I_HEARTBEAT_S=str(settings.heartbeat_s),
-        T2I_MAX_DELIVERIES=str(settings.max_deliveries),
-        T2I_BATCH_MAX=str(settings.batch_max),
-        T2I_TORCH_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(value)
+        env["REDIS_URL" if name == "redis_url" else f"T2I_{name.upper()}"] = str(value)
+    env.update(T2I_TORCH_THREADS="1", HF_HUB_OFFLINE="1", **extra)
     return env
 
 

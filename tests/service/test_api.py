@@ -3,6 +3,8 @@ backpressure, idempotency, cancel of a queued job, readiness, the dead-letter pa
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -154,19 +156,29 @@ def test_models_lists_variants_with_manifest_numbers(server):
     assert models["t2i-digits"]["kind"] == "text-to-image"
 
 
-def test_readiness_needs_a_worker_per_model(server):
+def test_readiness_is_redis_and_jobs_wait_for_a_worker_unless_required(server):
+    """Workers may scale to zero: /readyz wants Redis only, a job for a variant with no worker
+    is queued (its wait shows in /v1/models), and a variant marked require_worker refuses."""
     with server.client() as http:
         assert http.get("/healthz").json() == {"status": "ok"}
-        error = _error(http.get("/readyz"), 503)
-        assert "dit-digits" in error["message"] and "t2i-digits" in error["message"]
-        # a heartbeat for each model makes it ready
+        assert http.get("/readyz").json() == {"status": "ready"}
+        assert http.post("/v1/jobs", json=JOB).status_code == 202  # "spare" has no worker
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        spare = {v["id"]: v for v in models["dit-digits"]["variants"]}["spare"]
+        assert spare["workers"] == 0 and spare["queue_depth"] == 1
+        assert 0 <= spare["oldest_queued_s"] < 30
+        assert {v["id"]: v for v in models["dit-digits"]["variants"]}["fp32"][
+            "oldest_queued_s"
+        ] is None
+
+        strict = {"model": "t2i-digits", "prompt": "a 3", "variant": "strict", "steps": 2}
+        refused = http.post("/v1/jobs", json=strict)
+        assert _error(refused, 503, "variant")["code"] == "no_workers"
+        assert int(refused.headers["retry-after"]) >= 1
         client = redis.Redis.from_url(server.settings.redis_url)
         keys = Keys(server.settings.key_prefix)
-        import time
-
-        for model in ("dit-digits", "t2i-digits"):
-            client.zadd(keys.workers(model, "fp32"), {"w": time.time()})
-        assert http.get("/readyz").status_code == 200
+        client.zadd(keys.workers("t2i-digits", "strict"), {"w": time.time()})  # a live worker
+        assert http.post("/v1/jobs", json=strict).status_code == 202
 
 
 def test_poison_job_goes_to_dead_letter(server):

@@ -86,7 +86,8 @@ def test_openai_client_generates_images(stack):
         response_format="url",
         extra_body={"output_format": "webp", "seed": 1},
     )
-    fetched = httpx.get(urls.data[0].url)
+    assert urls.data[0].url.startswith("/v1/jobs/")  # relative: never built from Host
+    fetched = httpx.get(server.url + urls.data[0].url)
     assert fetched.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(fetched.content)).size == (32, 32)
 
@@ -250,7 +251,8 @@ def test_ready_and_metrics(stack):
     with server.client() as http:
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["workers"]["dit-digits"]["fp32"] == 2
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert {v["id"]: v for v in models["dit-digits"]["variants"]}["fp32"]["workers"] == 2
         scrape = http.get("/metrics").text
         for name in ("t2i_http_requests_total", "t2i_queue_depth", "t2i_workers_live"):
             assert name in scrape
