@@ -29,6 +29,24 @@ __all__ = [
     "WORKERS_LIVE",
 ]
 
+_HTTP_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 MV = ("model", "variant")
@@ -43,7 +61,7 @@ REQUEST_SECONDS = Histogram(
     "t2i_http_request_duration_seconds",
     "HTTP request duration by route template",
     ("route",),
-    buckets=_LATENCY_BUCKETS,
+    buckets=_HTTP_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("t2i_queue_depth", "Jobs waiting in the queue (read at scrape)", MV)
 QUEUE_OLDEST_SECONDS = Gauge(

@@ -1,14 +1,18 @@
-"""Load test of the running service: throughput and latency with 1 and 2 workers, and what
-happens at saturation.
+"""Load test of the running service: throughput and latency with 1 and 2 workers, what
+happens at saturation, and reads under hundreds of open streams.
 
     python -m bench.load_test [--seconds 30] [--model dit-digits]
 
 For 1 and then 2 workers of one variant (each with one torch thread, so two workers can use
 this machine's two cores): closed-loop clients (1 and 4) calling POST /v1/images/generations
-back to back for ``--seconds`` -> images/s and latency percentiles; then a burst of 100
-POST /v1/jobs at once against a queue bounded at 16 -> how many are accepted (202), pushed back
-(429 with Retry-After) or fail (5xx, must be none), and whether every accepted job completes
-(none lost). Writes bench/results/load-test.json.
+back to back for ``--seconds`` -> images/s and latency percentiles; then a burst of 1000
+POST /v1/jobs from 50 clients against a queue bounded at 100 -> how many are accepted (202),
+pushed back (429 with Retry-After) or fail (5xx, must be none), whether every accepted job
+completes (none lost), and the server-side submit latency from the API's own histogram.
+Then, with one worker whose steps are stretched (``T2I_STEP_DELAY_S``) so that one job runs
+for about 30 s: 500 SSE streams open on that job while a client reads the job back to back ->
+latency percentiles of GET /v1/jobs/{id} (client and server side), and every stream's end.
+Writes bench/results/load-test.json.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -26,8 +32,11 @@ from bench.record import save
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUEUE_MAX = 16
-BURST = 100
+QUEUE_MAX = 100
+BURST, BURST_CLIENTS = 1000, 50
+STREAMS = 500
+STREAM_JOB_STEPS, STREAM_STEP_DELAY_S = 30, 1.0  # the followed job runs ~30 s
+TERMINAL = ("completed", "failed", "cancelled")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -64,34 +73,144 @@ async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> di
     }
 
 
+def histogram(scrape: str, name: str, labels: dict[str, str]) -> list[tuple[float, float]]:
+    """The cumulative buckets ``(le, count)`` of one histogram series in a Prometheus text
+    scrape, in ascending ``le``."""
+    buckets = []
+    for raw, value in re.findall(rf"^{name}_bucket\{{(.*)\}} (\S+)$", scrape, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', raw))
+        if all(found.get(k) == v for k, v in labels.items()):
+            buckets.append((float(found["le"]), float(value)))
+    return sorted(buckets)
+
+
+def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float):
+    """The q-quantile of what a histogram observed between two scrapes, interpolated inside its
+    bucket as Prometheus's histogram_quantile does; None if it observed nothing."""
+    old = dict(before)
+    counts = [(le, n - old.get(le, 0.0)) for le, n in after]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, n in counts:
+        if n >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(n - below, 1e-12)
+        lower, below = le, n
+    return lower
+
+
+async def _terminal(http: httpx.AsyncClient, ids: list[str], timeout_s: float) -> dict[str, str]:
+    """Each job's status once all are finished (or when ``timeout_s`` is up)."""
+    pending, finished = set(ids), {}
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for job_id in list(pending):
+            status = (await http.get(f"/v1/jobs/{job_id}")).json()["status"]
+            if status in TERMINAL:
+                finished[job_id] = status
+                pending.discard(job_id)
+        await asyncio.sleep(0.2)
+    return {**finished, **dict.fromkeys(pending, "unfinished")}
+
+
 async def _saturation(url: str, body: dict) -> dict:
+    """BURST submissions from BURST_CLIENTS clients, each posting back to back."""
+    route = {"route": "/v1/jobs"}
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-        responses = await asyncio.gather(
-            *(http.post("/v1/jobs", json={**body, "seed": i}) for i in range(BURST))
+        before = histogram(
+            (await http.get("/metrics")).text, "t2i_http_request_duration_seconds", route
+        )
+        responses: list[httpx.Response] = []
+
+        async def client(k: int) -> None:
+            for i in range(k, BURST, BURST_CLIENTS):
+                responses.append(await http.post("/v1/jobs", json={**body, "seed": i}))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(k) for k in range(BURST_CLIENTS)))
+        burst_s = time.monotonic() - t0
+        after = histogram(
+            (await http.get("/metrics")).text, "t2i_http_request_duration_seconds", route
         )
         accepted = [r.json()["id"] for r in responses if r.status_code == 202]
         pushed_back = [r for r in responses if r.status_code == 429]
-        retry_after = sorted({int(r.headers["retry-after"]) for r in pushed_back})
-        pending = set(accepted)
-        finished: dict[str, str] = {}
-        deadline = time.monotonic() + 300
-        while pending and time.monotonic() < deadline:
-            for job_id in list(pending):
-                status = (await http.get(f"/v1/jobs/{job_id}")).json()["status"]
-                if status in ("completed", "failed", "cancelled"):
-                    finished[job_id] = status
-                    pending.discard(job_id)
-            await asyncio.sleep(0.2)
+        finished = await _terminal(http, accepted, 600)
+    codes = Counter(r.status_code for r in responses)
+    p50, p99 = quantile(before, after, 0.5), quantile(before, after, 0.99)
     return {
         "burst": BURST,
+        "clients": BURST_CLIENTS,
         "queue_max": QUEUE_MAX,
+        "burst_seconds": round(burst_s, 2),
+        "status_codes": {str(k): v for k, v in sorted(codes.items())},
         "accepted_202": len(accepted),
         "pushed_back_429": len(pushed_back),
-        "retry_after_s": retry_after,
+        "retry_after_s": sorted({int(r.headers["retry-after"]) for r in pushed_back}),
         "server_errors_5xx": sum(r.status_code >= 500 for r in responses),
-        "other": sum(r.status_code not in (202, 429) and r.status_code < 500 for r in responses),
         "accepted_completed": sum(s == "completed" for s in finished.values()),
-        "accepted_lost": len(pending) + sum(s != "completed" for s in finished.values()),
+        "accepted_lost": sum(s != "completed" for s in finished.values()),
+        "submit_ms_server_p50": None if p50 is None else round(1000 * p50, 2),
+        "submit_ms_server_p99": None if p99 is None else round(1000 * p99, 2),
+    }
+
+
+async def _streams(url: str, body: dict) -> dict:
+    """STREAMS SSE streams open on one long job while a client reads the job back to back."""
+    route = {"route": "/v1/jobs/{job_id}"}
+    limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as followers,
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        long = {**body, "steps": STREAM_JOB_STEPS}
+        job = (await http.post("/v1/jobs", json=long)).json()["id"]
+        opened = 0
+
+        async def follow() -> str:
+            nonlocal opened
+            async with followers.stream("GET", f"/v1/jobs/{job}/events") as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("retry:"):
+                        opened += 1
+                    if line.startswith("data:"):
+                        status = json.loads(line[5:]).get("status")
+                        if status in TERMINAL:
+                            return status
+            return "ended without a final status"
+
+        tasks = [asyncio.create_task(follow()) for _ in range(STREAMS)]
+        t0 = time.monotonic()
+        while opened < STREAMS and time.monotonic() - t0 < 120:
+            await asyncio.sleep(0.05)
+        open_s = time.monotonic() - t0
+        before = histogram(
+            (await http.get("/metrics")).text, "t2i_http_request_duration_seconds", route
+        )
+        reads, running = [], True
+        while running and len(reads) < 2000:
+            t = time.perf_counter()
+            view = (await http.get(f"/v1/jobs/{job}")).json()
+            reads.append(1000 * (time.perf_counter() - t))
+            running = view["status"] not in TERMINAL
+        after = histogram(
+            (await http.get("/metrics")).text, "t2i_http_request_duration_seconds", route
+        )
+        ends = Counter(await asyncio.gather(*tasks))
+    server_p99 = quantile(before, after, 0.99)
+    return {
+        "streams": STREAMS,
+        "streams_opened": opened,
+        "seconds_to_open_all": round(open_s, 2),
+        "job_steps": STREAM_JOB_STEPS,
+        "step_delay_s": STREAM_STEP_DELAY_S,
+        "reads_while_open": len(reads),
+        "read_ms_p50": round(statistics.median(reads), 2),
+        "read_ms_p99": round(_percentile(reads, 0.99), 2),
+        "read_ms_server_p99": None if server_p99 is None else round(1000 * server_p99, 2),
+        "stream_ends": dict(ends),
     }
 
 
@@ -120,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         run = {"workers": workers, "closed_loop": loops, "saturation": saturation}
         print(json.dumps(run))
         runs.append(run)
+    stack = Stack(torch_threads=1, queue_max=QUEUE_MAX, rate_limit_per_minute=1_000_000)
+    try:
+        stack.start_worker("slow", args.model, args.variant, step_delay_s=STREAM_STEP_DELAY_S)
+        streams = asyncio.run(_streams(stack.url, body))
+    finally:
+        stack.close()
+    print(json.dumps(streams))
     save(
         args.out,
         "python -m bench.load_test",
@@ -129,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds=args.seconds,
         torch_threads_per_worker=1,
         runs=runs,
+        streams=streams,
     )
 
 

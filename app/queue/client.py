@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from redis import asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app.errors import QueueFull
 from app.queue import scripts
@@ -134,7 +134,8 @@ class JobQueue:
         """The job once it has finished, or None if it has not within ``timeout_s``.
 
         Follows the job's ``done`` stream through the listener, so a waiter wakes once, not at
-        every step, and holds no connection meanwhile.
+        every step, and holds no connection meanwhile. A Redis stall while waiting is waited
+        out (the job goes on in its worker); it is raised only if it lasts to the deadline.
         """
         deadline = time.monotonic() + timeout_s
         job = await self.get(job_id)
@@ -143,11 +144,17 @@ class JobQueue:
         done: Subscription
         async with self.listener.follow(self.keys.done(job_id)) as done:
             while True:
-                job = await self.get(job_id)  # read after subscribing: no finish is missed
-                if job is None or job.status in TERMINAL:
+                stalled = None
+                try:
+                    job = await self.get(job_id)  # read after subscribing: no finish is missed
+                except RedisError as exc:
+                    stalled = exc
+                if stalled is None and (job is None or job.status in TERMINAL):
                     return job
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if stalled is not None:
+                        raise stalled
                     return None
                 await done.next(min(left, RECHECK_S))
 
