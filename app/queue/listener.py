@@ -79,6 +79,7 @@ class Listener:
         self._wake_after = "0-0"
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     @property
     def followed(self) -> int:
@@ -89,9 +90,15 @@ class Listener:
         self._task = asyncio.create_task(self._run(), name="redis-listener")
 
     async def close(self) -> None:
+        """Stop reading: wake the XREAD so the loop sees it is closing (a cancel would wait
+        out the block inside redis-py), then cancel it if it has not ended within a second."""
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            await self._wake()
+            done, _ = await asyncio.wait({self._task}, timeout=1.0)
+            if not done:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self._task
         with contextlib.suppress(RedisError):
             await self.waker.delete(self.wake_key)
@@ -123,7 +130,7 @@ class Listener:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             streams = {self.wake_key: self._wake_after}
             for key, followers in self._subscriptions.items():
                 streams[key] = min(followers, key=lambda s: s.position).after
@@ -131,11 +138,15 @@ class Listener:
                 reply = await self.client.xread(streams, block=self.block_ms, count=200)
                 failures = 0
             except ResponseError as exc:
+                if self._closing:
+                    return
                 log.error("the listener's XREAD was refused: %s", exc)
                 await self._drop_foreign_keys()
                 await asyncio.sleep(0.1)
                 continue
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 failures += 1
                 log.warning("the listener lost Redis (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))

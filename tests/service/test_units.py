@@ -91,3 +91,20 @@ def test_job_record_round_trip_and_timings():
     job.started_at, job.finished_at = 100.5, 102.0
     assert job.timings == {"queue_wait_s": 0.5, "inference_s": 1.5, "total_s": 2.0}
     assert request.batch_key() == JobRequest("m", "v", "other", 1, 32, 32, 10, 5.0, 9).batch_key()
+
+
+def test_stream_ids_are_parsed_strictly():
+    from app.queue.listener import stream_id
+
+    assert stream_id("0-0") == (0, 0) and stream_id("1733000000000-12") == (1733000000000, 12)
+    for bad in ("", "1", "1-", "-1", "1-2-3", "x-1", "¹-0", "٣-0", "99999999999999999999-0"):
+        assert stream_id(bad) is None, bad
+    assert stream_id(f"{2**64 - 1}-0") == (2**64 - 1, 0)
+
+
+def test_ids_have_one_format():
+    from app.queue.records import is_id
+
+    assert is_id("0123456789abcdef0123456789abcdef")
+    for bad in ("", "f" * 31, "f" * 33, "F" * 32, "f" * 31 + ":", "f" * 32 + ":events"):
+        assert not is_id(bad), bad
