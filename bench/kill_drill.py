@@ -1,18 +1,22 @@
-"""Kill drill: jobs submitted, a worker SIGKILLed twice while they run; nothing may be lost.
+"""Kill drill: jobs submitted, a worker SIGKILLed twice and Redis frozen for 10 s while they
+run; nothing may be lost.
 
-    python -m bench.kill_drill [--jobs 50] [--steps 40]
+    python -m bench.kill_drill [--jobs 50] [--steps 40] [--freeze-s 10]
 
 Two dit-digits/fp32 workers share a queue. While the jobs run, the worker holding a job is
-SIGKILLed (then restarted, as `python -m app` or Kubernetes would), twice. At the end every
-job must be completed, and each job's image must equal the image of a direct pipeline call with
-the same seed — so a job that ran twice cannot have finished with two different results.
-Writes bench/results/kill-drill.json.
+SIGKILLed (then restarted, as `python -m app` or Kubernetes would), twice; later, with a job
+running, redis-server is stopped with SIGSTOP for ``--freeze-s`` seconds, then continued. At the
+end every job must be completed, and each job's image must equal the image of a direct pipeline
+call with the same seed — so a job that ran twice cannot have finished with two different
+results. Writes bench/results/kill-drill.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,12 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--freeze-s", type=float, default=10.0, help="Redis SIGSTOP (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS / "kill-drill.json")
     args = parser.parse_args(argv)
 
     stack = Stack(reclaim_idle_s=3, heartbeat_s=0.5, torch_threads=1, queue_max=args.jobs)
     t0 = time.monotonic()
     kills: list[dict] = []
+    freezes: list[dict] = []
     try:
         for name in ("worker-a", "worker-b"):
             stack.start_worker(name, MODEL, VARIANT)
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             response.raise_for_status()
             ids.append(response.json()["id"])
         kill_at = (args.jobs // 5, args.jobs // 2)  # completed jobs before each kill
+        freeze_at = 3 * args.jobs // 4
         deadline = time.monotonic() + 900
         views: dict[str, dict] = {}
         while time.monotonic() < deadline:
@@ -72,6 +79,21 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     print(f"SIGKILL {victim} at step {running[0]['step']} of a job ({done} done)")
                     stack.start_worker(victim, MODEL, VARIANT, wait=False)
+            if args.freeze_s and not freezes and done >= freeze_at:
+                running = [v for v in views.values() if v["status"] == "in_progress"]
+                if running:
+                    print(f"SIGSTOP redis-server for {args.freeze_s:g} s ({done} done)")
+                    os.kill(stack.redis_server.process.pid, signal.SIGSTOP)
+                    time.sleep(args.freeze_s)
+                    os.kill(stack.redis_server.process.pid, signal.SIGCONT)
+                    freezes.append(
+                        {
+                            "seconds": args.freeze_s,
+                            "job": running[0]["id"],
+                            "step": running[0]["step"],
+                            "completed_before": done,
+                        }
+                    )
             time.sleep(0.05)
         wall = time.monotonic() - t0
         statuses: dict[str, int] = {}
@@ -94,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         statuses=statuses,
         lost=args.jobs - sum(statuses.values()),
         kills=kills,
+        redis_freezes=freezes,
         redelivered_jobs=sum(v["deliveries"] > 1 for v in views.values()),
         images_differing_from_a_direct_run=mismatches,
         wall_seconds=round(wall, 1),

@@ -143,8 +143,16 @@ class Worker:
     # --- one batch -----------------------------------------------------------------------------
 
     def run(self, group: list[Claimed]) -> None:
-        device = self.loaded.device
+        """Run one batch and write its results. Its entries are held (their idle time reset by
+        the heartbeat) until the results are written, however long Redis takes to answer."""
         self.holding = [c.stream_id for c in group]
+        try:
+            self._run(group)
+        finally:
+            self.holding = []
+
+    def _run(self, group: list[Claimed]) -> None:
+        device = self.loaded.device
         cancelled: set[str] = set()
         step_times: list[float] = []
         unreported: list[int] = []
@@ -199,8 +207,6 @@ class Worker:
             for c in group:
                 self._finish(c, JobStatus.FAILED, error=message, error_code="generation_failed")
             return
-        finally:
-            self.holding = []
         seconds = time.perf_counter() - t0
         if unreported:  # the last flush failed: one more try; the final status follows anyway
             with contextlib.suppress(redis.RedisError):
