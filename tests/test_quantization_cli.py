@@ -79,7 +79,8 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     conditions = calibration_conditions(fp, measured["check_images"], seed=TRAJECTORY_SEED + 1)
     kw = {"seed": TRAJECTORY_SEED + 1, **sampling}
     ref, q = sample(fp, conditions, **kw), sample(quantized, conditions, **kw)
-    assert round(sqnr_db(ref.latents, q.latents), 3) == measured["sqnr_latent_db"]
-    assert round(psnr_db(ref.images, q.images), 3) == measured["psnr_db"]
+    # other CPUs pick other kernels (oneDNN on AMX): the 3rd decimal moves; a bad weight, whole dB
+    assert sqnr_db(ref.latents, q.latents) == pytest.approx(measured["sqnr_latent_db"], abs=0.05)
+    assert psnr_db(ref.images, q.images) == pytest.approx(measured["psnr_db"], abs=0.05)
     size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
     assert size <= 15 * 2**20

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.queue.keys import GROUP, Keys
+from app.queue.keys import Keys
 from app.registry import load_registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,14 +211,26 @@ def test_kubernetes_manifests_are_consistent(tmp_path):
             command[command.index("--model") + 1],
             command[command.index("--variant") + 1],
         )
-        trigger = scaled[name]["spec"]["triggers"][0]
+        # scale to zero, woken by the first job: the stream's length (jobs waiting or running),
+        # not a consumer group's pending entries (none while no worker runs)
+        spec = scaled[name]["spec"]
+        minimum = 1 if registry.models[model].variants[variant].require_worker else 0
+        assert spec["minReplicaCount"] == minimum < spec["maxReplicaCount"], name
+        assert "replicas" not in deployment["spec"], f"{name}: KEDA sets the replicas"
+        trigger = spec["triggers"][0]
         assert trigger["type"] == "redis-streams"
         assert trigger["metadata"]["stream"] == keys.stream(model, variant)
-        assert trigger["metadata"]["consumerGroup"] == GROUP
+        assert "consumerGroup" not in trigger["metadata"]
+        assert int(trigger["metadata"]["streamLength"]) >= 1
+        assert trigger["metadata"]["activationLagCount"] == "0"
         assert trigger["metadata"]["address"].split(":")[0] == redis_host
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    # shadow compares queue a job per variant: more often than the cooldown, none reaches zero
+    shadow = float(settings["data"].get("T2I_SHADOW_COMPARE_S", 0))
+    cooldown = max(s["spec"]["cooldownPeriod"] for s in scaled.values())
+    assert shadow == 0 or shadow > cooldown
     for key in settings["data"]:
         assert _known_env(key) and (_documented(key) or key == "HF_HUB_OFFLINE"), key
     api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from bench.dashboard import grafana_to_promql
 from bench.stack import start_prometheus
@@ -19,6 +20,8 @@ from tests.service.conftest import Server, WorkerProcess, free_port, make_settin
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "quantized-vs-fp.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+ALERT = "T2IJobsWaitingNoWorker"
 # Panels that must show data after a few generations and a compare.
 MAIN_PANELS = (
     "Generation latency p50 / p95 / p99",
@@ -50,7 +53,7 @@ def scraped(redis_url, registry_file, tmp_path_factory):
             "api": [f"127.0.0.1:{server.port}"],
             "workers": [f"127.0.0.1:{p}" for p in ports.values()],
         }
-        rules = [str(ROOT / "deploy" / "prometheus" / "rules.yml")]
+        rules = [str(RULES)]
         process, url = start_prometheus(folder, targets, "1s", rules)
         prom = httpx.Client(base_url=url, timeout=10)
         try:
@@ -63,6 +66,9 @@ def scraped(redis_url, registry_file, tmp_path_factory):
                     time.sleep(0.5)
                 compare = {"model": "dit-digits", "prompt": "seven", "variants": ["fp32", "w8a8"]}
                 assert http.post("/v1/compare", json=compare).status_code == 200
+                # stays queued: "spare" has no worker (its oldest queued age grows)
+                spare = {"model": "dit-digits", "prompt": "seven", "variant": "spare"}
+                assert http.post("/v1/jobs", json=spare).status_code == 202
                 scrapes = {
                     "api": http.get("/metrics").text,
                     "worker": httpx.get(f"http://127.0.0.1:{ports['w8a8']}/metrics").text,
@@ -129,9 +135,29 @@ def test_recording_rules_evaluate(scraped):
         0.5,
         what="the recording rules",
     )
-    # the variants that nobody serves in this test are flagged (pending for 2 minutes first)
-    body = prom.get("/api/v1/query", params={"query": 'ALERTS{alertname="T2IWorkersDown"}'})
-    flagged = {
-        (r["metric"]["model"], r["metric"]["variant"]) for r in body.json()["data"]["result"]
-    }
-    assert flagged == {("dit-digits", "spare"), ("t2i-digits", "fp32")}
+    # The alert on jobs left waiting with no worker is loaded, evaluates, and does not fire for
+    # the variants nobody serves here (idle, or one queued job far younger than its threshold).
+    rule = wait_until(lambda: _alert_rule(prom, ALERT), 20, 0.5, what=f"an evaluation of {ALERT}")
+    assert rule["state"] == "inactive", rule
+    assert _series(prom, f'ALERTS{{alertname="{ALERT}"}}') == set()
+    # Its expression with the age threshold at 0 s: the real scrapes join on model and variant
+    # and pick out the one variant with a job waiting and no worker.
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    expr = next(r["expr"] for g in groups for r in g["rules"] if r.get("alert") == ALERT)
+    assert "> 600" in expr
+    waiting = wait_until(
+        lambda: _series(prom, expr.replace("> 600", "> 0")), 20, 0.5, what="the waiting job"
+    )
+    assert waiting == {("dit-digits", "spare")}
+
+
+def _alert_rule(prom: httpx.Client, name: str) -> dict | None:
+    """The alerting rule as Prometheus has it, once it has evaluated without error."""
+    groups = prom.get("/api/v1/rules", params={"type": "alert"}).json()["data"]["groups"]
+    rule = next(r for g in groups for r in g["rules"] if r["name"] == name)
+    return rule if rule["health"] == "ok" else None
+
+
+def _series(prom: httpx.Client, expr: str) -> set[tuple[str, str]]:
+    body = prom.get("/api/v1/query", params={"query": expr}).json()
+    return {(r["metric"]["model"], r["metric"]["variant"]) for r in body["data"]["result"]}
