@@ -231,16 +231,27 @@ async def compare(settings, registry, queue, spec, **kwargs) -> Comparison:
 
 
 async def shadow_loop(settings: Settings, registry: Registry, queue: JobQueue) -> None:
-    """Every ``shadow_compare_s``, compare all variants of each model that has a
-    ``shadow_prompt``, with a fresh seed, so the fidelity gauges follow live traffic's models."""
+    """Every ``shadow_compare_s``, compare the variants of each model that has a
+    ``shadow_prompt``, with a fresh seed, so the fidelity gauges follow live traffic's models.
+    Only variants with a live worker take part: a shadow job must not wake a variant that has
+    scaled to zero (and would wait for it)."""
     while True:
         await asyncio.sleep(settings.shadow_compare_s)
         for spec in registry.models.values():
             if not spec.shadow_prompt or len(spec.variants) < 2:
                 continue
             try:
+                live = [v for v in spec.variants if await queue.live_workers(spec.name, v) > 0]
+                if len(live) < 2 or all(spec.variants[v].quantized for v in live):
+                    continue  # nothing to compare against full precision now
                 await compare(
-                    settings, registry, queue, spec, prompt=spec.shadow_prompt, owner="shadow"
+                    settings,
+                    registry,
+                    queue,
+                    spec,
+                    prompt=spec.shadow_prompt,
+                    variants=live,
+                    owner="shadow",
                 )
             except Exception as exc:  # a failed shadow run must not stop the next
                 log.warning("shadow compare of %s failed: %s", spec.name, exc)

@@ -230,6 +230,8 @@ shadow_prompt = "five"
 dtype = "fp32"
 [models.dit-digits.variants.w8a8]
 artifact = "{MODELS / "quantized" / "dit-digits-w8a8"}"
+[models.dit-digits.variants.spare]
+dtype = "fp32"
 """
     )
     settings = server.settings.model_copy(update={"registry": registry, "shadow_compare_s": 0.2})
@@ -244,6 +246,9 @@ artifact = "{MODELS / "quantized" / "dit-digits-w8a8"}"
             0.2,
             what="a shadow compare",
         )
+        # a variant with no live worker (scaled to zero) is left out, not woken
+        variants = http.get("/v1/models").json()["data"][0]["variants"]
+        assert {v["id"]: v["queue_depth"] for v in variants}["spare"] == 0
 
 
 def test_ready_and_metrics(stack):
