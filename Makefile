@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup system run samples test lint format train artifacts bench
+.PHONY: setup system run samples test test-unit test-integration lint format train artifacts bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,8 +29,15 @@ run: setup
 samples: setup
 	HF_HUB_OFFLINE=1 $(PY) -m models.sample
 
-test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# Two tiers (markers set in tests/conftest.py): unit, under a minute with no Redis and no
+# worker process; integration, a real redis-server, workers, chromium, Prometheus, slow models.
+test: test-unit test-integration
+
+test-unit: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not integration"
+
+test-integration: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m integration
 
 lint: setup
 	$(PY) -m ruff check .
@@ -62,4 +69,5 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.service_overhead --runs 50
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load_test
 	HF_HUB_OFFLINE=1 $(PY) -m bench.kill_drill
+	HF_HUB_OFFLINE=1 $(PY) -m bench.cold_start
 	HF_HUB_OFFLINE=1 $(PY) -m bench.dashboard --seconds 90

@@ -1,11 +1,13 @@
-"""Start the service's parts for a benchmark: a redis-server, workers, the API (uvicorn)."""
+"""Start the service's parts for a benchmark: a redis-server, workers, the API (uvicorn).
+
+Redis and the workers are app.supervisor's; this adds the API process and names workers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from app.queue.keys import Keys
+from app.supervisor import StartError, Worker, settings_env, start_redis, stop_processes
 
 __all__ = ["Stack", "free_port", "start_prometheus", "wait_for"]
 
@@ -44,12 +46,13 @@ class Stack:
     """redis-server + API + named workers, all subprocesses, torn down by ``close()``."""
 
     def __init__(self, **settings: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit("no redis-server on PATH (apt-get install redis-server)")
         self.folder = Path(tempfile.mkdtemp(prefix="t2i-bench-"))
-        redis_port, self.api_port = free_port(), free_port()
-        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        try:
+            self.redis_server = start_redis(free_port(), self.folder)
+        except StartError as exc:
+            sys.exit(str(exc))
+        self.api_port = free_port()
+        self.redis_url = self.redis_server.url
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.env = dict(
             os.environ,
@@ -57,23 +60,8 @@ class Stack:
             HF_HUB_OFFLINE="1",
             T2I_KEY_PREFIX=f"bench-{uuid.uuid4().hex[:6]}",
         )
-        self.env.update({f"T2I_{k.upper()}": str(v) for k, v in settings.items()})
-        self.redis_process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        self.env.update(settings_env(settings))
         self.redis = redis.Redis.from_url(self.redis_url)
-        wait_for(self.redis.ping, 10, "redis-server")
         self.api = subprocess.Popen(
             [
                 sys.executable,
@@ -93,7 +81,8 @@ class Stack:
         import httpx
 
         wait_for(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, 30, "the API")
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, subprocess.Popen] = {}  # name -> its latest process
+        self._workers: dict[str, Worker] = {}
         self.prefix = self.env["T2I_KEY_PREFIX"]
 
     def start_worker(
@@ -105,48 +94,23 @@ class Stack:
         metrics_port: int = 0,
         **settings: str,
     ) -> None:
-        env = dict(self.env, **{f"T2I_{k.upper()}": str(v) for k, v in settings.items()})
-        started = time.time()
-        self.workers[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.worker",
-                "--model",
-                model,
-                "--variant",
-                variant,
-                "--name",
-                name,
-                "--metrics-port",
-                str(metrics_port),
-            ],
-            env=env,
-        )
+        """Starts worker ``name`` (settings on top of the stack's); ``wait``: until its first
+        heartbeat (not one left by an earlier, killed worker of that name)."""
+        env = dict(self.env, **settings_env(settings))
+        worker = Worker(model, variant, env, name=name, metrics_port=metrics_port).start()
+        self._workers[name], self.workers[name] = worker, worker.process
         if wait:
-            key = Keys(self.prefix).workers(model, variant)
-            # a heartbeat of this process, not one left by a killed worker of the same name
-            wait_for(lambda: (self.redis.zscore(key, name) or 0) >= started, 180, f"worker {name}")
+            worker.wait_ready(180)
 
     def stop_worker(self, name: str) -> None:
-        self.workers[name].terminate()
-        self.workers[name].wait(60)
+        self._workers[name].stop(60)
 
     def kill_worker(self, name: str) -> None:
-        self.workers[name].send_signal(signal.SIGKILL)
-        self.workers[name].wait(10)
+        self._workers[name].kill()
 
     def close(self) -> None:
-        for process in [*self.workers.values(), self.api]:
-            if process.poll() is None:
-                process.terminate()
-        for process in [*self.workers.values(), self.api]:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        self.redis_process.terminate()
-        self.redis_process.wait(10)
+        stop_processes([*self.workers.values(), self.api], 30)
+        self.redis_server.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -1,15 +1,13 @@
 """A real redis-server for the session; the API in a real uvicorn server; real workers.
 
+Redis and the workers are app.supervisor's, as in ``python -m app`` and the benchmarks.
+
 Each test gets its own key prefix, so tests share one Redis without seeing each other's jobs.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import uvicorn
 
 from app.config import Settings
+from app.supervisor import StartError, Worker, settings_env, start_redis
 from bench.stack import free_port
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -63,28 +61,13 @@ def wait_until(predicate, timeout: float = 30.0, every: float = 0.05, what: str 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    wait_until(lambda: _pings(client), 10, what="redis-server")
-    yield url
-    process.terminate()
-    process.wait(10)
-
-
-def _pings(client) -> bool:
+    """A redis-server of the session, without persistence (the integration tier's)."""
     try:
-        return client.ping()
-    except redis.RedisError:
-        return False
+        server = start_redis(free_port(), tmp_path_factory.mktemp("redis"))
+    except StartError as exc:
+        pytest.fail(f"{exc}; .ci/run installs it")
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -96,13 +79,7 @@ def registry_file(tmp_path_factory) -> Path:
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that gives a worker process the same settings (every one of them)."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = ",".join(value)
-        env["REDIS_URL" if name == "redis_url" else f"T2I_{name.upper()}"] = str(value)
+    env = dict(os.environ, **settings_env(settings.model_dump()))
     env.update(T2I_TORCH_THREADS="1", HF_HUB_OFFLINE="1", **extra)
     return env
 
@@ -149,8 +126,9 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=90, **kwargs)
 
 
-class WorkerProcess:
-    """``python -m app.worker`` for one variant; ready once its heartbeat is in Redis."""
+class WorkerProcess(Worker):
+    """``python -m app.worker`` for one variant with ``service_env(settings)``, started at
+    once; ready once a heartbeat of this process is in Redis (app.supervisor.Worker)."""
 
     def __init__(
         self,
@@ -160,48 +138,13 @@ class WorkerProcess:
         name: str | None = None,
         metrics_port: int | None = None,
     ):
-        self.settings, self.model, self.variant = settings, model, variant
-        self.name = name or f"w-{uuid.uuid4().hex[:6]}"
-        command = [
-            sys.executable,
-            "-m",
-            "app.worker",
-            "--model",
-            model,
-            "--variant",
-            variant,
-            "--name",
-            self.name,
-        ]
-        if metrics_port:
-            command += ["--metrics-port", str(metrics_port)]
-        self.started = time.time()
-        self.process = subprocess.Popen(command, env=service_env(settings))
+        name = name or f"w-{uuid.uuid4().hex[:6]}"
+        super().__init__(model, variant, service_env(settings), name, metrics_port or None)
+        self.settings = settings
+        self.start()
 
     def wait_ready(self, timeout: float = 120.0) -> WorkerProcess:
-        from app.queue.keys import Keys
-
-        client = redis.Redis.from_url(self.settings.redis_url)
-        key = Keys(self.settings.key_prefix).workers(self.model, self.variant)
-
-        def ready():
-            assert self.process.poll() is None, f"worker exited with {self.process.returncode}"
-            beat = client.zscore(key, self.name)  # a heartbeat of this process, not a stale one
-            return beat is not None and beat >= self.started
-
-        wait_until(ready, timeout, 0.2, what=f"worker {self.name}")
-        return self
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
+        try:
+            return super().wait_ready(timeout)
+        except StartError as exc:  # a test failure, as it was before app.supervisor
+            raise AssertionError(str(exc)) from exc

@@ -9,16 +9,14 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-import redis
 
+from app.supervisor import start_redis
 from tests.service.conftest import (
     Server,
     WorkerProcess,
@@ -122,29 +120,12 @@ def test_500_open_streams_leave_the_other_routes_answering(slow):
     assert finals == ["completed"] * streams
 
 
-def _own_redis(folder) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [shutil.which("redis-server"), "--port", str(port), "--save", "", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait_until(lambda: _pings(client), 10, what="redis-server")
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
-def _pings(client) -> bool:
-    try:
-        return client.ping()
-    except redis.RedisError:
-        return False
-
-
 def test_redis_frozen_10_s_mid_job_loses_nothing(tmp_path, registry_file):
     """SIGSTOP Redis for 10 s while two jobs run: the worker writes its progress late and its
     results once Redis is back; neither job fails or runs twice; the SSE stream and the
     synchronous request both end with the result."""
-    process, url = _own_redis(tmp_path)
+    own = start_redis(free_port(), tmp_path)  # its own: SIGSTOP must not stall other tests
+    process, url = own.process, own.url
     settings = make_settings(
         url, registry_file, step_delay_s=0.5, reclaim_idle_s=60.0, generation_timeout_s=120.0
     )
@@ -192,5 +173,4 @@ def test_redis_frozen_10_s_mid_job_loses_nothing(tmp_path, registry_file):
         os.kill(process.pid, signal.SIGCONT)
         for w in workers:
             w.stop()
-        process.terminate()
-        process.wait(10)
+        own.stop()

@@ -13,6 +13,8 @@ import redis
 
 from tests.service.conftest import MODELS, free_port, wait_until
 
+pytestmark = pytest.mark.integration  # its own redis-server and workers
+
 
 def test_run_command_serves_and_stops(tmp_path):
     registry = tmp_path / "registry.toml"
