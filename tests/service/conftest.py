@@ -11,6 +11,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -148,3 +150,18 @@ class WorkerProcess(Worker):
             return super().wait_ready(timeout)
         except StartError as exc:  # a test failure, as it was before app.supervisor
             raise AssertionError(str(exc)) from exc
+
+
+@contextmanager
+def serving(settings: Settings, workers: Iterable[Worker]) -> Iterator[Server]:
+    """The API in a Server once every worker process is ready; the workers stopped after,
+    whatever happened. ``workers`` is read again at the end: given a dict's values, the
+    workers that replaced killed ones are stopped too."""
+    try:
+        with Server(settings) as server:
+            for w in workers:
+                w.wait_ready()
+            yield server
+    finally:
+        for w in workers:
+            w.stop()

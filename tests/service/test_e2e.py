@@ -22,6 +22,7 @@ from tests.service.conftest import (
     WorkerProcess,
     free_port,
     make_settings,
+    serving,
     wait_until,
 )
 
@@ -35,12 +36,8 @@ def stack(redis_url, registry_file):
         "dit-w8a8": WorkerProcess(settings, "dit-digits", "w8a8", name="dit-w8a8"),
         "t2i": WorkerProcess(settings, "t2i-digits", "fp32", name="t2i"),
     }
-    with Server(settings) as server:
-        for w in workers.values():
-            w.wait_ready()
+    with serving(settings, workers.values()) as server:
         yield server, workers
-        for w in workers.values():
-            w.stop()
 
 
 def _png(data: bytes) -> np.ndarray:

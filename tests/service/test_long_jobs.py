@@ -18,10 +18,10 @@ import pytest
 
 from app.supervisor import start_redis
 from tests.service.conftest import (
-    Server,
     WorkerProcess,
     free_port,
     make_settings,
+    serving,
     wait_until,
 )
 
@@ -40,12 +40,8 @@ def slow(redis_url, registry_file):
         reclaim_idle_s=60.0,
     )
     workers = [WorkerProcess(settings, "dit-digits", "fp32", name=f"slow-{i}") for i in range(2)]
-    with Server(settings) as server:
-        for w in workers:
-            w.wait_ready()
+    with serving(settings, workers) as server:
         yield server
-        for w in workers:
-            w.stop()
 
 
 def test_a_20_s_synchronous_generation_answers_200(slow):
@@ -132,9 +128,7 @@ def test_redis_frozen_10_s_mid_job_loses_nothing(tmp_path, registry_file):
     workers = [WorkerProcess(settings, "dit-digits", "fp32", name=f"frozen-{i}") for i in (1, 2)]
     body = {"model": "dit-digits", "prompt": "three", "steps": 24, "seed": 3}
     try:
-        with Server(settings) as server, server.client() as http:
-            for w in workers:
-                w.wait_ready()
+        with serving(settings, workers) as server, server.client() as http:
             job = http.post("/v1/jobs", json=body).json()
             outcome: dict = {}
 
@@ -171,6 +165,4 @@ def test_redis_frozen_10_s_mid_job_loses_nothing(tmp_path, registry_file):
             assert steps == set(range(1, 25))  # every step's event, written late or not
     finally:
         os.kill(process.pid, signal.SIGCONT)
-        for w in workers:
-            w.stop()
         own.stop()

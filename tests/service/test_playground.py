@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.service.conftest import Server, WorkerProcess, make_settings
+from tests.service.conftest import WorkerProcess, make_settings, serving
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -27,12 +27,8 @@ FLAGS = [
 def served(redis_url, registry_file):
     settings = make_settings(redis_url, registry_file, api_keys=["page-key"])
     workers = [WorkerProcess(settings, "dit-digits", v) for v in ("fp32", "w8a8")]
-    with Server(settings) as server:
-        for w in workers:
-            w.wait_ready()
+    with serving(settings, workers) as server:
         yield server
-        for w in workers:
-            w.stop()
 
 
 def test_playground_compares_variants_end_to_end(served, tmp_path):
