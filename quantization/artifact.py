@@ -93,6 +93,40 @@ def denoiser_sizes(
     }
 
 
+# CPU features that choose torch's kernels (oneDNN / FBGEMM): where they differ, int8 and fp32
+# results round differently, and end-to-end numbers move (AMX against AVX-512 VNNI: tenths of
+# a dB after sampling). Recorded with every artifact, so a replay knows whether to expect the
+# same bits.
+KERNEL_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "amx_fp16",
+)
+
+
+def measured_on() -> dict:
+    """The machine the artifact's numbers were measured on: architecture and kernel flags."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(),
+        "cpu_kernel_flags": sorted(flags & set(KERNEL_FLAGS)),
+    }
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import optimum.quanto
@@ -149,6 +183,7 @@ def save_artifact(
         "sizes": denoiser_sizes(getattr(fp_pipe, attr), state, plan),
         "files": files,
         "versions": _versions(),
+        "measured_on": measured_on(),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(full, indent=1) + "\n")
     if report is not None:

@@ -10,12 +10,13 @@ import pytest
 from models.generate import sample
 from models.loader import load_pipeline
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import load_quantized
+from quantization.artifact import load_quantized, measured_on
 from quantization.calibration import TRAJECTORY_SEED, calibration_conditions
 from quantization.cli import main
 from quantization.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
+CROSS_CPU_DB = 1.5  # 2.5x the largest gap seen on another CPU of this kind (0.59 dB, AMX)
 ARTIFACTS = sorted(
     p for p in (ROOT / "models" / "quantized").glob("*") if (p / "manifest.json").is_file()
 )
@@ -79,8 +80,14 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     conditions = calibration_conditions(fp, measured["check_images"], seed=TRAJECTORY_SEED + 1)
     kw = {"seed": TRAJECTORY_SEED + 1, **sampling}
     ref, q = sample(fp, conditions, **kw), sample(quantized, conditions, **kw)
-    # other CPUs pick other kernels (oneDNN on AMX): the 3rd decimal moves; a bad weight, whole dB
-    assert sqnr_db(ref.latents, q.latents) == pytest.approx(measured["sqnr_latent_db"], abs=0.05)
-    assert psnr_db(ref.images, q.images) == pytest.approx(measured["psnr_db"], abs=0.05)
+    # The same kernels give the same bits: the recorded numbers exactly (to their 3 decimals).
+    # Another CPU picks other int8/fp32 kernels (AMX against AVX-512 VNNI moved dit-digits w8a8
+    # from 15.412 to 14.823 dB, t2i-digits w8a8 from 33.509 to 33.904 dB): a stated tolerance.
+    same_kernels = manifest.get("measured_on") == measured_on()
+    tolerance = 0.0005 if same_kernels else CROSS_CPU_DB
+    assert sqnr_db(ref.latents, q.latents) == pytest.approx(
+        measured["sqnr_latent_db"], abs=tolerance
+    )
+    assert psnr_db(ref.images, q.images) == pytest.approx(measured["psnr_db"], abs=tolerance)
     size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
     assert size <= 15 * 2**20
