@@ -70,4 +70,5 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load_test
 	HF_HUB_OFFLINE=1 $(PY) -m bench.kill_drill
 	HF_HUB_OFFLINE=1 $(PY) -m bench.cold_start
+	HF_HUB_OFFLINE=1 $(PY) -m bench.cold_start --compile --only dit-digits/fp32 dit-digits/w8a8 t2i-digits/fp32
 	HF_HUB_OFFLINE=1 $(PY) -m bench.dashboard --seconds 90

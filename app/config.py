@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, description="worker metrics port (0: none)")
     device: str | None = None
     torch_threads: int = Field(0, ge=0, description="torch threads per worker (0: torch's choice)")
+    compile_cache_dir: Path | None = Field(
+        None, description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR): restarts reuse it"
+    )
     step_delay_s: float = Field(
         0.0, ge=0, description="tests and drills only: sleep this long at every denoising step"
     )

@@ -19,6 +19,7 @@ __all__ = [
     "IMAGES",
     "JOBS",
     "MODEL_LOAD_SECONDS",
+    "MODEL_WARMUP_SECONDS",
     "PEAK_MEMORY_BYTES",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
@@ -110,4 +111,9 @@ DENOISER_WEIGHT_BYTES = Gauge(
 )
 MODEL_LOAD_SECONDS = Gauge(
     "t2i_model_load_seconds", "Seconds the worker took to load its model", MV
+)
+MODEL_WARMUP_SECONDS = Gauge(
+    "t2i_model_warmup_seconds",
+    "Seconds the worker's warm-up took before its first job (compiling, for compiled variants)",
+    MV,
 )

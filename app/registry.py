@@ -38,6 +38,7 @@ class VariantSpec:
     dtype: str = "fp32"
     artifact: Path | None = None  # a quantized artifact folder; None for full precision
     require_worker: bool = False  # refuse jobs (503) while no worker is live, instead of queueing
+    compile: bool = False  # the worker compiles the denoiser (torch.compile) and warms it up
     manifest: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -52,6 +53,7 @@ class VariantSpec:
                 "quantized": False,
                 "dtype": self.dtype,
                 "require_worker": self.require_worker,
+                "compile": self.compile,
             }
         m = self.manifest
         levels: dict[str, int] = {}
@@ -63,6 +65,7 @@ class VariantSpec:
             "quantized": True,
             "dtype": m.get("dtype", self.dtype),
             "require_worker": self.require_worker,
+            "compile": self.compile,
             "recipe": m.get("recipe", {}).get("name"),
             "denoiser_weight_bytes": m.get("sizes", {}).get("denoiser_weight_bytes"),
             "ratio_to_fp16": m.get("sizes", {}).get("ratio_to_fp16"),
@@ -129,9 +132,9 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         kind = CLASS_CONDITIONAL if index.get("_class_name") in _CLASS_PIPELINES else TEXT_TO_IMAGE
     if kind not in (CLASS_CONDITIONAL, TEXT_TO_IMAGE):
         raise RegistryError(f"{where}: kind must be {CLASS_CONDITIONAL!r} or {TEXT_TO_IMAGE!r}")
-    require = entry.get("require_worker", False)
+    switches = {k: entry.get(k, False) for k in _SWITCHES}  # the model's, for its variants
     variants = {
-        v: _variant(f"{where}.variants.{v}", v, e, base, require) for v, e in _variants(entry)
+        v: _variant(f"{where}.variants.{v}", v, e, base, switches) for v, e in _variants(entry)
     }
     default_variant = entry.get("default_variant", next(iter(variants)))
     if default_variant not in variants:
@@ -178,21 +181,27 @@ def _variants(entry: dict):
     return variants.items()
 
 
-def _variant(where: str, name: str, entry: dict, base: Path, require: bool) -> VariantSpec:
-    require = entry.get("require_worker", require)
-    if not isinstance(require, bool):
-        raise RegistryError(f"{where}: require_worker must be true or false")
+_SWITCHES = ("require_worker", "compile")  # true/false, on a model (its default) or a variant
+
+
+def _variant(where: str, name: str, entry: dict, base: Path, defaults: dict) -> VariantSpec:
+    switches = {k: entry.get(k, defaults[k]) for k in _SWITCHES}
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise RegistryError(f"{where}: {key} must be true or false")
     if "artifact" in entry:
         folder = Path(_resolve(entry["artifact"], base))
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
             raise RegistryError(f"{where}: {folder} is not a quantized artifact (no manifest.json)")
         manifest = _read_json(manifest_file)
-        return VariantSpec(name, manifest.get("dtype", "fp32"), folder, require, manifest)
+        return VariantSpec(
+            name, manifest.get("dtype", "fp32"), folder, **switches, manifest=manifest
+        )
     dtype = entry.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise RegistryError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
-    return VariantSpec(name, dtype, require_worker=require)
+    return VariantSpec(name, dtype, **switches)
 
 
 def _resolve(value: str, base: Path) -> str:

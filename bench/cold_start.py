@@ -1,6 +1,6 @@
 """Cold start: what the first request after idle costs when workers scale to zero.
 
-    python -m bench.cold_start [--repeats 3] [--only MODEL/VARIANT ...]
+    python -m bench.cold_start [--repeats 3] [--only MODEL/VARIANT ...] [--compile]
 
 For each variant of the registry (models/registry.toml, or those named with --only), with no
 worker of it running: one job goes in through the API (the model's default steps), then one
@@ -8,6 +8,12 @@ worker starts. Recorded per run: the worker's start to its first heartbeat (proc
 imports, model load, warm-up), the model load alone (the worker's gauge), the job's
 submission to its completion (what the first request after idle waits) and the job's own
 inference time; --repeats runs each, and their medians. Writes bench/results/cold-start.json.
+
+With --compile the chosen variants run as compiled variants (registry ``compile = true``) that
+share one fresh compile cache (``T2I_COMPILE_CACHE_DIR``): each variant's first run compiles
+from nothing, the later ones find its code in the cache, as a restarted worker does. Also
+recorded: the warm-up (``t2i_model_warmup_seconds``). Writes
+bench/results/cold-start-compiled.json.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +38,13 @@ from bench.stack import Stack, free_port
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT_S = 300.0  # a worker start or a job taking longer is a failure, not a measurement
 POLL_S = 0.01  # well under a heartbeat period, so the first heartbeat is the one seen
-MEASURES = ("worker_start_to_heartbeat_s", "model_load_s", "first_job_total_s", "inference_s")
+MEASURES = (
+    "worker_start_to_heartbeat_s",
+    "model_load_s",
+    "warm_up_s",
+    "first_job_total_s",
+    "inference_s",
+)
 
 
 def pick(registry: Registry, only: list[str] | None) -> list[tuple[str, str]]:
@@ -119,6 +132,7 @@ def cold_start(
     return {
         "worker_start_to_heartbeat_s": round(heartbeat - started, 3),
         "model_load_s": _rounded(gauge(metrics, "t2i_model_load_seconds", model, variant)),
+        "warm_up_s": _rounded(gauge(metrics, "t2i_model_warmup_seconds", model, variant)),
         "first_job_total_s": timings["total_s"],
         "queue_wait_s": timings["queue_wait_s"],
         "inference_s": timings["inference_s"],
@@ -127,18 +141,55 @@ def cold_start(
     }
 
 
+def compiled_registry(registry: Registry, chosen: list[tuple[str, str]]) -> str:
+    """A registry (TOML text) of the chosen variants with ``compile = true``; paths absolute,
+    so it works from any folder."""
+    lines = []
+    for model in dict.fromkeys(m for m, _ in chosen):
+        spec = registry.models[model]
+        lines += [
+            f"[models.{model}]",
+            f"source = {json.dumps(spec.source)}",
+            f"kind = {json.dumps(spec.kind)}",
+            f"sizes = {json.dumps(list(spec.sizes))}",
+            f"default_steps = {spec.default_steps}",
+            f"max_steps = {spec.max_steps}",
+            f"guidance = {spec.guidance}",
+        ]
+        for m, name in chosen:
+            if m != model:
+                continue
+            variant = spec.variants[name]
+            lines.append(f"[models.{model}.variants.{name}]")
+            if variant.quantized:
+                lines.append(f"artifact = {json.dumps(str(variant.artifact))}")
+            else:
+                lines.append(f"dtype = {json.dumps(variant.dtype)}")
+            lines.append("compile = true")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.cold_start", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", metavar="MODEL/VARIANT")
-    parser.add_argument("--out", type=Path, default=RESULTS / "cold-start.json")
+    parser.add_argument("--compile", action="store_true", help="as compiled variants")
+    parser.add_argument(
+        "--out", type=Path, help="default: bench/results/cold-start[-compiled].json"
+    )
     args = parser.parse_args(argv)
+    out = args.out or RESULTS / ("cold-start-compiled.json" if args.compile else "cold-start.json")
     registry = load_registry(Settings().registry)
     chosen = pick(registry, args.only)
     results = []
-    stack = Stack()
+    settings = {}
+    if args.compile:
+        folder = Path(tempfile.mkdtemp(prefix="t2i-compile-"))
+        (folder / "registry.toml").write_text(compiled_registry(registry, chosen))
+        settings = {"registry": folder / "registry.toml", "compile_cache_dir": folder / "cache"}
+    stack = Stack(**settings)
     try:
         http = httpx.Client(base_url=stack.url, timeout=30)
         for model, variant in chosen:
@@ -161,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stack.close()
     save(
-        args.out,
-        "python -m bench.cold_start",
+        out,
+        "python -m bench.cold_start" + (" --compile" if args.compile else ""),
         repeats=args.repeats,
+        compiled=args.compile,
         torch_threads="torch's default",
         variants=results,
     )

@@ -1,10 +1,11 @@
-"""bench.cold_start's pure pieces: which variants it runs, the medians, reading a gauge."""
+"""bench.cold_start's pure pieces: which variants it runs, the medians, reading a gauge, the
+compiled registry."""
 
 import pytest
 
 from app.config import DEFAULT_REGISTRY
 from app.registry import load_registry
-from bench.cold_start import gauge, medians, pick
+from bench.cold_start import compiled_registry, gauge, medians, pick
 
 
 def test_pick_takes_every_variant_or_the_named_ones():
@@ -27,6 +28,7 @@ def test_medians_per_measure_skipping_missing_values():
     assert medians(runs) == {
         "worker_start_to_heartbeat_s": 5.0,
         "model_load_s": None,
+        "warm_up_s": None,
         "first_job_total_s": 6.0,
         "inference_s": 2.0,
     }
@@ -44,3 +46,16 @@ def test_gauge_reads_the_sample_of_one_model_variant():
     )
     assert gauge(text, "t2i_model_load_seconds", "dit-digits", "w8a8") == 3.25
     assert gauge(text, "t2i_model_load_seconds", "t2i-digits", "fp32") is None
+
+
+def test_compiled_registry_has_the_chosen_variants_compiled(tmp_path):
+    registry = load_registry(DEFAULT_REGISTRY)
+    chosen = [("dit-digits", "fp32"), ("dit-digits", "w8a8"), ("t2i-digits", "fp32")]
+    path = tmp_path / "registry.toml"
+    path.write_text(compiled_registry(registry, chosen))
+    compiled = load_registry(path)
+    assert {(m, v) for m, s in compiled.models.items() for v in s.variants} == set(chosen)
+    assert all(v.compile for s in compiled.models.values() for v in s.variants.values())
+    dit, original = compiled.get("dit-digits"), registry.get("dit-digits")
+    assert dit.labels == original.labels and dit.guidance == original.guidance
+    assert dit.variants["w8a8"].manifest == original.variants["w8a8"].manifest

@@ -81,33 +81,47 @@ class Worker:
         )
         metrics.MODEL_LOAD_SECONDS.labels(**self.labels).set(self.loaded.load_seconds)
         metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)
-        self._warm_up()
+        compiled = self.spec.variants[self.variant].compile
+        if compiled:
+            cache = self.settings.compile_cache_dir
+            pipeline.compile_denoiser(self.loaded, str(cache) if cache else None)
+        t0 = time.perf_counter()
+        self._warm_up(compiled)
+        warm_up_s = time.perf_counter() - t0
+        metrics.MODEL_WARMUP_SECONDS.labels(**self.labels).set(warm_up_s)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         log.info(
-            "worker %s serves %s/%s on %s (loaded in %.1f s)",
+            "worker %s serves %s/%s on %s (loaded in %.1f s, warmed up%s in %.1f s)",
             self.name,
             self.spec.name,
             self.variant,
             self.loaded.device,
             self.loaded.load_seconds,
+            " and compiled" if compiled else "",
+            warm_up_s,
         )
 
-    def _warm_up(self) -> None:
-        size = self.spec.sizes[0]
-        width, height = (int(x) for x in size.split("x"))
-        request = JobRequest(
-            model=self.spec.name,
-            variant=self.variant,
-            prompt=next(iter(self.spec.labels), "a"),
-            n=1,
-            width=width,
-            height=height,
-            steps=2,
-            guidance_scale=self.spec.guidance,
-            seed=0,
-            class_id=next(iter(self.spec.labels.values()), None),
-        )
-        pipeline.run_batch(self.loaded, self.spec, [request], lambda *_: None)
+    def _warm_up(self, compiled: bool) -> None:
+        """Run the pipeline before taking jobs. Compiled, on every size at two batch sizes, so
+        that the code for each size and for any batch (dynamic shapes) exists before the first
+        job: a job never waits for the compiler."""
+        sizes = self.spec.sizes if compiled else self.spec.sizes[:1]
+        for size in sizes:
+            width, height = (int(x) for x in size.split("x"))
+            for n in (1, 2) if compiled else (1,):
+                request = JobRequest(
+                    model=self.spec.name,
+                    variant=self.variant,
+                    prompt=next(iter(self.spec.labels), "a"),
+                    n=n,
+                    width=width,
+                    height=height,
+                    steps=2,
+                    guidance_scale=self.spec.guidance,
+                    seed=0,
+                    class_id=next(iter(self.spec.labels.values()), None),
+                )
+                pipeline.run_batch(self.loaded, self.spec, [request], lambda *_: None)
 
     def _heartbeats(self) -> None:
         while True:

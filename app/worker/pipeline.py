@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from models.loader import load_pipeline
 __all__ = [
     "Loaded",
     "Output",
+    "compile_denoiser",
     "encode_image",
     "load",
     "peak_memory",
@@ -61,6 +63,16 @@ def load(spec: ModelSpec, variant: VariantSpec, device: str) -> Loaded:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0)
+
+
+def compile_denoiser(loaded: Loaded, cache_dir: str | None) -> None:
+    """Swap the pipeline's denoiser for its ``torch.compile``d self. The compiling happens at
+    the first calls (the worker's warm-up); ``cache_dir`` keeps the generated code, so a
+    restarted worker loads it instead of compiling again."""
+    if cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    attr = "transformer" if getattr(loaded.pipe, "transformer", None) is not None else "unet"
+    setattr(loaded.pipe, attr, torch.compile(getattr(loaded.pipe, attr)))
 
 
 def run_batch(

@@ -108,3 +108,27 @@ def test_ids_have_one_format():
     assert is_id("0123456789abcdef0123456789abcdef")
     for bad in ("", "f" * 31, "f" * 33, "F" * 32, "f" * 31 + ":", "f" * 32 + ":events"):
         assert not is_id(bad), bad
+
+
+def test_registry_switches_apply_per_model_and_per_variant(tmp_path):
+    registry = _registry(
+        tmp_path,
+        f"""
+[models.a]
+source = '{MODELS / "t2i-digits"}'
+compile = true
+[models.a.variants.fast]
+dtype = 'fp32'
+[models.a.variants.eager]
+dtype = 'fp32'
+compile = false
+require_worker = true
+""",
+    )
+    spec = registry.get("a")
+    assert spec.variants["fast"].compile and not spec.variants["fast"].require_worker
+    assert not spec.variants["eager"].compile and spec.variants["eager"].require_worker
+    assert spec.guidance == 4.5 and spec.default_steps == 20  # the folder's defaults.json
+    for key in ("compile", "require_worker"):
+        with pytest.raises(RegistryError, match=f"{key} must be true or false"):
+            _registry(tmp_path, f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n{key}='yes'")
