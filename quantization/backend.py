@@ -31,6 +31,7 @@ __all__ = [
     "WEIGHT_QTYPES",
     "LayerSpec",
     "apply_specs",
+    "build_extensions",
     "calibrate",
     "freeze_model",
     "is_quantized",
@@ -46,6 +47,25 @@ WEIGHT_QTYPES = ("qint4", "qint8", "qfloat8_e4m3fn")  # quanto's qtype names
 ACTIVATION_QTYPES = ("qint8", "qfloat8_e4m3fn")
 GROUPED = ("qint4",)
 MOMENTUM = 0.9
+
+
+def build_extensions() -> list[str]:
+    """Compile quanto's native kernels now (its int4 unpacking on CPU, and on CUDA when there is
+    one) rather than at their first use: quanto builds them into its own package folder the
+    first time a layer needs them, about 25 s of g++ on this 2-core CPU, which would otherwise
+    land on the first job of a worker (or fail where site-packages is read-only). The names
+    of the extensions built."""
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    # quanto registers the ones this machine can use (CUDA, ROCm or MPS only where present)
+    names = [
+        n
+        for n in ("quanto_cpp", "quanto_cuda", "quanto_hip", "quanto_mps")
+        if is_extension_available(n)
+    ]
+    for name in names:
+        get_extension(name).lib  # noqa: B018 - loading is what builds it
+    return names
 
 
 @dataclass(frozen=True)
