@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -33,7 +32,8 @@ from app.config import Settings
 from app.queue.keys import Keys
 from app.registry import Registry, load_registry
 from bench.record import save
-from bench.stack import Stack, free_port
+from bench.scrape import samples
+from bench.stack import Stack, free_port, wait_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT_S = 300.0  # a worker start or a job taking longer is a failure, not a measurement
@@ -73,28 +73,14 @@ def medians(runs: list[dict]) -> dict[str, float | None]:
 
 def gauge(text: str, name: str, model: str, variant: str) -> float | None:
     """One sample of a Prometheus text exposition, by metric name and model/variant labels."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+    for labels, value in samples(text, name):
         if labels.get("model") == model and labels.get("variant") == variant:
-            return float(line.rsplit(" ", 1)[1])
+            return value
     return None
 
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
-
-
-def _until(read, what: str):
-    """``read()``'s first truthy value, polled; SystemExit after TIMEOUT_S."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        value = read()
-        if value:
-            return value
-        time.sleep(POLL_S)
-    raise SystemExit(f"no {what} within {TIMEOUT_S:.0f} s")
 
 
 def _beat(stack: Stack, key: str, name: str, since: float) -> float | None:
@@ -121,8 +107,10 @@ def cold_start(
     started = time.time()
     stack.start_worker(name, model, variant, wait=False, metrics_port=port)
     try:
-        heartbeat = _until(lambda: _beat(stack, key, name, started), f"heartbeat of {name}")
-        view = _until(lambda: _finished(http, job_id), f"end of job {job_id}")
+        heartbeat = wait_for(
+            lambda: _beat(stack, key, name, started), TIMEOUT_S, f"heartbeat of {name}", POLL_S
+        )
+        view = wait_for(lambda: _finished(http, job_id), TIMEOUT_S, f"end of job {job_id}", POLL_S)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     finally:
         stack.stop_worker(name)

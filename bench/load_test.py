@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from bench.record import save
+from bench.scrape import samples
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,12 +76,11 @@ async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> di
 def histogram(scrape: str, name: str, labels: dict[str, str]) -> list[tuple[float, float]]:
     """The cumulative buckets ``(le, count)`` of one histogram series in a Prometheus text
     scrape, in ascending ``le``."""
-    buckets = []
-    for raw, value in re.findall(rf"^{name}_bucket\{{(.*)\}} (\S+)$", scrape, re.M):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', raw))
-        if all(found.get(k) == v for k, v in labels.items()):
-            buckets.append((float(found["le"]), float(value)))
-    return sorted(buckets)
+    return sorted(
+        (float(found["le"]), value)
+        for found, value in samples(scrape, f"{name}_bucket")
+        if all(found.get(k) == v for k, v in labels.items())
+    )
 
 
 def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float):

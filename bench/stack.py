@@ -29,16 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    """Until ``predicate()`` is true (its errors count as not yet), or RuntimeError."""
+def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
+    """``predicate()``'s first truthy value, polled every ``every`` s (its errors count as not
+    yet); RuntimeError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if predicate():
-                return
+            value = predicate()
+            if value:
+                return value
         except Exception:
             pass
-        time.sleep(0.1)
+        time.sleep(every)
     raise RuntimeError(f"{what} did not come up within {timeout} s")
 
 

@@ -39,8 +39,8 @@ async def prometheus_metrics(registry: RegistryDep, queue: QueueDep) -> Response
     try:
         for spec in registry.models.values():
             for v in spec.variants:
-                metrics.QUEUE_DEPTH.labels(spec.name, v).set(await queue.depth(spec.name, v))
-                oldest = await queue.oldest_queued_age(spec.name, v)
+                depth, oldest = await queue.queued(spec.name, v)
+                metrics.QUEUE_DEPTH.labels(spec.name, v).set(depth)
                 metrics.QUEUE_OLDEST_SECONDS.labels(spec.name, v).set(oldest or 0.0)
                 metrics.WORKERS_LIVE.labels(spec.name, v).set(
                     await queue.live_workers(spec.name, v)

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.api.auth import owner_of
 from app.errors import AuthError, PayloadTooLarge, RateLimited, error_response
+from app.queue.records import ANONYMOUS
 
 __all__ = ["METHODS", "Guard", "Observe"]
 
@@ -80,7 +81,7 @@ class Guard:
 async def _authenticate(scope: Scope, state) -> str:
     settings, queue = state.settings, state.queue
     if not settings.api_keys:
-        return owner_of(None, [])
+        return ANONYMOUS
     address = (scope.get("client") or ("unknown",))[0]
     limit = settings.auth_failures_per_minute
     retry = await queue.auth_throttled(address, limit)

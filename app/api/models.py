@@ -19,8 +19,8 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> dict:
         for variant in spec.variants.values():
             summary = variant.summary()
             summary["workers"] = await queue.live_workers(spec.name, variant.name)
-            summary["queue_depth"] = await queue.depth(spec.name, variant.name)
-            summary["oldest_queued_s"] = await queue.oldest_queued_age(spec.name, variant.name)
+            depth, oldest = await queue.queued(spec.name, variant.name)
+            summary["queue_depth"], summary["oldest_queued_s"] = depth, oldest
             variants.append(summary)
         data.append(
             {

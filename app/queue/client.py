@@ -19,7 +19,7 @@ from app.errors import QueueFull
 from app.queue import scripts
 from app.queue.keys import GROUP, Keys
 from app.queue.listener import Listener, Subscription
-from app.queue.records import TERMINAL, Job, JobRequest, JobStatus, decode, encode_new
+from app.queue.records import ANONYMOUS, TERMINAL, Job, JobRequest, JobStatus, decode, encode_new
 
 __all__ = ["JobQueue", "Submitted"]
 
@@ -59,7 +59,7 @@ class JobQueue:
                 raise
 
     async def submit(
-        self, request: JobRequest, *, idempotency: str | None = None, owner: str = "anonymous"
+        self, request: JobRequest, *, idempotency: str | None = None, owner: str = ANONYMOUS
     ) -> Submitted:
         """Queue a job; the same idempotency key (per owner) gives back the same job."""
         return (await self.submit_all([request], idempotency=idempotency, owner=owner))[0]
@@ -69,7 +69,7 @@ class JobQueue:
         requests: list[JobRequest],
         *,
         idempotency: str | None = None,
-        owner: str = "anonymous",
+        owner: str = ANONYMOUS,
     ) -> list[Submitted]:
         """Queue every job or none (429 ``queue_full`` naming the full queue), atomically."""
         k, now = self.keys, time.time()
@@ -172,23 +172,17 @@ class JobQueue:
     async def latents(self, job_id: str) -> bytes | None:
         return await self.redis.get(self.keys.latents(job_id))
 
-    async def depth(self, model: str, variant: str) -> int:
-        """Jobs that can still run in the queue (those whose record expired are dropped)."""
-        return (await self._queued(model, variant))[0]
-
-    async def oldest_queued_age(self, model: str, variant: str) -> float | None:
-        """Seconds the longest-waiting queued job has waited; None for an empty queue."""
-        _, oldest = await self._queued(model, variant)
-        return None if oldest is None else round(max(0.0, time.time() - oldest), 3)
-
-    async def _queued(self, model: str, variant: str) -> tuple[int, float | None]:
+    async def queued(self, model: str, variant: str) -> tuple[int, float | None]:
+        """The jobs that can still run in a variant's queue (those whose record expired are
+        dropped first) and how long the oldest has waited (None: empty). One round trip."""
         key, now = self.keys.queued(model, variant), time.time()
         pipe = self.redis.pipeline(transaction=True)
         pipe.zremrangebyscore(key, "-inf", f"({now - self.job_ttl_s!r}")
         pipe.zcard(key)
         pipe.zrange(key, 0, 0, withscores=True)
         _, depth, first = await pipe.execute()
-        return int(depth), float(first[0][1]) if first else None
+        oldest = round(max(0.0, now - float(first[0][1])), 3) if first else None
+        return int(depth), oldest
 
     async def live_workers(self, model: str, variant: str) -> int:
         """Workers whose heartbeat is at most three heartbeat periods old."""
@@ -211,27 +205,28 @@ class JobQueue:
 
     async def auth_throttled(self, address: str, per_minute: int) -> int | None:
         """None when this client address may try a key again; else the seconds to wait."""
-        now = time.time()
-        window = int(now // 60)
+        window, left = _minute()
         count = await self.redis.get(self.keys.auth_failures(address, window))
-        if count is not None and int(count) >= per_minute:
-            return max(1, math.ceil((window + 1) * 60 - now))
-        return None
+        return left if count is not None and int(count) >= per_minute else None
 
     async def count_auth_failure(self, address: str) -> None:
         await self._count(self.keys.auth_failures, address, 0)
 
     async def _count(self, key_of, who: str, per_minute: int) -> int | None:
-        now = time.time()
-        window = int(now // 60)
+        window, left = _minute()
         key = key_of(who, window)
         pipe = self.redis.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, 120)
         count, _ = await pipe.execute()
-        if int(count) > per_minute:
-            return max(1, math.ceil((window + 1) * 60 - now))
-        return None
+        return left if int(count) > per_minute else None
+
+
+def _minute() -> tuple[int, int]:
+    """The current minute window of the counters, and the whole seconds until it ends."""
+    now = time.time()
+    window = int(now // 60)
+    return window, max(1, math.ceil((window + 1) * 60 - now))
 
 
 def _s(value) -> str:

@@ -31,6 +31,7 @@ __all__ = ["Listener", "Subscription", "stream_id"]
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
+Parsed = tuple[tuple[int, int], str, dict[str, str]]  # an entry with its id as integers
 
 
 def stream_id(value: str) -> tuple[int, int] | None:
@@ -48,13 +49,15 @@ def stream_id(value: str) -> tuple[int, int] | None:
 class Subscription:
     """Entries of one stream after a position, as the listener reads them."""
 
-    def __init__(self, key: str, after: str) -> None:
-        self.key, self.after = key, after
+    def __init__(self, after: str) -> None:
+        self.after = after
         self.position = stream_id(after) or (0, 0)
         self._entries: asyncio.Queue[list[Entry]] = asyncio.Queue()
 
-    def offer(self, entries: list[Entry]) -> None:
-        new = [(eid, data) for eid, data in entries if stream_id(eid) > self.position]
+    def offer(self, entries: list[Parsed]) -> None:
+        """Keep the entries after this subscription's position (ids parsed once, by the
+        listener, for all the subscriptions of a stream)."""
+        new = [(eid, data) for pair, eid, data in entries if pair > self.position]
         if new:
             self.after, self.position = new[-1][0], stream_id(new[-1][0])
             self._entries.put_nowait(new)
@@ -107,7 +110,7 @@ class Listener:
     @contextlib.asynccontextmanager
     async def follow(self, key: str, after: str = "0-0") -> AsyncIterator[Subscription]:
         """Follow stream ``key`` from after ``after`` while the block lasts."""
-        subscription = Subscription(key, after)
+        subscription = Subscription(after)
         self._subscriptions.setdefault(key, set()).add(subscription)
         try:
             await self._wake()
@@ -153,10 +156,13 @@ class Listener:
                 continue
             for raw_key, raw_entries in reply or []:
                 key = _s(raw_key)
-                entries = [(_s(i), {_s(a): _s(b) for a, b in f.items()}) for i, f in raw_entries]
                 if key == self.wake_key:
-                    self._wake_after = entries[-1][0]
+                    self._wake_after = _s(raw_entries[-1][0])
                     continue
+                entries = [
+                    (stream_id(eid := _s(i)), eid, {_s(a): _s(b) for a, b in f.items()})
+                    for i, f in raw_entries
+                ]
                 for subscription in list(self._subscriptions.get(key, ())):
                     subscription.offer(entries)
 

@@ -13,6 +13,7 @@ import redis
 
 from app.queue.consumer import Consumer
 from app.queue.keys import Keys
+from bench.scrape import samples
 from tests.service.conftest import Server, free_port, make_settings, wait_until
 
 JOB = {"model": "dit-digits", "prompt": "seven", "variant": "spare", "steps": 2}
@@ -146,7 +147,7 @@ def test_metrics_labels_are_bounded_and_true(redis_url, registry_file):
         for _ in range(3):
             assert http.post(f"/v1/jobs/{job}/cancel").json()["status"] == "cancelled"
         assert _cancelled(http) == before + 1  # cancelling again is a no-op
-        requests = _samples(http.get("/metrics").text, "t2i_http_requests_total")
+        requests = samples(http.get("/metrics").text, "t2i_http_requests_total")
         methods = {labels["method"] for labels, _ in requests}
         assert "other" in methods and methods <= {"GET", "POST", "HEAD", "OPTIONS", "other"}
     dead = make_settings(f"redis://127.0.0.1:{free_port()}/0", registry_file, redis_timeout_s=1)
@@ -154,23 +155,15 @@ def test_metrics_labels_are_bounded_and_true(redis_url, registry_file):
         answer = http.get("/v1/models")
         assert _error(answer, 503)["code"] == "redis_unavailable"
         assert http.get("/healthz").status_code == 200  # the connection is still usable
-        requests = _samples(http.get("/metrics").text, "t2i_http_requests_total")
+        requests = samples(http.get("/metrics").text, "t2i_http_requests_total")
     counted = {"route": "/v1/models", "method": "GET", "status": "503"}
     assert any(labels == counted for labels, _ in requests), "a 503 is counted as a 503"
 
 
-def _samples(scrape: str, name: str) -> list[tuple[dict, float]]:
-    """The samples of one metric in a Prometheus text scrape: (labels, value)."""
-    out = []
-    for labels, value in re.findall(rf"^{name}\{{(.*)\}} (\S+)$", scrape, re.M):
-        out.append((dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
-    return out
-
-
 def _cancelled(http) -> float:
     wanted = {"model": "dit-digits", "variant": "spare", "status": "cancelled"}
-    samples = _samples(http.get("/metrics").text, "t2i_jobs_total")
-    return sum(value for labels, value in samples if labels == wanted)
+    jobs = samples(http.get("/metrics").text, "t2i_jobs_total")
+    return sum(value for labels, value in jobs if labels == wanted)
 
 
 def test_refused_submissions_do_not_use_up_the_rate_budget(redis_url, registry_file):
