@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH)   # first, so no CUDA build of torch is pulled
 	$(PY) -m pip install -q -e ".[dev]"
 	# quanto compiles its native kernels at first use (~25 s): now, not in a worker or a test
-	$(PY) -c "from quantization.backend import build_extensions; build_extensions()"
+	$(PY) -c "from quantization.backends.quanto import build_extensions; build_extensions()"
 	touch $@
 
 setup: $(VENV)/.installed system

@@ -6,7 +6,8 @@ A denoiser with per-step SQNR s (same inputs, FP against perturbed outputs) give
 with SQNR s - a after a whole sampling run; a is the amplification of the trajectory (20 guided
 DPM-Solver steps). It is measured here with perturbations whose per-step SQNR is known: weights
 rounded to fp16 and to bf16, int8 weights per channel with float activations (w8a16), and w8a16
-and w8a8 each with and without the output head in float. Same 64 seeded images as
+and w8a8 (static per-tensor activations, quanto) each with and without the output head in
+float. Same 64 seeded images as
 ``python -m quantization evaluate``; per-step SQNR over the FP trajectories of 8 other prompts,
 as in the sensitivity analysis. Writes bench/results/amplification.json.
 
@@ -26,13 +27,13 @@ import torch
 
 from bench.record import save
 from bench.reference import fp_reference
-from models.generate import sample
+from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
 from quantization.blocks import denoiser_swapped, find_blocks
-from quantization.calibration import calibration_conditions, record_calibration, record_trajectory
+from quantization.calibration import record_calibration, record_trajectory
 from quantization.ptq import quantize_denoiser, uniform_plan
-from quantization.recipes import get_recipe
 from quantization.sensitivity import Measurer
+from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD = ("proj_out_1", "proj_out_2", "conv_out")  # the blocks that write the denoiser's output
@@ -64,16 +65,19 @@ def noise_to_signal_at_t_max(scheduler) -> float:
 def measure(model: str, n: int) -> dict:
     ref = fp_reference(model, n)
     pipe, attr, kw, fp_denoiser = ref.pipe, ref.attr, ref.sampling, ref.denoiser
-    calib = record_calibration(pipe, attr, calibration_conditions(pipe, 32), **kw)
-    trajectory = record_trajectory(pipe, attr, 8, **kw)
+    given = ref.calibration
+    calib = record_calibration(pipe, attr, given.pick(pipe, 32, "calibration"), **kw)
+    trajectory = record_trajectory(pipe, attr, given.pick(pipe, 8, "trajectory"), **kw)
     measurer = Measurer(fp_denoiser, calib.calls, trajectory.calls)
     variants = {
         "fp16 weights": lambda: rounded(fp_denoiser, torch.float16),
         "bf16 weights": lambda: rounded(fp_denoiser, torch.bfloat16),
         "w8a16": lambda: quantized(fp_denoiser, "w8a16", calib.calls),
         "w8a16, head float": lambda: quantized(fp_denoiser, "w8a16", calib.calls, head_float=True),
-        "w8a8": lambda: quantized(fp_denoiser, "w8a8", calib.calls),
-        "w8a8, head float": lambda: quantized(fp_denoiser, "w8a8", calib.calls, head_float=True),
+        "w8a8": lambda: quantized(fp_denoiser, "w8a8-static", calib.calls),
+        "w8a8, head float": lambda: quantized(
+            fp_denoiser, "w8a8-static", calib.calls, head_float=True
+        ),
     }
     rows = []
     for name, build in variants.items():

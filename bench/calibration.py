@@ -1,38 +1,51 @@
-"""Single-step against multi-step calibration: end-to-end quality and what each costs.
+"""Activation scales, side by side: static per tensor calibrated at one step (t = T) or at
+every step, and dynamic per token; end-to-end quality and what each costs.
 
-    python -m bench.calibration                       # both embedded models, w8a8 and w4a8-g128
+    python -m bench.calibration                       # both embedded models, DEFAULT_VARIANTS
+    python -m bench.calibration --models t2i-digits --variants w4a8-sqnr@quanto
 
-For each model and recipe, the denoiser is calibrated on the same 32 prompts either at the first
-sampling step only (t = T) or at every step, then both quantized pipelines sample the same 64
-seeded prompts as FP. Calibration time = recording the FP inputs + calibrating and freezing the
-quantized copy. For w4a8-sqnr the plan (levels, treatments) is made once, with single-step
-calibration, and then quantized with each calibration, so that only the calibration differs.
-Writes bench/results/calibration.json.
+For each model and variant, static scales are calibrated on the same 32 prompts either at the
+first sampling step only or at every step; per-token scales are found at run time and need
+none. Each quantized pipeline samples the same 64 seeded prompts as FP. Calibration time =
+recording the FP inputs + calibrating and quantizing the copy. For an SQNR-driven recipe the
+plan (levels, treatments) is made once, with single-step calibration, and then quantized with
+each calibration, so that only the calibration differs. Writes bench/results/calibration.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.reference import fp_reference
-from models.generate import sample
-from quality.evaluator import Evaluator
+from models.evaluator import Evaluator
+from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
 from quantization.blocks import denoiser_swapped
-from quantization.calibration import calibration_conditions, record_calibration, record_trajectory
+from quantization.calibration import record_calibration, record_trajectory
 from quantization.ptq import analyze, quantize_denoiser
-from quantization.recipes import get_recipe
 from quantization.sensitivity import Measurer
+from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# static per-tensor scales calibrated at one step or at all, on either backend; per-token
+# dynamic scales (torchao), which need no calibration
+DEFAULT_VARIANTS = [
+    "w8a8-static@quanto",
+    "w8a8-static@torchao",
+    "w8a8-static:token@torchao",
+    "w4a8-g128@quanto",
+    "w4a8-g128:token@torchao",
+    "w4a8-sqnr@quanto",
+]
 
 
 @torch.no_grad()
-def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
+def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]:
     ref = fp_reference(model, n)
     pipe, attr, kw = ref.pipe, ref.attr, ref.sampling
     fp, targets = ref.fp, ref.targets
@@ -44,31 +57,52 @@ def compare(model: str, recipes: list[str], n: int, prompts: int) -> list[dict]:
             "prompt_accuracy": evaluator.prompt_accuracy(fp.images, targets).prompt_accuracy,
         }
     ]
-    calib_conditions = calibration_conditions(pipe, prompts)
-    for recipe in recipes:
+    calib_conditions = ref.calibration.pick(pipe, prompts, "calibration")
+    for variant in variants:
+        name, _, backend = variant.partition("@")
+        recipe, granularity = name.removesuffix(":token"), "token" if ":token" in name else None
+        r = get_recipe(recipe).with_granularity(granularity)
+        backend = backend or r.backend
         plan = None
-        if get_recipe(recipe).mixed_precision:
+        if r.mixed_precision:
             single = record_calibration(pipe, attr, calib_conditions, **kw)
-            trajectory = record_trajectory(pipe, attr, 8, **kw)
+            measured_on = ref.calibration.pick(pipe, r.trajectory_prompts, "trajectory")
+            trajectory = record_trajectory(pipe, attr, measured_on, **kw)
             plan = analyze(
-                Measurer(ref.denoiser, single.calls, trajectory.calls),
-                get_recipe(recipe),
+                Measurer(ref.denoiser, single.calls, trajectory.calls, backend),
+                replace(r, scope="denoiser" if r.scope == "end-to-end" else r.scope),
                 detail=False,
             ).plan
-        for kind in ("single-step", "multi-step"):
-            calib = record_calibration(pipe, attr, calib_conditions, kind=kind, **kw)
-            result = quantize_denoiser(ref.denoiser, get_recipe(recipe), calib.calls, plan=plan)
+        static = r.activations is not None and r.granularity == "tensor"
+        for kind in ("single-step", "multi-step") if static else ("dynamic",):
+            calib = record_calibration(
+                pipe,
+                attr,
+                calib_conditions,
+                kind="single-step" if kind == "dynamic" else kind,
+                **kw,
+            )
+            result = quantize_denoiser(
+                ref.denoiser,
+                r if plan is None else get_recipe("w8a8-static"),
+                calib.calls,
+                plan=plan,
+                backend=backend,
+            )
             with denoiser_swapped(pipe, result.model):
                 q = sample(pipe, ref.conditions, seed=0, **kw)
+            seconds = 0.0 if kind == "dynamic" else calib.seconds
             row = {
                 "model": model,
-                "variant": recipe,
+                "variant": variant,
+                "backend": backend,
+                "granularity": r.granularity if r.activations else None,
                 "calibration": kind,
-                "calibration_steps": len(calib.steps),
-                "calibration_prompts": prompts,
-                "record_seconds": round(calib.seconds, 3),
+                "calibration_steps": 0 if kind == "dynamic" else len(calib.steps),
+                "calibration_prompts": 0 if kind == "dynamic" else prompts,
+                "record_seconds": round(seconds, 3),
                 "quantize_seconds": round(result.seconds, 3),
-                "calibration_seconds": round(calib.seconds + result.seconds, 3),
+                "calibration_seconds": round(seconds + result.seconds, 3),
                 "sqnr_latent_db": round(sqnr_db(fp.latents, q.latents), 3),
                 "psnr_db": round(psnr_db(fp.images, q.images), 3),
                 "prompt_accuracy": evaluator.prompt_accuracy(q.images, targets).prompt_accuracy,
@@ -85,12 +119,17 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--models", nargs="+", default=["dit-digits", "t2i-digits"])
-    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8-g128", "w4a8-sqnr"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help="RECIPE[:token][@BACKEND] (default: %(default)s)",
+    )
     p.add_argument("--n", type=int, default=64, help="evaluation images (default 64)")
     p.add_argument("--prompts", type=int, default=32, help="calibration prompts (default 32)")
     p.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
     args = p.parse_args(argv)
-    rows = [r for m in args.models for r in compare(m, args.recipes, args.n, args.prompts)]
+    rows = [r for m in args.models for r in compare(m, args.variants, args.n, args.prompts)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"images": args.n, "seed": 0, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -1,11 +1,16 @@
 """Full-size architecture check: a DiT-XL/2-shaped transformer or an SD-1.5-shaped UNet,
 random weights, quantized.
 
-    python -m bench.full_size                          # DiT-XL/2, CPU, float32 (this machine)
-    python -m bench.full_size --arch sd15-unet --recipes fp w8a8 w4a16-g128
-    python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w8a8 w4a16-g128 fp8
-    python -m bench.full_size --device cuda --dtype bfloat16 --recipes fp w4a8-sqnr \
+    python -m bench.full_size                          # DiT-XL/2, CPU, fp32 (this machine)
+    python -m bench.full_size --arch sd15-unet --variants fp w8a8-static@quanto w4a16-g128
+    python -m bench.full_size --device cuda --dtype bf16 \
+        --variants fp+compile w8a8@torchao+compile fp8:token@torchao+compile w4a16-g128
+    python -m bench.full_size --device cuda --dtype bf16 --variants fp w4a8-sqnr \
         --budget-fp16-ratio 0.35
+
+A variant is ``fp`` or a recipe, ``:token`` for per-token activations, ``@quanto`` or
+``@torchao`` for the backend (default: the recipe's) and ``+compile`` for ``torch.compile``
+(timed after its warm-up; the compile time is reported apart).
 
 SD-1.5 UNet: UNet2DConditionModel with SD 1.5's configuration (320/640/1280/1280 channels,
 2 layers per block, cross-attention on 77 x 768 text states), 64x64x4 latents (512 px images).
@@ -23,6 +28,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,14 +36,33 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 
 from quality.metrics import sqnr_db
-from quantization import backend
+from quantization import backends
+from quantization.artifact import DTYPES
 from quantization.capture import Call, replay
 from quantization.ptq import analyze, quantize_denoiser
-from quantization.recipes import get_recipe
 from quantization.sensitivity import Measurer
+from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_VARIANTS = [
+    "fp",
+    "fp+compile",
+    "w8a8-static@quanto",
+    "w8a8-static:token@torchao+compile",
+    "w8a8@torchao+compile",
+    "w4a16-g128@quanto",
+    "w4a8-sqnr@quanto",
+]
+
+
+def parse_variant(text: str) -> tuple[str, str | None, str | None, bool]:
+    """ "w8a8:token@torchao+compile" -> (recipe or "fp", granularity, backend, compiled)."""
+    name, compiled = text.removesuffix("+compile"), text.endswith("+compile")
+    name, _, backend = name.partition("@")
+    name, _, granularity = name.partition(":")
+    if name != "fp":
+        get_recipe(name)  # an unknown recipe fails here, before anything is built
+    return name, granularity or None, backend or None, compiled
 
 
 def dit_xl_2(dtype: torch.dtype, device: str, layers: int = 28) -> DiTTransformer2DModel:
@@ -138,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--arch", default="dit-xl-2", choices=list(ARCHS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--recipes", nargs="+", default=["fp", "w8a8", "w4a16-g128", "w4a8-sqnr"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="default: %(default)s")
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
     p.add_argument(
         "--budget-fp16-ratio",
@@ -168,41 +193,50 @@ def main(argv: list[str] | None = None) -> None:
     timing_call = make_calls([500], dtype, device, arch=args.arch)[0]
     reference = [o.float().cpu() for o in replay(fp, trajectory)]
     rows = []
-    for name in args.recipes:
-        print(f"[{name}] quantizing", flush=True)
+    for variant in args.variants:
+        name, granularity, backend, compiled = parse_variant(variant)
+        print(f"[{variant}] quantizing", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         extra = {}
+        impl = None
         if name == "fp":
             model = fp
-        elif get_recipe(name).mixed_precision:
-            budget = None
-            if args.budget_fp16_ratio is not None:
-                budget = int(args.budget_fp16_ratio * params * 2)
-            result = analyze(
-                Measurer(fp, calibration, trajectory),
-                get_recipe(name),
-                budget_bytes=budget,
-                detail=False,
-                scope="block",
-                progress=lambda m: print(f"  {m}", flush=True),
-            )
-            model = result.model
-            g = result.analysis["global"]
-            extra = {
-                "budget_bytes": g["budget_bytes"],
-                "block_levels": g["block_levels"],
-                "predicted_sqnr_db": g["predicted_sqnr_db"],
-                "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
-                "smoothed_layers": len(result.analysis["smoothing"]),
-            }
         else:
-            model = quantize_denoiser(fp, get_recipe(name), calibration).model
+            recipe = get_recipe(name).with_granularity(granularity)
+            backend = backend or recipe.backend
+            impl = backends.get(backend)
+            if recipe.mixed_precision:
+                budget = None
+                if args.budget_fp16_ratio is not None:
+                    budget = int(args.budget_fp16_ratio * params * 2)
+                result = analyze(
+                    Measurer(fp, calibration, trajectory, backend),
+                    recipe,
+                    budget_bytes=budget,
+                    detail=False,
+                    scope="block",  # random weights, no pipeline: each unit measured alone
+                    progress=lambda m: print(f"  {m}", flush=True),
+                )
+                model = result.model
+                g = result.analysis["global"]
+                extra = {
+                    "budget_bytes": g["budget_bytes"],
+                    "levels": dict(sorted(_counts(g["block_levels"]).items())),
+                    "predicted_sqnr_db": g["predicted_sqnr_db"],
+                    "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
+                    "smoothed_layers": len(result.analysis["smoothing"]),
+                }
+            else:
+                model = quantize_denoiser(fp, recipe, calibration, backend=backend).model
         quantize_seconds = time.perf_counter() - start
-        state = backend.quantized_state_dict(model)
-        nbytes = backend.state_dict_bytes(state)
+        nbytes = (
+            sum(p.numel() * p.element_size() for p in fp.parameters())
+            if impl is None
+            else impl.nbytes(model)
+        )
         sqnr = None
         if name != "fp":
             test = [o.float().cpu() for o in replay(model, trajectory)]
@@ -218,15 +252,25 @@ def main(argv: list[str] | None = None) -> None:
                 fp.cpu()  # the peak below is then the quantized model's alone
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        latency = step_latency_ms(model, timing_call, device, args.repeats)
+        runner, compile_seconds = model, None
+        if compiled:
+            runner = torch.compile(model)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                runner(*timing_call.args, **timing_call.kwargs)
+            compile_seconds = round(time.perf_counter() - t0, 1)
+        latency = step_latency_ms(runner, timing_call, device, args.repeats)
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
         if device == "cuda" and name != "fp":
             fp.to(device)
         row = {
-            "variant": name,
+            "variant": variant,
+            "backend": None if impl is None else impl.NAME,
+            "compiled": compiled,
             "weight_bytes": nbytes,
             "ratio_to_fp16": round(nbytes / (params * 2), 4),
             "step_latency_ms": round(latency, 1),
+            "compile_seconds": compile_seconds,
             "quantize_seconds": round(quantize_seconds, 1),
             "sqnr_random_db": sqnr,
             **extra,
@@ -235,8 +279,10 @@ def main(argv: list[str] | None = None) -> None:
             row["peak_cuda_bytes"] = peak
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del runner
         if name != "fp":
             del model
+        torch._dynamo.reset()
     result = {
         "model": description.format(layers=layers),
         "parameters": params,
@@ -246,12 +292,20 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "batch": 2,
+        "command": "python -m bench.full_size " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__,
         "variants": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def _counts(levels: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for level in levels.values():
+        counts[level] = counts.get(level, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from models.data import Target
-from models.generate import Samples, conditions_for, evaluation_targets, sample
-from models.loader import read_defaults
+from models.targets import conditions_for, evaluation_targets
+from pipelines.generate import Samples, sample
+from pipelines.loader import read_defaults
 from quantization.artifact import open_source
 from quantization.blocks import denoiser_attr
+from quantization.calibration import Conditions, resolve_conditions
 
 __all__ = ["Reference", "fp_reference"]
 
@@ -31,6 +33,7 @@ class Reference:
     targets: list[Target]
     conditions: list
     fp: Samples
+    calibration: Conditions  # what calibration and measuring ask (the digits data)
 
 
 @torch.no_grad()
@@ -47,4 +50,5 @@ def fp_reference(model: str, n: int) -> Reference:
     targets = evaluation_targets(n, with_colors=d["kind"] == "text-to-image", seed=0)
     conditions = conditions_for(pipe, targets)
     fp = sample(pipe, conditions, seed=0, **sampling)
-    return Reference(pipe, attr, getattr(pipe, attr), sampling, targets, conditions, fp)
+    given = resolve_conditions(pipe, folder)
+    return Reference(pipe, attr, getattr(pipe, attr), sampling, targets, conditions, fp, given)

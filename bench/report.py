@@ -116,7 +116,8 @@ def _grid(model: str, variants: list[str]) -> np.ndarray:
     from app.registry import load_registry
     from app.worker import pipeline
     from models.data import Target
-    from models.generate import conditions_for, sample
+    from models.targets import conditions_for
+    from pipelines.generate import sample
 
     spec = load_registry(get_settings().registry).get(model)
     targets = [  # a text-to-image model also gets a color pair per digit

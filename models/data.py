@@ -162,3 +162,8 @@ def parse_prompt(prompt: str) -> Target:
     bg = re.search(rf"\bon (?:an? )?({_COLOR_PATTERN})\b", text)
     fg = re.search(rf"\b({_COLOR_PATTERN})\b", text[: bg.start()] if bg else text)
     return Target(value, fg.group(1) if fg else None, bg.group(1) if bg else None)
+
+
+def digit_id2label() -> dict[str, str]:
+    """Class id -> comma-separated names, the format DiTPipeline reads ("7" -> "seven, 7")."""
+    return {str(i): f"{word}, {i}" for i, word in enumerate(DIGIT_WORDS)}

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from models import EMBEDDED as MODELS
 from models import data
-from models.generate import evaluation_targets, generate
-from models.loader import load_pipeline, read_defaults
+from models.targets import evaluation_targets, generate
+from pipelines.loader import load_pipeline, read_defaults
 
 MODELS_DIR = Path(__file__).resolve().parent
-MODELS = ("dit-digits", "t2i-digits")
 GRID_COLUMNS = 8
 SCALE = 3
 
@@ -58,7 +58,7 @@ def grid_targets(with_colors: bool) -> list[data.Target]:
 
 
 def sample_model(name: str, n: int, seed: int, out: Path) -> dict:
-    from quality.evaluator import Evaluator
+    from models.evaluator import Evaluator
 
     folder = MODELS_DIR / name
     defaults = read_defaults(folder)

@@ -33,9 +33,10 @@ from diffusers import (
 )
 
 from models import architectures, data
-from models.loader import DEFAULTS_FILE, digit_id2label, save_pipeline
+from models.classifier import DigitClassifier, save_classifier
+from models.data import digit_id2label
 from models.tokenizer import MAX_LENGTH, build_tokenizer
-from quality.classifier import DigitClassifier, save_classifier
+from pipelines.loader import DEFAULTS_FILE, save_pipeline
 
 MODELS_DIR = Path(__file__).resolve().parent
 RECIPE_FILE = "recipe.json"

@@ -1,1 +1,1 @@
-"""Quality evaluation shared by the quantization package and the service workers."""
+"""Generic quality metrics (SQNR, PSNR, SSIM, Fréchet distance) on arrays, model-free."""

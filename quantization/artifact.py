@@ -5,8 +5,10 @@ An artifact is a diffusers pipeline folder whose denoiser is quantized::
     model_index.json, scheduler/, vae/, text_encoder/, ...   the source's other components
     <denoiser>/config.json                                     the denoiser's diffusers config
     <denoiser>/quantized.safetensors                           quantized weights, scales, smoothing
-    plan.json                                                  per layer: qtypes, group size, ...
-    manifest.json                                              recipe, calibration, sizes, sha256
+                                                               (+ the backend's JSON metadata)
+    plan.json                                                  per layer: dtypes, group size, ...
+    manifest.json                                              backend, recipe, calibration,
+                                                               sizes, versions, sha256 of files
     report.md, *.png                                           what was measured, with plots
 
 The quantized weights deliberately do not use diffusers' file name: a stock
@@ -22,12 +24,14 @@ import platform
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.loader import load_pipeline, save_pipeline
-from quantization import backend
+from pipelines.loader import load_pipeline, save_pipeline
+from quantization import backends
 from quantization.blocks import denoiser_attr
-from quantization.plan import LayerPlan, plan_from_json, plan_to_json, specs_of
+from quantization.plan import LayerPlan, plan_from_json, plan_to_json
+from quantization.types import BACKENDS
 
 __all__ = [
     "FORMAT",
@@ -39,11 +43,11 @@ __all__ = [
     "sha256_of",
 ]
 
-FORMAT = "quantized-diffusers/1"
+FORMAT = "quantized-diffusers/2"
 WEIGHTS_FILE = "quantized.safetensors"
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ArtifactError(Exception):
@@ -77,8 +81,8 @@ def denoiser_sizes(
 ) -> dict:
     """Bytes of the quantized denoiser: quantized layers, the rest, and fp16 / fp32 for scale."""
     params = sum(p.numel() for p in fp_denoiser.parameters())
-    layer_bytes = sum(backend.state_dict_bytes(state, prefix=f"{name}.") for name in plan)
-    total = backend.state_dict_bytes(state)
+    layer_bytes = sum(backends.tensor_bytes(state, prefix=f"{name}.") for name in plan)
+    total = backends.tensor_bytes(state)
     fp_layer_params = sum(
         p.numel() for n in plan for p in fp_denoiser.get_submodule(n).parameters(recurse=False)
     )
@@ -127,9 +131,8 @@ def measured_on() -> dict:
     }
 
 
-def _versions() -> dict[str, str]:
+def _versions(backend) -> dict[str, str]:
     import diffusers
-    import optimum.quanto
     import transformers
 
     return {
@@ -137,7 +140,7 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "optimum-quanto": optimum.quanto.__version__,
+        **backend.versions(),
     }
 
 
@@ -148,10 +151,12 @@ def save_artifact(
     plan: dict[str, LayerPlan],
     manifest: dict,
     *,
-    dtype: str = "float32",
+    backend: str,
+    dtype: str = "fp32",
     report: str | None = None,
 ) -> dict:
     """Write the artifact folder; returns the manifest as written (files and sizes added)."""
+    impl = backends.get(backend)
     attr = denoiser_attr(fp_pipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +164,8 @@ def save_artifact(
     denoiser_dir = out / attr
     for stale in denoiser_dir.glob("diffusion_pytorch_model*"):
         stale.unlink()
-    state = backend.quantized_state_dict(quantized)
-    save_file(state, denoiser_dir / WEIGHTS_FILE, metadata={"format": FORMAT})
+    state, metadata = impl.state_dict(quantized)
+    save_file(state, denoiser_dir / WEIGHTS_FILE, metadata={**metadata, "format": FORMAT})
     (out / PLAN_FILE).write_text(json.dumps(plan_to_json(plan), indent=1) + "\n")
     files = {
         str(p.relative_to(out)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
@@ -169,6 +174,7 @@ def save_artifact(
     full = {
         "format": FORMAT,
         **manifest,
+        "backend": backend,
         "denoiser": attr,
         "denoiser_class": type(getattr(fp_pipe, attr)).__name__,
         "dtype": dtype,
@@ -177,12 +183,13 @@ def save_artifact(
                 "weights": lp.weights,
                 "activations": lp.activations or "none",
                 "group_size": lp.group_size,
+                "granularity": lp.spec.granularity,
             }
             for n, lp in sorted(plan.items())
         },
         "sizes": denoiser_sizes(getattr(fp_pipe, attr), state, plan),
         "files": files,
-        "versions": _versions(),
+        "versions": _versions(impl),
         "measured_on": measured_on(),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(full, indent=1) + "\n")
@@ -198,8 +205,11 @@ def read_manifest(path: Path) -> dict:
     manifest = json.loads(file.read_text())
     if manifest.get("format") != FORMAT:
         raise ArtifactError(
-            f"{file}: format {manifest.get('format')!r}, this package reads {FORMAT!r}"
+            f"{file}: format {manifest.get('format')!r}, this package reads {FORMAT!r} "
+            "(quantize the source again)"
         )
+    if manifest.get("backend") not in BACKENDS:
+        raise ArtifactError(f"{file}: backend {manifest.get('backend')!r} is not one of {BACKENDS}")
     return manifest
 
 
@@ -227,26 +237,32 @@ def verify_files(path: Path, manifest: dict) -> None:
 def build_quantized_denoiser(
     path: Path, manifest: dict, plan: dict[str, LayerPlan]
 ) -> torch.nn.Module:
-    """The denoiser class from its config, prepared by the plan, loaded with strict key checks."""
+    """The denoiser class from its config, prepared by the plan on the artifact's backend,
+    its saved tensors loaded with strict key checks."""
     import diffusers
 
+    impl = backends.get(manifest["backend"])
     attr = manifest["denoiser"]
     cls = getattr(diffusers, manifest["denoiser_class"])
     model = cls.from_config(cls.load_config(path / attr)).to(DTYPES[manifest["dtype"]]).eval()
-    applied = backend.apply_specs(model, specs_of(plan))
+    try:
+        applied = impl.prepare(model, plan)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: the plan cannot be applied here: {e}") from None
     for name, lp in plan.items():
         if applied[name].group_size != lp.group_size:
             raise ArtifactError(
                 f"{name}: plan says group size {lp.group_size}, "
                 f"the layer allows {applied[name].group_size}"
             )
-        if lp.smoothing_alpha is not None:
-            backend.set_smoothing(model.get_submodule(name))
-    state = load_file(path / attr / WEIGHTS_FILE)
+    file = path / attr / WEIGHTS_FILE
+    tensors = load_file(file)
+    with safe_open(file, framework="pt") as f:
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "format"}
     try:
-        backend.load_quantized_state(model, state)
-    except KeyError as e:
-        raise ArtifactError(f"{path / attr / WEIGHTS_FILE}: {e.args[0]}") from None
+        impl.load_state(model, tensors, metadata)
+    except (KeyError, ValueError) as e:
+        raise ArtifactError(f"{file}: {e.args[0]}") from None
     return model
 
 

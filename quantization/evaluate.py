@@ -6,6 +6,7 @@ its own and nothing cached by one variant helps another. The parent compares wha
 - ``sqnr_latent_db``: final latents (what the VAE decodes) against FP, over the whole batch;
 - ``psnr_db`` / ``ssim``: decoded images against FP's;
 - ``prompt_accuracy`` / ``fd``: the digits evaluator (embedded models only; None otherwise);
+  any other model is asked the ``--prompts`` / ``--classes`` it is given, cycled;
 - ``denoiser_weight_bytes``, ``step_latency_ms`` (median denoiser call), ``peak_rss_bytes``.
 """
 
@@ -21,47 +22,56 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EvalSettings", "evaluate", "is_digits_model"]
+__all__ = ["EvalSettings", "evaluate"]
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     n: int = 64
     seed: int = 0
-    num_inference_steps: int | None = None  # None: the model folder's default
+    num_inference_steps: int | None = None  # None: the model folder's / pipeline's default
     guidance_scale: float | None = None
     batch_size: int = 16
+    prompts: str | None = None  # a prompts file, for a model that is not embedded
+    classes: str | None = None  # "1,207,360" or "all"
 
 
-def is_digits_model(defaults: dict) -> bool:
-    from models.sample import MODELS
+def _conditions(pipe, source: str, s: EvalSettings, with_colors: bool) -> list:
+    from models.targets import conditions_for, evaluation_targets
+    from quantization.calibration import resolve_conditions
 
-    return defaults.get("model") in MODELS
+    given = resolve_conditions(pipe, source, s.prompts, s.classes)
+    if given.values:
+        return [given.values[i % len(given.values)] for i in range(s.n)]
+    return conditions_for(pipe, evaluation_targets(s.n, with_colors=with_colors, seed=s.seed))
 
 
 def _run_variant(
-    path: str, quantized: bool, steps: int, guidance: float, s: EvalSettings, with_colors: bool
+    source: str, path: str, quantized: bool, s: EvalSettings, with_colors: bool
 ) -> dict:
     """In a child process: load, sample n images, time every denoiser call."""
     import torch
 
-    from models.generate import conditions_for, evaluation_targets, sample
-    from quantization import backend
-    from quantization.artifact import load_quantized, open_source
+    from pipelines.generate import sample
+    from pipelines.loader import sampling_settings
+    from quantization import backends
+    from quantization.artifact import load_quantized, open_source, read_manifest
     from quantization.blocks import denoiser_attr
 
     start = time.perf_counter()
     pipe = load_quantized(path) if quantized else open_source(path)
     load_seconds = time.perf_counter() - start
+    steps, guidance = sampling_settings(source, s.num_inference_steps, s.guidance_scale, pipe)
     denoiser = getattr(pipe, denoiser_attr(pipe))
-    weight_bytes = backend.state_dict_bytes(backend.quantized_state_dict(denoiser))
+    impl = backends.get(read_manifest(Path(path))["backend"] if quantized else "quanto")
+    weight_bytes = impl.nbytes(denoiser)
     durations: list[float] = []
     began = [0.0]
     pre = denoiser.register_forward_pre_hook(lambda m, a: began.__setitem__(0, time.perf_counter()))
     post = denoiser.register_forward_hook(
         lambda m, a, o: durations.append(time.perf_counter() - began[0])
     )
-    conditions = conditions_for(pipe, evaluation_targets(s.n, with_colors=with_colors, seed=s.seed))
+    conditions = _conditions(pipe, source, s, with_colors)
     with torch.no_grad():  # quanto tensors do not support inference mode
         samples = sample(
             pipe,
@@ -80,6 +90,8 @@ def _run_variant(
         "step_latency_ms": 1000 * statistics.median(durations),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "load_seconds": round(load_seconds, 3),
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
     }
 
 
@@ -94,20 +106,21 @@ def evaluate(
     source: str, artifacts: list[str], settings: EvalSettings = EvalSettings(), progress=print
 ) -> dict:
     """The metrics of FP and of each artifact, as one JSON-able dict."""
-    from models import data
-    from models.generate import evaluation_targets
-    from models.loader import read_defaults, sampling_settings
+    from models import data, embedded_model
+    from models.targets import evaluation_targets
+    from pipelines.loader import read_defaults
     from quality.metrics import psnr_db, sqnr_db, ssim
 
-    steps, guidance = sampling_settings(
-        source, settings.num_inference_steps, settings.guidance_scale
-    )
-    defaults = read_defaults(source) if Path(source).is_dir() else {}
-    digits = is_digits_model(defaults)
-    with_colors = digits and defaults.get("kind") == "text-to-image"
+    digits = embedded_model(source) is not None
+    if not digits and settings.prompts is None and settings.classes is None:
+        raise ValueError(
+            f"{source} is not an embedded model: pass --prompts FILE (text-to-image) or "
+            "--classes 1,207,360 | all (class-conditional) to say what to ask it"
+        )
+    with_colors = digits and read_defaults(source).get("kind") == "text-to-image"
     evaluator = heldout = targets = None
     if digits:
-        from quality.evaluator import Evaluator
+        from models.evaluator import Evaluator
 
         evaluator = Evaluator.load()
         heldout = data.load("heldout").images
@@ -120,7 +133,7 @@ def evaluate(
         *[(Path(a).name, a, True) for a in artifacts],
     ]:
         progress(f"sampling {settings.n} images with {label} ({path})")
-        run = _in_fresh_process(str(path), quantized, steps, guidance, settings, with_colors)
+        run = _in_fresh_process(str(source), str(path), quantized, settings, with_colors)
         fp = fp or run
         row = {
             "variant": label,
@@ -148,8 +161,8 @@ def evaluate(
         "source": str(source),
         "images": settings.n,
         "seed": settings.seed,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
+        "num_inference_steps": fp["num_inference_steps"],
+        "guidance_scale": fp["guidance_scale"],
         "batch_size": settings.batch_size,
         "variants": rows,
     }

@@ -1,12 +1,13 @@
 """The method end to end on one denoiser: calibrate, measure, plan, treat, quantize.
 
-    result = quantize_denoiser(denoiser, get_recipe("w4a8-sqnr"), calibration, trajectory)
+    result = analyze(Measurer(denoiser, calibration, trajectory, "quanto"), get_recipe("w4a8-sqnr"))
     result.model     # the quantized copy (the FP denoiser is left as it was)
     result.plan      # {layer: LayerPlan}
     result.analysis  # JSON-able: sensitivity, choices and the gain of each treatment
 
-Uniform recipes need only the calibration calls. The SQNR-driven recipe also needs a recorded
-FP trajectory to measure on (METHOD.md steps 2-4).
+Uniform recipes need only the calibration calls (``quantize_denoiser``). The SQNR-driven
+recipes also need a recorded FP trajectory to measure on (``analyze``; docs/quantization.md,
+"The algorithm", steps 2-4). ``quantization.quantize`` runs either on a pipeline.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from quantization import backend
-from quantization.backend import LayerSpec
+from quantization import backends
 from quantization.blocks import Block, find_blocks
 from quantization.capture import Call, layer_stats
-from quantization.plan import LayerPlan, specs_of
-from quantization.planner import BlockOption, greedy_plan
-from quantization.recipes import LEVELS, Recipe, level_spec
-from quantization.sensitivity import TIME_DRIFT_OCTAVES, Measurer, quantize_layers
+from quantization.plan import BlockOption, LayerPlan, greedy_plan, specs_of
+from quantization.sensitivity import TIME_DRIFT_OCTAVES, Measurer
 from quantization.smoothing import smoothing_scales as scales_for
 from quantization.smoothing import weight_channel_absmax
+from quantization.types import LayerSpec, Recipe, level_spec
 
 __all__ = [
     "DEFAULT_BUDGET_RATIO",
@@ -45,6 +44,7 @@ __all__ = [
 # of the whole denoiser quantized by the uniform base recipe, whichever comes first.
 DEFAULT_TARGET_SQNR_DB = 35.0
 DEFAULT_BUDGET_RATIO = 1.2
+SCOPES = ("denoiser", "block", "end-to-end")  # where a block's relative SQNR is measured
 WORST_BLOCKS = 2  # per-layer SQNR is measured inside this many least-SQNR blocks
 
 
@@ -56,14 +56,14 @@ class Result:
     seconds: float = 0.0
 
 
-def _as_applied(plan: dict[str, LayerPlan], model: nn.Module) -> dict[str, LayerPlan]:
+def _as_applied(plan: dict[str, LayerPlan], model: nn.Module, backend) -> dict[str, LayerPlan]:
     """The plan with the group sizes the layers really got (a group wider than a row: per row)."""
     applied = backend.layer_specs(model)
     return {n: replace(lp, group_size=applied[n].group_size) for n, lp in plan.items()}
 
 
-def _finite(x: float) -> float | None:
-    return None if math.isinf(x) or math.isnan(x) else round(x, 3)
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isinf(x) or math.isnan(x) else round(x, 3)
 
 
 def _fp_bytes(denoiser: nn.Module, layers: tuple[str, ...]) -> int:
@@ -77,9 +77,7 @@ def _fp_bytes(denoiser: nn.Module, layers: tuple[str, ...]) -> int:
 def fixed_bytes(denoiser: nn.Module, layers: list[str]) -> int:
     """Bytes of the denoiser that stay float whatever the plan: everything but ``layers``
     (embedding tables, norms, positional buffers that are saved)."""
-    total = backend.state_dict_bytes(
-        {k: v for k, v in denoiser.state_dict().items() if v is not None}
-    )
+    total = backends.tensor_bytes({k: v for k, v in denoiser.state_dict().items() if v is not None})
     return total - _fp_bytes(denoiser, tuple(layers))
 
 
@@ -87,7 +85,9 @@ def uniform_plan(blocks: list[Block], recipe: Recipe) -> dict[str, LayerPlan]:
     """Every quantizable layer at the recipe's base spec."""
     spec = recipe.base_spec()
     return {
-        layer: LayerPlan(spec.weights, spec.activations, spec.group_size, block=b.name)
+        layer: LayerPlan(
+            spec.weights, spec.activations, spec.group_size, spec.granularity, block=b.name
+        )
         for b in blocks
         for layer in b.layers
     }
@@ -96,13 +96,13 @@ def uniform_plan(blocks: list[Block], recipe: Recipe) -> dict[str, LayerPlan]:
 def _plan_at_levels(
     blocks: list[Block],
     levels: dict[str, str],
-    group_size: int | None,
+    recipe: Recipe,
     time_sensitive: set[str],
     smoothing: dict[str, dict],
 ) -> dict[str, LayerPlan]:
     plan = {}
     for b in blocks:
-        spec = level_spec(levels[b.name], group_size)
+        spec = level_spec(levels[b.name], recipe.group_size, recipe.granularity)
         if spec is None:
             continue
         for layer in b.layers:
@@ -114,7 +114,13 @@ def _plan_at_levels(
                 else None
             )
             plan[layer] = LayerPlan(
-                spec.weights, activations, spec.group_size, b.name, alpha, protect
+                spec.weights,
+                activations,
+                spec.group_size,
+                spec.granularity,
+                b.name,
+                alpha,
+                protect,
             )
     return plan
 
@@ -143,7 +149,8 @@ def analyze(
     """Sensitivity analysis and the SQNR-driven plan for ``recipe``'s base spec.
 
     Args:
-        target_sqnr_db: stop promoting once the predicted denoiser SQNR reaches this.
+        target_sqnr_db: stop promoting once the predicted SQNR (at the denoiser output, or of
+            the final latents for scope "end-to-end") reaches this.
         budget_ratio: never exceed this many times the bytes of the whole denoiser quantized
             by the base recipe (what the model weighs, float leftovers included).
         budget_bytes: never exceed this many bytes for the whole denoiser (overrides
@@ -151,19 +158,23 @@ def analyze(
         detail: also measure accumulated SQNR, per-layer SQNR in the worst blocks and the gain
             of each treatment (the plan itself needs none of them).
         scope: where relative SQNR is measured for the plan: "denoiser" (the block quantized
-            inside the FP denoiser, SQNR at the denoiser output: METHOD.md's definition) or
-            "block" (the block run alone on its recorded inputs, SQNR at its output: a proxy
-            about as many times cheaper as there are blocks, for full-size models on a CPU).
+            inside the FP denoiser, SQNR at the denoiser output on the replayed trajectory:
+            the paper's definition), "block" (the block run alone on its recorded inputs, SQNR
+            at its output: a proxy about as many times cheaper as there are blocks, for
+            full-size models on a CPU) or "end-to-end" (the pipeline sampled with the block
+            quantized, SQNR of the final latents: the noise as the sampler compounds it).
         progress: called with a short message before each stage.
     """
-    if scope not in ("denoiser", "block"):
-        raise ValueError(f"scope must be 'denoiser' or 'block', not {scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
     start = time.perf_counter()
     denoiser = measurer.denoiser
-    blocks = find_blocks(denoiser)
+    blocks = find_blocks(denoiser, measurer.backend.LAYERS, recipe.unit)
     layers = [layer for b in blocks for layer in b.layers]
-    group = recipe.group_size
-    base_level = LEVELS[0]
+    if not recipe.mixed_precision:
+        raise ValueError(f"recipe {recipe.name} has one precision level: nothing to analyze")
+    levels = recipe.levels
+    base_level = levels[0]
 
     progress("time sensitivity: activation ranges along the trajectory")
     drifts = measurer.time_drifts(layers)
@@ -175,30 +186,38 @@ def analyze(
     smoothing: dict[str, dict] = {}
     if smoothing_on:
         progress("smoothing: alphas for layers with outlier input channels")
-        untreated = _plan_at_levels(blocks, base_levels, group, time_sensitive, {})
+        untreated = _plan_at_levels(blocks, base_levels, recipe, time_sensitive, {})
         smoothing = measurer.choose_smoothing(list(untreated), specs_of(untreated))
 
-    base_plan = _plan_at_levels(blocks, base_levels, group, time_sensitive, smoothing)
+    base_plan = _plan_at_levels(blocks, base_levels, recipe, time_sensitive, smoothing)
     scales = _scales(base_plan, smoothing)
 
-    progress(f"relative SQNR of {len(blocks)} blocks at {len(LEVELS) - 1} levels")
+    measured_levels = [lv for lv in levels if lv != "float"]
+    progress(f"relative SQNR of {len(blocks)} blocks at {len(measured_levels)} levels")
     options: dict[str, list[BlockOption]] = {b.name: [] for b in blocks}
     relative: dict[str, dict] = {b.name: {} for b in blocks}
     fixed = fixed_bytes(denoiser, layers)
     budget, base_bytes = budget_bytes, 0
-    for level in LEVELS:  # the base level first for every block: the budget is checked on it
+    for level in levels:  # the base level first for every block: the budget is checked on it
         for b in blocks:
             if level == "float":
                 nbytes = _fp_bytes(denoiser, b.layers)
-                options[b.name].append(BlockOption(level, math.inf, nbytes))
+                options[b.name].append(BlockOption(level, math.inf, nbytes, nbytes))
                 relative[b.name]["float"] = {"weight_bytes": nbytes}
                 continue
             plan = _plan_at_levels(
-                blocks, {**base_levels, b.name: level}, group, time_sensitive, smoothing
+                blocks, {**base_levels, b.name: level}, recipe, time_sensitive, smoothing
             )
-            measure = measurer.relative if scope == "denoiser" else measurer.relative_alone
+            measure = {
+                "denoiser": measurer.relative,
+                "block": measurer.relative_alone,
+                "end-to-end": measurer.relative_end_to_end,
+            }[scope]
             v = measure(b.name, _block_specs(plan, b), _scales(plan, smoothing))
-            options[b.name].append(BlockOption(level, v.sqnr_db, v.weight_bytes))
+            float_mm = _fp_bytes(
+                denoiser, tuple(n for n in b.layers if n in plan and plan[n].activations is None)
+            )
+            options[b.name].append(BlockOption(level, v.sqnr_db, v.weight_bytes, float_mm))
             relative[b.name][level] = {
                 "sqnr_db": _finite(v.sqnr_db),
                 "block_output_sqnr_db": _finite(v.local_sqnr_db),
@@ -220,7 +239,7 @@ def analyze(
         target_sqnr_db=target_sqnr_db,
         budget_bytes=None if budget is None else budget - fixed,
     )
-    plan = _plan_at_levels(blocks, choice.levels, group, time_sensitive, smoothing)
+    plan = _plan_at_levels(blocks, choice.levels, recipe, time_sensitive, smoothing)
 
     worst = sorted(blocks, key=lambda b: options[b.name][0].sqnr_db)[:WORST_BLOCKS]
     accumulated, per_layer = {}, {}
@@ -242,7 +261,7 @@ def analyze(
 
     progress("the plan, and the gain of each treatment")
     model, final = measurer.full(specs_of(plan), _scales(plan, smoothing))
-    untreated_plan = _plan_at_levels(blocks, base_levels, group, set(), {})
+    untreated_plan = _plan_at_levels(blocks, base_levels, recipe, set(), {})
     _, untreated = measurer.full(specs_of(untreated_plan))
     base_variant = None
     if detail:
@@ -255,11 +274,11 @@ def analyze(
     }
     if time_sensitive and detail:
         _, v = measurer.full(
-            specs_of(_plan_at_levels(blocks, base_levels, group, time_sensitive, {}))
+            specs_of(_plan_at_levels(blocks, base_levels, recipe, time_sensitive, {}))
         )
         gains["with_time_protection_sqnr_db"] = _finite(v.sqnr_db)
     if smoothing and detail:
-        only_smooth = _plan_at_levels(blocks, base_levels, group, set(), smoothing)
+        only_smooth = _plan_at_levels(blocks, base_levels, recipe, set(), smoothing)
         _, v = measurer.full(specs_of(only_smooth), _scales(only_smooth, smoothing))
         gains["with_smoothing_sqnr_db"] = _finite(v.sqnr_db)
 
@@ -267,8 +286,11 @@ def analyze(
         "recipe": recipe.name,
         "scope": scope,
         "base_level": base_level,
-        "group_size": group,
-        "levels": list(LEVELS),
+        "group_size": recipe.group_size,
+        "granularity": recipe.granularity,
+        "unit": recipe.unit,
+        "backend": measurer.backend.NAME,
+        "levels": list(levels),
         "blocks": [b.name for b in blocks],
         "relative_sqnr": relative,
         "accumulated_sqnr_db": {k: _finite(v) for k, v in accumulated.items()},
@@ -327,7 +349,9 @@ def analyze(
         },
         "trajectory_calls": len(measurer.trajectory),
     }
-    return Result(model, _as_applied(plan, model), analysis, time.perf_counter() - start)
+    return Result(
+        model, _as_applied(plan, model, measurer.backend), analysis, time.perf_counter() - start
+    )
 
 
 def timesteps_of(calls: list[Call]) -> list[float]:
@@ -347,6 +371,7 @@ def quantize_denoiser(
     *,
     plan: dict[str, LayerPlan] | None = None,
     smoothing_scales: dict[str, torch.Tensor] | None = None,
+    backend: str = "quanto",
 ) -> Result:
     """A quantized copy of ``denoiser`` by a uniform recipe, or by a given plan.
 
@@ -354,7 +379,8 @@ def quantize_denoiser(
     from the input ranges seen on the calibration calls and the plan's alphas.
     """
     start = time.perf_counter()
-    blocks = find_blocks(denoiser)
+    impl = backends.get(backend)
+    blocks = find_blocks(denoiser, impl.LAYERS)
     if plan is None:
         if recipe.mixed_precision:
             raise ValueError(f"recipe {recipe.name} needs the sensitivity analysis: use analyze()")
@@ -371,5 +397,5 @@ def quantize_denoiser(
             for n in smoothed
         }
     model = copy.deepcopy(denoiser).eval()
-    quantize_layers(model, specs_of(plan), calibration, smoothing_scales)
-    return Result(model, _as_applied(plan, model), {}, time.perf_counter() - start)
+    impl.quantize_layers(model, specs_of(plan), calibration, smoothing_scales)
+    return Result(model, _as_applied(plan, model, impl), {}, time.perf_counter() - start)

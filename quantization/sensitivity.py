@@ -19,15 +19,14 @@ import torch
 from torch import nn
 
 from quality.metrics import sqnr_db
-from quantization import backend
-from quantization.backend import LayerSpec
+from quantization import backends
 from quantization.capture import Call, channel_absmax, denoiser_output, detach, layer_stats, replay
 from quantization.smoothing import ALPHAS, outlier_ratio, smoothing_scales, weight_channel_absmax
+from quantization.types import LayerSpec
 
 __all__ = [
     "Measurer",
     "Variant",
-    "quantize_layers",
     "time_drift",
 ]
 
@@ -50,22 +49,6 @@ class Variant:
     sqnr_by_step: dict[int, float]  # at the denoiser output, per sampling step
     weight_bytes: int  # bytes of the quantized layers' tensors
     local_sqnr_db: float | None = None  # at the output of the block / layer itself
-
-
-def quantize_layers(
-    model: nn.Module,
-    specs: dict[str, LayerSpec],
-    calls: list[Call],
-    smoothing: dict[str, torch.Tensor] | None = None,
-) -> dict[str, LayerSpec]:
-    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze."""
-    applied = backend.apply_specs(model, specs)
-    for name, scale in (smoothing or {}).items():
-        if name in specs:
-            backend.set_smoothing(model.get_submodule(name), scale)
-    backend.calibrate(model, list(specs), lambda: replay(model, calls))
-    backend.freeze_model(model)
-    return applied
 
 
 def time_drift(input_absmax_by_step: dict[int, float], calibration_step: int = 0) -> float:
@@ -113,11 +96,23 @@ class Measurer:
         denoiser: the FP denoiser (float32 or the dtype it will be quantized in); left intact.
         calibration: calls the quantized copies are calibrated on (single- or multi-step).
         trajectory: calls of full FP sampling runs, every step, that quality is measured on.
+        backend: the backend the quantized copies are made with ("quanto" or "torchao").
+        sampler: ``sampler(denoiser)`` samples the trajectory's conditions and seeds with that
+            denoiser in the pipeline and returns the final latents; it makes end-to-end
+            relative SQNR (``relative_end_to_end``) possible.
     """
 
     def __init__(
-        self, denoiser: nn.Module, calibration: list[Call], trajectory: list[Call]
+        self,
+        denoiser: nn.Module,
+        calibration: list[Call],
+        trajectory: list[Call],
+        backend: str = "quanto",
+        sampler=None,
     ) -> None:
+        self.backend = backends.get(backend)
+        self.sampler = sampler
+        self._fp_latents: torch.Tensor | None = None
         self.denoiser = denoiser.eval()
         self.calibration = calibration
         self.trajectory = trajectory
@@ -140,7 +135,7 @@ class Measurer:
         try:
             for n, m in originals.items():
                 self.denoiser.set_submodule(n, copy.deepcopy(m))
-            quantize_layers(self.denoiser, specs, self.calibration, smoothing)
+            self.backend.quantize_layers(self.denoiser, specs, self.calibration, smoothing)
             yield self.denoiser
         finally:
             for n, m in originals.items():
@@ -155,7 +150,7 @@ class Measurer:
         handle = None
         if local is not None:
             handle = model.get_submodule(local).register_forward_hook(
-                lambda m, a, o: local_outs.append(backend.plain(_first_tensor(o)))
+                lambda m, a, o: local_outs.append(self.backend.plain(_first_tensor(o)))
             )
         try:
             outputs = replay(model, self.trajectory)
@@ -190,14 +185,9 @@ class Measurer:
             test[step].append(q.flatten())
         return {s: sqnr_db(torch.cat(ref[s]), torch.cat(test[s])) for s in sorted(ref)}
 
-    @staticmethod
-    def layer_bytes(model: nn.Module, layers: list[str]) -> int:
+    def layer_bytes(self, model: nn.Module, layers: list[str]) -> int:
         """Bytes the named layers' tensors take (quantized data, scales, biases)."""
-        total = 0
-        for name in layers:
-            state = backend.quantized_state_dict(model.get_submodule(name))
-            total += backend.state_dict_bytes(state)
-        return total
+        return sum(self.backend.nbytes(model.get_submodule(name)) for name in layers)
 
     # --- the analyses ------------------------------------------------------------------------
 
@@ -206,6 +196,22 @@ class Measurer:
         self._fp_local_outputs(block)  # before the swap: afterwards the block is the quantized one
         with self.swapped([block], specs, smoothing) as model:
             return self.measure(model, local=block, layers=list(specs))
+
+    def relative_end_to_end(
+        self, block: str, specs: dict[str, LayerSpec], smoothing=None
+    ) -> Variant:
+        """Only ``block`` quantized, the pipeline sampled from the trajectory's seeds: SQNR of
+        the final latents against FP. The noise a block adds *as the sampler compounds it*
+        over the steps, for one sampling run per measurement (as many denoiser calls as a
+        replay of the trajectory)."""
+        if self.sampler is None:
+            raise ValueError("end-to-end relative SQNR needs a sampler")
+        if self._fp_latents is None:
+            self._fp_latents = self.sampler(self.denoiser)
+        with self.swapped([block], specs, smoothing) as model:
+            latents = self.sampler(model)
+            weight_bytes = self.layer_bytes(model, list(specs))
+        return Variant(sqnr_db(self._fp_latents, latents), {}, weight_bytes)
 
     def relative_alone(self, block: str, specs: dict[str, LayerSpec], smoothing=None) -> Variant:
         """Only ``block`` quantized and run by itself on its recorded inputs: SQNR at its output.
@@ -225,8 +231,8 @@ class Measurer:
             ("b" if n == block else "b." + n.removeprefix(prefix)): v
             for n, v in (smoothing or {}).items()
         }
-        quantize_layers(holder, rel, calib_in, rel_smoothing)
-        outputs = [backend.plain(o) for o in replay(holder, traj_in)]
+        self.backend.quantize_layers(holder, rel, calib_in, rel_smoothing)
+        outputs = [self.backend.plain(o) for o in replay(holder, traj_in)]
         by_step = defaultdict(lambda: ([], []))
         for call, ref, out in zip(traj_in, reference, outputs, strict=True):
             by_step[call.step][0].append(ref)
@@ -287,7 +293,9 @@ class Measurer:
         try:
             for b in blocks:
                 self.denoiser.set_submodule(b, copy.deepcopy(originals[b]))
-                quantize_layers(self.denoiser, specs_by_block[b], self.calibration, smoothing)
+                self.backend.quantize_layers(
+                    self.denoiser, specs_by_block[b], self.calibration, smoothing
+                )
                 result[b] = _sqnr(self.fp_outputs, replay(self.denoiser, self.trajectory))
         finally:
             for b, m in originals.items():
@@ -297,7 +305,7 @@ class Measurer:
     def full(self, specs: dict[str, LayerSpec], smoothing=None) -> tuple[nn.Module, Variant]:
         """A quantized copy of the whole denoiser, and how it measures."""
         model = copy.deepcopy(self.denoiser)
-        quantize_layers(model, specs, self.calibration, smoothing)
+        self.backend.quantize_layers(model, specs, self.calibration, smoothing)
         return model, self.measure(model, layers=list(specs))
 
     # --- statistics that choose the local treatments ----------------------------------------
@@ -326,11 +334,11 @@ class Measurer:
             layer = self.denoiser.get_submodule(name)
             reference = [layer(t) for t in x]
             w = weight_channel_absmax(layer.weight)
-            base = _alone_sqnr(layer, spec_of[name], x, reference, None)
+            base = _alone_sqnr(self.backend, layer, spec_of[name], x, reference, None)
             best = (base, None, None)
             for alpha in ALPHAS:
                 scale = smoothing_scales(act, w, alpha)
-                db = _alone_sqnr(layer, spec_of[name], x, reference, scale)
+                db = _alone_sqnr(self.backend, layer, spec_of[name], x, reference, scale)
                 if db > best[0]:
                     best = (db, alpha, scale)
             if best[1] is not None and best[0] - base >= SMOOTHING_MIN_GAIN_DB:
@@ -366,10 +374,10 @@ def _channel_absmax(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _alone_sqnr(
-    layer: nn.Module, spec: LayerSpec, xs: list[torch.Tensor], reference, scale
+    backend, layer: nn.Module, spec: LayerSpec, xs: list[torch.Tensor], reference, scale
 ) -> float:
     """A quantized copy of one layer, calibrated and run on its captured inputs, against FP."""
     holder = nn.Sequential(copy.deepcopy(layer))
     calls = [Call(i, (x,), {}) for i, x in enumerate(xs)]
-    quantize_layers(holder, {"0": spec}, calls, None if scale is None else {"0": scale})
+    backend.quantize_layers(holder, {"0": spec}, calls, None if scale is None else {"0": scale})
     return _sqnr(reference, [backend.plain(holder(x)) for x in xs])

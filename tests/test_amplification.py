@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from bench.amplification import HEAD, noise_to_signal_at_t_max, quantized, rounded
-from quantization import backend
+from quantization import backends
 from tests import tiny
 
 
@@ -15,12 +15,13 @@ def test_head_float_leaves_exactly_the_output_head_unquantized():
     model = tiny.dit()
     full = quantized(model, "w8a16", tiny.calls("dit"))
     headless = quantized(model, "w8a16", tiny.calls("dit"), head_float=True)
-    full_layers = set(backend.layer_specs(full))
-    headless_layers = set(backend.layer_specs(headless))
+    full_layers = set(backends.get("quanto").layer_specs(full))
+    headless_layers = set(backends.get("quanto").layer_specs(headless))
     dropped = full_layers - headless_layers
     assert dropped and headless_layers < full_layers
     assert all(name.split(".")[0] in HEAD for name in dropped)
-    assert not any(backend.is_quantized(m) for n, m in model.named_modules())  # FP untouched
+    quanto = backends.get("quanto")
+    assert not any(quanto.is_quantized(m) for m in model.modules())  # FP untouched
 
 
 def test_rounded_weights_go_through_the_dtype_and_leave_the_original_alone():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from models import data
-from quality.colors import estimate_colors
-from quality.evaluator import Evaluator
+from models.colors import estimate_colors
+from models.evaluator import Evaluator
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from quantization.planner import BlockOption, greedy_plan, predicted_sqnr_db
+from quantization.plan import BlockOption, greedy_plan, predicted_sqnr_db
 
 LEVELS = ("w4a8", "w8a8", "float")
 
@@ -55,3 +55,28 @@ def test_budget_is_never_exceeded():
         greedy_plan(options, budget_bytes=1)
     with pytest.raises(ValueError, match="target"):
         greedy_plan(options)
+
+
+def test_float_activations_are_not_free_and_levels_can_be_skipped():
+    # Float activations add no byte but give up the int8 matmul: counted at the weights they
+    # multiply, they do not all go before a cheap weight promotion that buys more.
+    options = {
+        "head": [
+            BlockOption("w8a8", 20.0, 10),
+            BlockOption("w8a16", 21.0, 10, 40),
+            BlockOption("float", math.inf, 40, 40),
+        ],
+        **{
+            f"b{i}": [
+                BlockOption("w8a8", 40.0, 100),
+                BlockOption("w8a16", 41.0, 100, 400),
+                BlockOption("float", math.inf, 400, 400),
+            ]
+            for i in range(4)
+        },
+    }
+    plan = greedy_plan(options, target_sqnr_db=30.0)
+    # the head jumps straight to float (w8a16 buys it 1 dB, float removes its noise)
+    assert plan.promotions[0].block == "head" and plan.promotions[0].to_level == "float"
+    assert plan.levels == {"head": "float", **{f"b{i}": "w8a8" for i in range(4)}}
+    assert plan.predicted_sqnr_db >= 30.0

@@ -1,35 +1,54 @@
-"""quantization/ on tiny DiT, PixArt and SD UNet denoisers built from configs."""
+"""quantization/ on tiny DiT, PixArt and SD UNet denoisers built from configs, on both backends."""
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.generate import sample
-from quantization import backend
-from quantization.artifact import ArtifactError, load_quantized, sha256_of
-from quantization.backend import LayerSpec
+from pipelines.generate import sample
+from quality.metrics import sqnr_db
+from quantization import Settings, backends, load_quantized, quantize
+from quantization.artifact import ArtifactError, save_artifact, sha256_of
 from quantization.blocks import find_blocks
-from quantization.capture import replay
+from quantization.calibration import SEEDS, Conditions
+from quantization.capture import Call, replay
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
 from quantization.ptq import analyze, quantize_denoiser, uniform_plan
-from quantization.recipes import RECIPES, get_recipe
-from quantization.run import Options, quantize_source
-from quantization.sensitivity import Measurer, quantize_layers, time_drift
+from quantization.sensitivity import Measurer, time_drift
 from quantization.smoothing import outlier_ratio, smoothing_scales
+from quantization.types import RECIPES, LayerSpec, get_recipe
 from tests import tiny
 
 TINY = {"dit": tiny.dit, "pixart": tiny.pixart, "unet": tiny.sd_unet}
-FAST = {
-    "steps": 3,
-    "guidance": 2.0,
-    "calibration_prompts": 4,
-    "trajectory_prompts": 2,
-    "check_images": 2,
+CLASSES = Conditions("classes", (0, 1, 2, 3, 4, 5, 6, 7), "--classes")
+FAST = Settings(
+    num_inference_steps=3,
+    guidance_scale=2.0,
+    calibration_prompts=4,
+    trajectory_prompts=2,
+    check_images=2,
+    conditions=CLASSES,
+)
+# What each backend can do on a CPU, as (recipe, granularity) pairs
+UNIFORM = {
+    "quanto": [("w8a8-static", None), ("w4a16-g128", None), ("w4a8-g128", None), ("fp8", None)],
+    "torchao": [
+        ("w8a8-static", None),
+        ("w8a8-static", "token"),
+        ("w8a16", None),
+        ("w4a16-g128", None),
+        ("w4a8-g128", "token"),
+    ],
 }
+
+
+def _uniform(name: str, granularity: str | None):
+    r = get_recipe(name).with_granularity(granularity)
+    return replace(r, levels=())
 
 
 def test_smoothing_scales_follow_the_smoothquant_formula():
@@ -41,21 +60,23 @@ def test_smoothing_scales_follow_the_smoothquant_formula():
         smoothing_scales(act, w, 1.0)
 
 
-def test_smoothing_recovers_sqnr_lost_to_an_outlier_channel():
+@pytest.mark.parametrize("backend", ["quanto", "torchao"])
+def test_smoothing_recovers_sqnr_lost_to_an_outlier_channel(backend):
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
     x = torch.randn(256, 64)
     x[:, 3] *= 80.0  # one outlier channel ruins a per-tensor int8 scale
     ref = layer(x).detach()
+    impl = backends.get(backend)
 
     def w8a8(scale=None):
         model = torch.nn.Sequential(torch.nn.Linear(64, 32))
         model.load_state_dict(layer.state_dict())
         smoothing = None if scale is None else {"0": scale}
-        quantize_layers(model, {"0": LayerSpec("qint8", "qint8")}, [_call(x)], smoothing)
-        return backend.plain(model(x))
-
-    from quality.metrics import sqnr_db
+        impl.quantize_layers(
+            model, {"0": LayerSpec("int8", "int8")}, [Call(0, (x,), {})], smoothing
+        )
+        return impl.plain(model(x))
 
     plain_db = sqnr_db(ref, w8a8())
     s = smoothing_scales(x.abs().amax(0), layer[0].weight.abs().amax(0), 0.5)
@@ -63,10 +84,20 @@ def test_smoothing_recovers_sqnr_lost_to_an_outlier_channel():
     assert smooth_db > plain_db + 6.0
 
 
-def _call(x):
-    from quantization.capture import Call
-
-    return Call(0, (x,), {})
+def test_per_token_activations_keep_what_one_static_scale_loses():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(256, 64) * torch.logspace(-2, 1, 256).unsqueeze(1)  # tokens 1000x apart
+    ref = layer(x).detach()
+    impl = backends.get("torchao")
+    out = {}
+    for granularity in ("tensor", "token"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        model.load_state_dict(layer.state_dict())
+        spec = LayerSpec("int8", "int8", None, granularity)
+        impl.quantize_layers(model, {"0": spec}, [Call(0, (x,), {})])
+        out[granularity] = sqnr_db(ref, model(x))
+    assert out["token"] > out["tensor"] + 10.0
 
 
 def test_time_drift_is_the_largest_range_change_in_octaves():
@@ -75,52 +106,99 @@ def test_time_drift_is_the_largest_range_change_in_octaves():
 
 
 @pytest.mark.parametrize("kind", list(TINY))
-def test_blocks_cover_every_quantizable_layer_once(kind):
+def test_blocks_and_modules_cover_every_quantizable_layer_once(kind):
     model = TINY[kind]()
     blocks = find_blocks(model)
     layers = [layer for b in blocks for layer in b.layers]
-    n_linear = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
-    assert len(layers) == len(set(layers)) == n_linear
-    names = [b.name for b in blocks]
+    n_layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
+    assert len(layers) == len(set(layers)) == n_layers
     expected = {
         "dit": "transformer_blocks.1",
         "pixart": "transformer_blocks.1",
         "unet": "mid_block",
-    }[kind]
-    assert expected in names
+    }
+    assert expected[kind] in [b.name for b in blocks]
+    modules = find_blocks(model, unit="module")
+    assert sorted(n for m in modules for n in m.layers) == sorted(layers)
+    assert len(modules) > len(blocks)
+    linear = find_blocks(model, backends.get("torchao").LAYERS)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(len(b.layers) for b in linear) == n_linear
+    if kind == "dit":
+        names = {m.name for m in modules}
+        assert {
+            "transformer_blocks.0.attn1",
+            "transformer_blocks.0.ff",
+            "transformer_blocks.0.norm1",
+        } <= names
 
 
 @pytest.mark.parametrize("kind", list(TINY))
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g128", "w4a8-g128", "fp8"])
-def test_uniform_recipes_quantize_every_layer_and_stay_close_to_fp(kind, recipe):
+@pytest.mark.parametrize(
+    ("backend", "recipe", "granularity"),
+    [(b, r, g) for b, pairs in UNIFORM.items() for r, g in pairs],
+    ids=lambda v: str(v),
+)
+def test_uniform_recipes_quantize_every_layer_and_stay_close_to_fp(
+    kind, backend, recipe, granularity
+):
     model, calls = TINY[kind](), tiny.calls(kind)
-    result = quantize_denoiser(model, get_recipe(recipe), calls)
-    assert backend.layer_specs(result.model) == {n: lp.spec for n, lp in result.plan.items()}
-    m = Measurer(model, calls, calls)
+    r = _uniform(recipe, granularity)
+    result = quantize_denoiser(model, r, calls, backend=backend)
+    impl = backends.get(backend)
+    assert impl.layer_specs(result.model) == {n: lp.spec for n, lp in result.plan.items()}
+    assert set(result.plan) == {n for b in find_blocks(model, impl.LAYERS) for n in b.layers}
+    m = Measurer(model, calls, calls, backend)
     v = m.measure(result.model, layers=list(result.plan))
     assert 10.0 < v.sqnr_db < math.inf  # quantized, not broken
-    assert v.weight_bytes < Measurer.layer_bytes(model, list(result.plan))
+    fp_bytes = sum(
+        p.numel() * p.element_size()
+        for n in result.plan
+        for p in model.get_submodule(n).parameters(recurse=False)
+    )
+    assert v.weight_bytes < fp_bytes
+    assert not any(impl.is_quantized(x) for x in model.modules())  # the FP model is untouched
+
+
+def test_torchao_refuses_what_it_cannot_do_with_the_flag_that_can():
+    model = tiny.sd_unet()
+    conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    impl = backends.get("torchao")
+    with pytest.raises(ValueError, match=r"Linear layers only.*quanto"):
+        impl.quantize_layers(model, {conv: LayerSpec("int8")}, [])
+    with pytest.raises(ValueError, match=r"static int8.*quanto"):
+        impl.check(LayerSpec("int4", "int8", 32, "tensor"))
+    with pytest.raises(ValueError, match="CUDA"):
+        impl.check(LayerSpec("fp8", "fp8", None, "token"))
+    with pytest.raises(ValueError, match="torchao"):
+        backends.get("quanto").check(LayerSpec("int8", "int8", None, "token"))
 
 
 @pytest.mark.parametrize("kind", list(TINY))
-def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind):
+@pytest.mark.parametrize(("backend", "recipe"), [("quanto", "w4a8-sqnr"), ("torchao", "w8a8")])
+def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind, backend, recipe):
     model, calls = TINY[kind](), tiny.calls(kind)
-    measurer = Measurer(model, calls[:1], calls)
-    result = analyze(measurer, get_recipe("w4a8-sqnr"), target_sqnr_db=60.0, budget_ratio=1.5)
+    measurer = Measurer(model, calls[:1], calls, backend)
+    r = get_recipe(recipe)
+    result = analyze(measurer, r, target_sqnr_db=60.0, budget_ratio=1.5)
     a = result.analysis
-    assert set(result.plan) <= {layer for b in find_blocks(model) for layer in b.layers}
+    impl = backends.get(backend)
+    units = find_blocks(model, impl.LAYERS, r.unit)
+    assert set(result.plan) <= {layer for b in units for layer in b.layers}
     assert a["measured"]["plan_sqnr_db"] > a["measured"]["uniform_base_sqnr_db"]
+    assert a["backend"] == backend and a["unit"] == r.unit
     g = a["global"]
     # the budget is on the whole denoiser: quantized layers plus what stays float
     assert g["plan_denoiser_bytes"] == g["plan_layer_bytes"] + g["fixed_bytes"]
     assert g["plan_denoiser_bytes"] <= g["budget_bytes"] == int(1.5 * g["base_denoiser_bytes"])
-    assert g["fixed_bytes"] == backend.state_dict_bytes(model.state_dict()) - sum(
+    assert g["fixed_bytes"] == backends.tensor_bytes(model.state_dict()) - sum(
         p.numel() * p.element_size()
-        for layer in (n for b in find_blocks(model) for n in b.layers)
+        for layer in (n for b in units for n in b.layers)
         for p in model.get_submodule(layer).parameters(recurse=False)
     )
-    # the first promotion goes to a block whose base-level SQNR is among the lowest
-    relative = {b: r["w4a8"]["sqnr_db"] for b, r in a["relative_sqnr"].items()}
+    # the first promotion goes to a unit whose base-level SQNR is among the lowest
+    base = r.levels[0]
+    relative = {b: x[base]["sqnr_db"] for b, x in a["relative_sqnr"].items()}
     first = a["global"]["promotions"][0]["block"]
     assert relative[first] <= sorted(relative.values())[len(relative) // 2]
     assert list(a["accumulated_sqnr_db"]) == a["blocks"]
@@ -142,127 +220,152 @@ def test_a_byte_budget_caps_the_whole_denoiser_and_one_below_the_base_is_refused
         analyze(measurer, recipe, budget_bytes=base - 1, detail=False)
 
 
+def test_end_to_end_scope_measures_on_sampled_latents():
+    pipe = tiny.dit_pipeline()
+    result = quantize(pipe, "w8a8", settings=replace(FAST, target_sqnr_db=80.0), source="tiny")
+    a = result.analysis.raw
+    assert a["scope"] == "end-to-end" and a["unit"] == "module"
+    # each unit's relative SQNR is that of the final latents with only it quantized
+    assert all(v["w8a8"]["block_output_sqnr_db"] is None for v in a["relative_sqnr"].values())
+    assert result.analysis.plan_sqnr_db > result.analysis.uniform_base_sqnr_db
+    assert result.backend == "torchao"
+
+
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
     pipe = tiny.dit_pipeline()
     blocks = find_blocks(pipe.transformer)
     plan = {
-        n: LayerPlan("qint4", None, 32, lp.block)
+        n: LayerPlan("int4", None, 32, None, lp.block)
         for n, lp in uniform_plan(blocks, get_recipe("w4a16-g128")).items()
     }
-    plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(plan_to_json(plan)))
-    quantize_source(_saved(pipe, tmp_path), Options(plan=plan_file, **FAST), tmp_path / "art")
+    result = quantize(pipe, plan, settings=FAST, source="tiny")
+    assert result.backend == "quanto"
+    result.save(tmp_path / "art")
     saved = plan_from_json(json.loads((tmp_path / "art" / "plan.json").read_text()))
     wide = [n for n in saved if pipe.transformer.get_submodule(n).weight[0].numel() > 32]
     assert wide and all(saved[n].group_size == 32 for n in wide)
     loaded = load_quantized(tmp_path / "art").transformer
-    assert all(backend.layer_specs(loaded)[n].group_size == 32 for n in wide)
+    specs = backends.get("quanto").layer_specs(loaded)
+    assert all(specs[n].group_size == 32 for n in wide)
 
 
-def _saved(pipe, tmp_path):
-    from models.loader import save_pipeline
-
-    src = tmp_path / "src"
-    save_pipeline(pipe, src)
-    return str(src)
+# every recipe by its default backend, and torchao's static int8 beside quanto's
+MADE = [(name, None) for name in RECIPES] + [("w8a8-static", "torchao")]
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """The tiny DiT pipeline quantized by every recipe through the same path as the CLI."""
+    """The tiny DiT pipeline quantized by every recipe through quantize() and Result.save."""
     root = tmp_path_factory.mktemp("artifacts")
     pipe = tiny.dit_pipeline()
-    src = _saved(pipe, root)
     made = {}
-    for name in RECIPES:
-        out = root / name
-        quantize_source(src, Options(recipe=name, **FAST), out)
-        made[name] = out
-    return src, made
+    for name, backend in MADE:
+        result = quantize(pipe, name, settings=replace(FAST, backend=backend), source="tiny")
+        out = root / f"{name}-{result.backend}"
+        result.save(out)
+        made[(name, backend)] = out
+    return pipe, made
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
-def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, recipe):
-    src, made = artifacts
-    out = made[recipe]
+@pytest.mark.parametrize(("recipe", "backend"), MADE, ids=lambda v: str(v))
+def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, recipe, backend):
+    fp, made = artifacts
+    out = made[(recipe, backend)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == recipe
+    assert manifest["backend"] == (backend or get_recipe(recipe).backend)
     assert all(f["sha256"] for f in manifest["files"].values())
-    assert set(manifest["versions"]) >= {"torch", "diffusers", "optimum-quanto"}
+    library = {"quanto": "optimum-quanto", "torchao": "torchao"}[manifest["backend"]]
+    assert set(manifest["versions"]) >= {"torch", "diffusers", library}
+    assert manifest["calibration"]["conditions"]["origin"] == "--classes"
     assert (out / "report.md").is_file() and (out / "sqnr_vs_t.png").is_file()
     assert not list((out / "transformer").glob("diffusion_pytorch_model*"))
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     # the loaded pipeline gives what the in-memory quantized one gave at quantize time
     pipe = load_quantized(out)
-    from models.loader import load_pipeline
-    from quality.metrics import sqnr_db
-    from quantization.calibration import TRAJECTORY_SEED, calibration_conditions
-
-    fp = load_pipeline(src)
-    conditions = calibration_conditions(fp, FAST["check_images"], seed=TRAJECTORY_SEED + 1)
-    kw = {
-        "seed": TRAJECTORY_SEED + 1,
-        "num_inference_steps": FAST["steps"],
-        "guidance_scale": FAST["guidance"],
-    }
-    q = sample(pipe, conditions, **kw)
-    ref = sample(fp, conditions, **kw)
+    conditions = CLASSES.pick(fp, FAST.check_images, "check")
+    kw = {"seed": SEEDS["check"], "num_inference_steps": 3, "guidance_scale": 2.0}
+    q, ref = sample(pipe, conditions, **kw), sample(fp, conditions, **kw)
     assert round(sqnr_db(ref.latents, q.latents), 3) == manifest["measured"]["sqnr_latent_db"]
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a8", "w4a8-sqnr", "smoothed"])
-def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, recipe):
-    from quantization.artifact import save_artifact
-
+@pytest.mark.parametrize(
+    ("backend", "recipe"),
+    [
+        ("quanto", "w4a16-g128"),
+        ("quanto", "w8a8-static"),
+        ("quanto", "w4a8-sqnr"),
+        ("quanto", "smoothed"),
+        ("torchao", "w8a8"),
+        ("torchao", "w8a8-static"),
+        ("torchao", "w4a16-g128"),
+        ("torchao", "smoothed"),
+    ],
+)
+def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, backend, recipe):
     pipe = tiny.dit_pipeline()
     calls = tiny.calls("dit")
+    base = get_recipe("w4a8-g128" if backend == "quanto" else "w8a8-static")
     if recipe == "smoothed":  # every layer smoothed: the scales must travel with the weights
-        uniform = uniform_plan(find_blocks(pipe.transformer), get_recipe("w4a8-g128"))
+        impl = backends.get(backend)
+        uniform = uniform_plan(find_blocks(pipe.transformer, impl.LAYERS), base)
         plan = {n: replace(lp, smoothing_alpha=0.5) for n, lp in uniform.items()}
-        result = quantize_denoiser(pipe.transformer, get_recipe("w4a8-g128"), calls[:1], plan=plan)
+        result = quantize_denoiser(pipe.transformer, base, calls[:1], plan=plan, backend=backend)
         smooth = result.model.get_submodule("transformer_blocks.0.ff.net.2").smooth_scale
         assert not torch.equal(smooth, torch.ones_like(smooth))
     elif get_recipe(recipe).mixed_precision:
-        r = get_recipe(recipe)
-        result = analyze(Measurer(pipe.transformer, calls[:1], calls), r, target_sqnr_db=60.0)
+        r = replace(get_recipe(recipe), scope="denoiser")
+        measurer = Measurer(pipe.transformer, calls[:1], calls, backend)
+        result = analyze(measurer, r, target_sqnr_db=60.0)
     else:
-        result = quantize_denoiser(pipe.transformer, get_recipe(recipe), calls[:1])
-    save_artifact(
-        tmp_path, pipe, result.model, result.plan, {"source": "tiny", "recipe": {"name": recipe}}
-    )
+        result = quantize_denoiser(pipe.transformer, get_recipe(recipe), calls[:1], backend=backend)
+    manifest = {"source": "tiny", "recipe": {"name": recipe}}
+    save_artifact(tmp_path, pipe, result.model, result.plan, manifest, backend=backend)
     loaded = load_quantized(tmp_path).transformer
     for x, y in zip(replay(result.model, calls), replay(loaded, calls), strict=True):
         assert torch.equal(x, y)
 
 
-def test_a_tampered_weight_file_is_refused(artifacts, tmp_path):
-    import shutil
+@pytest.mark.parametrize(("recipe", "backend"), [("w8a8", None), ("w4a8-sqnr", None)])
+def test_a_flipped_byte_in_any_weight_file_is_refused(artifacts, tmp_path, recipe, backend):
+    _, made = artifacts
+    source = made[(recipe, backend)]
+    files = sorted(p.relative_to(source) for p in source.rglob("*.safetensors"))
+    assert len(files) >= 2  # the quantized denoiser and the VAE at least
+    for rel in files:
+        out = tmp_path / str(rel).replace("/", "_")
+        shutil.copytree(source, out)
+        f = out / rel
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        f.write_bytes(bytes(raw))
+        with pytest.raises(ArtifactError, match="sha256"):
+            load_quantized(out)
 
+
+@pytest.mark.parametrize(
+    ("recipe", "backend", "suffix"),
+    [("w4a16-g128", None, "weight._data._data"), ("w8a8", None, "_weight_qdata")],
+)
+def test_a_state_dict_with_a_missing_key_is_refused_even_with_a_matching_hash(
+    artifacts, tmp_path, recipe, backend, suffix
+):
     _, made = artifacts
     out = tmp_path / "copy"
-    shutil.copytree(made["w8a8"], out)
+    shutil.copytree(made[(recipe, backend)], out)
     f = out / "transformer" / "quantized.safetensors"
-    raw = bytearray(f.read_bytes())
-    raw[-5] ^= 0xFF
-    f.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match="sha256"):
-        load_quantized(out)
+    from safetensors import safe_open
 
-
-def test_a_state_dict_with_a_missing_key_is_refused_even_with_a_matching_hash(artifacts, tmp_path):
-    import shutil
-
-    _, made = artifacts
-    out = tmp_path / "copy"
-    shutil.copytree(made["w4a16-g128"], out)
-    f = out / "transformer" / "quantized.safetensors"
+    with safe_open(f, framework="pt") as opened:
+        metadata = opened.metadata()
     state = load_file(f)
-    dropped = next(k for k in state if k.endswith("weight._data._data"))  # packed int4
+    dropped = next(k for k in state if k.endswith(suffix))
     del state[dropped]
-    save_file(state, f)
+    save_file(state, f, metadata=metadata)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["files"]["transformer/quantized.safetensors"]["sha256"] = sha256_of(f)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="1 missing"):
+    with pytest.raises(ArtifactError, match=r"missing|no state entry|do not match"):
         load_quantized(out)
 
 
@@ -271,18 +374,21 @@ def test_stock_from_pretrained_does_not_silently_load_an_artifact(artifacts):
 
     _, made = artifacts
     with pytest.raises(OSError):
-        DiffusionPipeline.from_pretrained(made["w8a8"], local_files_only=True)
+        DiffusionPipeline.from_pretrained(made[("w8a8", None)], local_files_only=True)
 
 
 def test_plan_files_are_validated():
-    with pytest.raises(ValueError, match="weights qtype"):
-        plan_from_json({"a": {"weights": "qint3"}})
+    with pytest.raises(ValueError, match="weights must be one of"):
+        plan_from_json({"a": {"weights": "qint8"}})
     with pytest.raises(ValueError, match="unknown fields"):
-        plan_from_json({"a": {"weights": "qint8", "bits": 3}})
+        plan_from_json({"a": {"weights": "int8", "bits": 3}})
     with pytest.raises(ValueError, match="group_size applies"):
-        plan_from_json({"a": {"weights": "qint8", "group_size": 64}})
-    plan = plan_from_json({"a": {"weights": "qint4", "activations": "none", "group_size": 64}})
-    assert plan["a"].spec == LayerSpec("qint4", None, 64)
+        plan_from_json({"a": {"weights": "int8", "group_size": 64}})
+    with pytest.raises(ValueError, match="granularity must be"):
+        plan_from_json({"a": {"weights": "int8", "activations": "int8", "granularity": "row"}})
+    plan = plan_from_json({"a": {"weights": "int4", "activations": "none", "group_size": 64}})
+    assert plan["a"].spec == LayerSpec("int4", None, 64)
+    assert plan_from_json(plan_to_json(plan)) == plan
 
 
 @pytest.mark.parametrize("kind", list(TINY))

@@ -1,19 +1,22 @@
 """python -m quantization as a user runs it: help, errors, and the committed artifacts."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from models.generate import sample
-from models.loader import load_pipeline
+from pipelines.generate import sample
+from pipelines.loader import load_pipeline, save_pipeline
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import load_quantized, measured_on
-from quantization.calibration import TRAJECTORY_SEED, calibration_conditions
+from quantization import load_quantized
+from quantization.artifact import measured_on
+from quantization.calibration import SEEDS, parse_classes, resolve_conditions
 from quantization.cli import main
-from quantization.recipes import RECIPES
+from quantization.types import RECIPES
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS_CPU_DB = 1.5  # 2.5x the largest gap seen on another CPU of this kind (0.59 dB, AMX)
@@ -77,8 +80,10 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     fp = load_pipeline(ROOT / manifest["source"])
     fp.set_progress_bar_config(disable=True)
     quantized = load_quantized(artifact)
-    conditions = calibration_conditions(fp, measured["check_images"], seed=TRAJECTORY_SEED + 1)
-    kw = {"seed": TRAJECTORY_SEED + 1, **sampling}
+    conditions = resolve_conditions(fp, ROOT / manifest["source"]).pick(
+        fp, measured["check_images"], "check"
+    )
+    kw = {"seed": SEEDS["check"], **sampling}
     ref, q = sample(fp, conditions, **kw), sample(quantized, conditions, **kw)
     # The same kernels give the same bits: the recorded numbers exactly (to their 3 decimals).
     # Another CPU picks other int8/fp32 kernels (AMX against AVX-512 VNNI moved dit-digits w8a8
@@ -91,3 +96,86 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     assert psnr_db(ref.images, q.images) == pytest.approx(measured["psnr_db"], abs=tolerance)
     size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
     assert size <= 15 * 2**20
+
+
+def _copy_without_defaults(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "defaults.json").unlink()
+    return dst
+
+
+def test_a_model_that_is_not_embedded_needs_prompts_or_classes(tmp_path, capsys):
+    t2i = _copy_without_defaults(ROOT / "models" / "t2i-digits", tmp_path / "t2i")
+    out = str(tmp_path / "o")
+    assert main(["quantize", str(t2i), "--recipe", "w8a8", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "not an embedded model" in err and "--prompts FILE" in err
+    assert main(["quantize", str(t2i), "--classes", "1,2", "--recipe", "w8a8", "--out", out]) == 2
+    assert "--prompts FILE, not --classes" in capsys.readouterr().err
+    json_out = str(tmp_path / "e.json")
+    assert main(["evaluate", str(t2i), "--json", json_out]) == 2
+    assert "--prompts FILE" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert (
+        main(["quantize", str(t2i), "--prompts", str(empty), "--recipe", "w8a8", "--out", out]) == 2
+    )
+    assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_class_lists_are_parsed_and_checked():
+    assert parse_classes("1, 207,360", 1000) == (1, 207, 360)
+    assert parse_classes("all", 1000) == tuple(range(1000))
+    with pytest.raises(ValueError, match="outside the model's 1000 classes"):
+        parse_classes("1000", 1000)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_classes("seven", 1000)
+
+
+def test_a_copy_of_t2i_digits_without_its_defaults_quantizes_on_given_prompts(tmp_path, capsys):
+    t2i = _copy_without_defaults(ROOT / "models" / "t2i-digits", tmp_path / "t2i")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red seven on a black background\n\na blue two on a white background\n")
+    out = tmp_path / "art"
+    args = ["quantize", str(t2i), "--prompts", str(prompts), "--recipe", "w8a8-static"]
+    args += ["--steps", "4", "--guidance", "4.5", "--calibration-prompts", "2"]
+    args += ["--trajectory-prompts", "2", "--check-images", "2", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["conditions"] == {
+        "kind": "prompts",
+        "origin": f"--prompts {prompts}",
+        "count": 2,
+    }
+    assert not (out / "defaults.json").exists()
+    pipe = load_quantized(out)
+    images = sample(pipe, ["a green one"], num_inference_steps=2, guidance_scale=4.5).images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_a_random_1000_class_dit_folder_quantizes_on_given_classes(tmp_path, capsys):
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+
+    from models import architectures
+
+    pipe = DiTPipeline(  # no id2label: the classes are the embedding's 1000
+        transformer=tiny.dit(),
+        vae=architectures.vae().eval(),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    folder = tmp_path / "dit-1000"
+    save_pipeline(pipe, folder)
+    out = tmp_path / "art"
+    base = ["quantize", str(folder), "--steps", "3", "--guidance", "4.0", "--out", str(out)]
+    assert main([*base, "--recipe", "w8a8", "--prompts", "x.txt"]) == 2
+    assert "class-conditional: pass --classes" in capsys.readouterr().err
+    assert main([*base, "--recipe", "w8a8", "--classes", "1,999,1000"]) == 2
+    assert "[1000] outside the model's 1000 classes" in capsys.readouterr().err
+    args = [*base, "--recipe", "w8a8", "--classes", "1,207,360,999", "--calibration-prompts", "4"]
+    assert main([*args, "--trajectory-prompts", "2", "--check-images", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "torchao"
+    assert manifest["calibration"]["conditions"]["count"] == 4
+    loaded = load_quantized(out)
+    latents = sample(loaded, [207], num_inference_steps=2, guidance_scale=4.0).latents
+    assert latents.shape == (1, 4, 8, 8)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from models import train
-from models.generate import evaluation_targets, generate
-from models.loader import load_pipeline
+from models.targets import evaluation_targets, generate
+from pipelines.loader import load_pipeline
 
 
 @pytest.fixture(scope="module")

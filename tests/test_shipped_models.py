@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from models.generate import evaluation_targets, generate
-from models.loader import load_pipeline, read_defaults, save_pipeline
+from models.evaluator import Evaluator
 from models.sample import MODELS_DIR
-from quality.evaluator import Evaluator
+from models.targets import evaluation_targets, generate
+from pipelines.loader import load_pipeline, read_defaults, save_pipeline
 
 # Issue 2's acceptance bars on prompt accuracy.
 BARS = {"dit-digits": 0.90, "t2i-digits": 0.85}

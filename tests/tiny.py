@@ -12,7 +12,7 @@ from diffusers import (
 )
 
 from models import architectures
-from models.loader import digit_id2label
+from models.data import digit_id2label
 from quantization.capture import Call
 
 

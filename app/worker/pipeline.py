@@ -15,8 +15,8 @@ from PIL import Image
 
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
-from models import generate
-from models.loader import load_pipeline
+from pipelines import generate
+from pipelines.loader import load_pipeline
 
 __all__ = [
     "Loaded",

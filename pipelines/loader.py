@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.data import DIGIT_WORDS
-
 __all__ = [
     "DEFAULTS_FILE",
     "ID2LABEL_FILE",
-    "digit_id2label",
     "load_pipeline",
     "read_defaults",
     "sampling_settings",
@@ -21,11 +18,6 @@ DEFAULTS_FILE = "defaults.json"
 ID2LABEL_FILE = "id2label.json"
 
 
-def digit_id2label() -> dict[str, str]:
-    """Class id -> comma-separated names, the format DiTPipeline reads ("7" -> "seven, 7")."""
-    return {str(i): f"{word}, {i}" for i, word in enumerate(DIGIT_WORDS)}
-
-
 def read_defaults(source: str | Path) -> dict:
     """The inference defaults a model folder states (steps, guidance, size); {} when none."""
     path = Path(source) / DEFAULTS_FILE
@@ -33,10 +25,20 @@ def read_defaults(source: str | Path) -> dict:
 
 
 def sampling_settings(
-    source: str | Path, steps: int | None = None, guidance: float | None = None
+    source: str | Path, steps: int | None = None, guidance: float | None = None, pipe=None
 ) -> tuple[int, float]:
-    """Steps and guidance: those given, else the folder's ``defaults.json``; an error if neither."""
+    """Steps and guidance: those given, else the folder's ``defaults.json``, else the defaults
+    of ``pipe``'s own ``__call__`` (DiT: 250 steps, 4.0; Stable Diffusion: 50, 7.5); an error
+    if none states them."""
+    import inspect
+
     defaults = read_defaults(source) if Path(source).is_dir() else {}
+    if pipe is not None:
+        params = inspect.signature(type(pipe).__call__).parameters
+        for key in ("num_inference_steps", "guidance_scale"):
+            default = params[key].default if key in params else inspect.Parameter.empty
+            if key not in defaults and isinstance(default, int | float):
+                defaults[key] = default
     steps = steps or defaults.get("num_inference_steps")
     guidance = guidance if guidance is not None else defaults.get("guidance_scale")
     if steps is None or guidance is None:

@@ -1,24 +1,25 @@
-"""Every call to optimum-quanto lives here, so another backend (torchao) can be added beside it.
+"""The optimum-quanto backend: static activations with one scale per layer (per tensor).
 
-The rest of the package speaks in plans: ``{layer_name: LayerSpec}``. This module turns a plan
-into quanto modules (one ``quantize`` call per disjoint set of layers), re-applies our group
-sizes (quanto neither takes nor saves one), installs SmoothQuant input scales, calibrates
-activation ranges, freezes, and moves state dicts in and out with strict key checks.
+Every call to optimum-quanto lives here. It turns a plan into quanto modules (one ``quantize``
+call per disjoint set of layers), re-applies our group sizes (quanto neither takes nor saves
+one), installs SmoothQuant input scales, calibrates activation ranges, freezes, and moves
+state dicts in and out with strict key checks. It packs int4 weights two to a byte, on any
+device; its activation scales are scalars, so it has no dynamic (per-token) mode.
 
-Pitfalls handled here (see QUANTO_NOTES.md): overlapping ``quantize`` calls corrupt qtypes, so
-each layer is named exactly once; ``None`` entries of non-affine LayerNorms are dropped before
-saving; ``requantize`` loads with ``strict=False``, so we never use it and check the keys
-ourselves. Calibration is ours rather than quanto's ``Calibration`` context: the same per-tensor
-absmax scales and moving average, but measured on the *smoothed* input (quanto's global hook
-runs before any module hook, so it would see the input before smoothing) and only on the layers
-being calibrated, with no ``streamline`` decision that a reload would lose.
+Pitfalls handled here (docs/quantization.md, "Backend pitfalls"): overlapping ``quantize``
+calls corrupt qtypes, so each layer is named exactly once; ``None`` entries of non-affine
+LayerNorms are dropped before saving; ``requantize`` loads with ``strict=False``, so we never
+use it and check the keys ourselves. Calibration is ours rather than quanto's ``Calibration``
+context: the same per-tensor absmax scales and moving average, but measured on the *smoothed*
+input (quanto's global hook runs before any module hook, so it would see the input before
+smoothing) and only on the layers being calibrated, with no ``streamline`` decision that a
+reload would lose.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from optimum.quanto import QTensor, freeze, qtypes, quantize
@@ -26,26 +27,30 @@ from optimum.quanto.calibrate import absmax_scale
 from optimum.quanto.nn import QModuleMixin
 from optimum.quanto.tensor.activations import ActivationQBytesTensor
 
+from quantization.capture import Call, replay
+from quantization.plan import LayerPlan
+from quantization.types import LayerSpec, effective_group_size
+
 __all__ = [
-    "ACTIVATION_QTYPES",
-    "WEIGHT_QTYPES",
-    "LayerSpec",
-    "apply_specs",
+    "LAYERS",
+    "NAME",
     "build_extensions",
-    "calibrate",
-    "freeze_model",
+    "check",
     "is_quantized",
     "layer_specs",
-    "load_quantized_state",
+    "load_state",
+    "nbytes",
     "plain",
-    "quantized_state_dict",
-    "set_smoothing",
-    "state_dict_bytes",
+    "prepare",
+    "quantize_layers",
+    "state_dict",
+    "versions",
 ]
 
-WEIGHT_QTYPES = ("qint4", "qint8", "qfloat8_e4m3fn")  # quanto's qtype names
-ACTIVATION_QTYPES = ("qint8", "qfloat8_e4m3fn")
-GROUPED = ("qint4",)
+LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layer types it quantizes
+NAME = "quanto"
+QTYPES = {"int4": "qint4", "int8": "qint8", "fp8": "qfloat8_e4m3fn"}  # ours -> quanto's
+NAMES = {v: k for k, v in QTYPES.items()}
 MOMENTUM = 0.9
 
 
@@ -68,31 +73,13 @@ def build_extensions() -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """How one Linear / Conv2d layer is quantized. ``group_size=None``: one scale per row."""
-
-    weights: str
-    activations: str | None = None
-    group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.weights not in WEIGHT_QTYPES:
-            raise ValueError(f"weights qtype must be one of {WEIGHT_QTYPES}, not {self.weights!r}")
-        if self.activations is not None and self.activations not in ACTIVATION_QTYPES:
-            raise ValueError(
-                f"activations qtype must be one of {ACTIVATION_QTYPES} or None, "
-                f"not {self.activations!r}"
-            )
-        if self.group_size is not None and self.weights not in GROUPED:
-            raise ValueError(f"group_size applies to {GROUPED} weights only, not {self.weights}")
-
-
-def effective_group_size(in_features: int, wanted: int | None) -> int | None:
-    """The group size a layer really gets: ``wanted`` if it splits the rows, else per row."""
-    if wanted is None or in_features <= wanted or in_features % wanted:
-        return None
-    return wanted
+def check(spec: LayerSpec, device: str = "cpu") -> None:
+    """Raise ValueError if this backend cannot quantize a layer so."""
+    if spec.granularity == "token":
+        raise ValueError(
+            "optimum-quanto has static per-tensor activation scales only; per-token (dynamic) "
+            "activations need --backend torchao"
+        )
 
 
 def apply_specs(model: torch.nn.Module, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
@@ -106,9 +93,12 @@ def apply_specs(model: torch.nn.Module, specs: dict[str, LayerSpec]) -> dict[str
         raise ValueError(f"one activation qtype per model, got {sorted(activation_kinds)}")
     groups: dict[tuple[str, str | None], list[str]] = defaultdict(list)
     for name, spec in specs.items():
+        check(spec)
         groups[(spec.weights, spec.activations)].append(name)
     for (weights, activations), names in groups.items():
-        quantize(model, weights=qtypes[weights], activations=_qtype(activations), include=names)
+        quantize(
+            model, weights=qtypes[QTYPES[weights]], activations=_qtype(activations), include=names
+        )
     applied = {}
     for name, spec in specs.items():
         module = model.get_submodule(name)
@@ -119,16 +109,16 @@ def apply_specs(model: torch.nn.Module, specs: dict[str, LayerSpec]) -> dict[str
         # the hook); that adds noise no consumer asked for, so outputs stay in float.
         module.disable_output_quantization()
         group = None
-        if spec.weights in GROUPED:
+        if spec.weights == "int4":
             in_features = module.weight.numel() // module.weight.shape[0]
             group = effective_group_size(in_features, spec.group_size)
             module.weight_group_size = group
-        applied[name] = LayerSpec(spec.weights, spec.activations, group)
+        applied[name] = LayerSpec(spec.weights, spec.activations, group, spec.granularity)
     return applied
 
 
 def _qtype(name: str | None):
-    return None if name is None else qtypes[name]
+    return None if name is None else qtypes[QTYPES[name]]
 
 
 SMOOTH_BUFFER = "smooth_scale"
@@ -207,9 +197,29 @@ def calibrate(model: torch.nn.Module, layers: list[str], run: Callable[[], None]
             h.remove()
 
 
-def freeze_model(model: torch.nn.Module) -> None:
-    """Replace float weights by their quantized tensors (after calibration)."""
+def quantize_layers(
+    model: torch.nn.Module,
+    specs: dict[str, LayerSpec],
+    calls: list[Call],
+    smoothing: dict[str, torch.Tensor] | None = None,
+) -> dict[str, LayerSpec]:
+    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze."""
+    applied = apply_specs(model, specs)
+    for name, scale in (smoothing or {}).items():
+        if name in specs:
+            set_smoothing(model.get_submodule(name), scale)
+    calibrate(model, list(specs), lambda: replay(model, calls))
     freeze(model)
+    return applied
+
+
+def prepare(model: torch.nn.Module, plan: dict[str, LayerPlan]) -> dict[str, LayerSpec]:
+    """The structure a saved plan needs (quanto modules, smoothing hooks), weights not loaded."""
+    applied = apply_specs(model, {n: lp.spec for n, lp in plan.items()})
+    for name, lp in plan.items():
+        if lp.smoothing_alpha is not None:
+            set_smoothing(model.get_submodule(name))
+    return applied
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -225,13 +235,23 @@ def layer_specs(model: torch.nn.Module) -> dict[str, LayerSpec]:
     """The specs of the quanto layers of a model, group sizes included."""
     return {
         name: LayerSpec(
-            m.weight_qtype.name,
-            None if m.activation_qtype is None else m.activation_qtype.name,
+            NAMES[m.weight_qtype.name],
+            None if m.activation_qtype is None else NAMES[m.activation_qtype.name],
             m.weight_group_size,
         )
         for name, m in model.named_modules()
         if isinstance(m, QModuleMixin) and m.weight_qtype is not None
     }
+
+
+def nbytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's saved tensors (packed quantized data, scales, biases, smoothing)."""
+    return sum(v.numel() * v.element_size() for v in quantized_state_dict(module).values())
+
+
+def state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The flat tensors to save, and the safetensors metadata they need (none for quanto)."""
+    return quantized_state_dict(model), {}
 
 
 def quantized_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -248,14 +268,10 @@ def quantized_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_bytes(state: dict[str, torch.Tensor], prefix: str = "") -> int:
-    """Bytes of the tensors whose key starts with ``prefix`` - the size on disk and in memory."""
-    return sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith(prefix))
-
-
-def load_quantized_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a saved state dict into a model prepared by ``apply_specs`` (and ``set_smoothing``
-    with no scale on the smoothed layers) with the same plan.
+def load_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Load a saved state dict into a model ``prepare``d with the same plan.
 
     The keys must be exactly those the prepared model saves once frozen: quanto's own
     ``requantize`` loads with ``strict=False`` and would keep random weights without a word.
@@ -274,3 +290,9 @@ def load_quantized_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             if key == SMOOTH_BUFFER or key.endswith("." + SMOOTH_BUFFER):
                 owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
                 getattr(owner, SMOOTH_BUFFER).copy_(value)
+
+
+def versions() -> dict[str, str]:
+    import optimum.quanto
+
+    return {"optimum-quanto": optimum.quanto.__version__}

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.classifier import load_classifier
+from models.colors import estimate_colors
 from models.data import COLOR_NAMES, Target
-from quality.classifier import load_classifier
-from quality.colors import estimate_colors
 from quality.metrics import frechet_distance
 
 __all__ = ["CLASSIFIER_DIR", "Accuracy", "Evaluator"]
 
-CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "digit-classifier"
+CLASSIFIER_DIR = Path(__file__).resolve().parent / "digit-classifier"
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.data import COLOR_NAMES, DIGIT_WORDS, Target, caption, draw_colors
-
-__all__ = [
-    "Samples",
-    "conditions_for",
-    "evaluation_targets",
-    "generate",
-    "prompt_for",
-    "run",
-    "sample",
-]
+__all__ = ["Samples", "is_class_conditional", "run", "sample"]
 
 
 @dataclass(frozen=True)
@@ -33,29 +23,11 @@ class Samples:
     latents: torch.Tensor  # (N, C, h, w), as given to the VAE decoder
 
 
-def prompt_for(target: Target) -> str:
-    """The text a target is asked with: a caption, or the digit word when no colors are set."""
-    if target.fg is None or target.bg is None:
-        return DIGIT_WORDS[target.digit]
-    return caption(target.digit, target.fg, target.bg)
-
-
-def conditions_for(pipe, targets: list[Target]) -> list[int] | list[str]:
-    """Class ids for a class-conditional pipeline, prompts for a text-to-image one."""
+def is_class_conditional(pipe) -> bool:
+    """A DiT-style pipeline, asked with class ids rather than prompts."""
     from diffusers import DiTPipeline
 
-    if isinstance(pipe, DiTPipeline):
-        return [t.digit for t in targets]
-    return [prompt_for(t) for t in targets]
-
-
-def evaluation_targets(n: int, *, with_colors: bool, seed: int = 0) -> list[Target]:
-    """n targets cycling through the digits; color pairs drawn from a seeded generator."""
-    fg, bg = draw_colors(np.random.default_rng(seed), n)
-    return [
-        Target(i % 10, COLOR_NAMES[fg[i]], COLOR_NAMES[bg[i]]) if with_colors else Target(i % 10)
-        for i in range(n)
-    ]
+    return isinstance(pipe, DiTPipeline)
 
 
 @torch.no_grad()
@@ -143,8 +115,3 @@ def run(
         del pipe.scheduler.step
     images = np.rint(np.asarray(out.images) * 255).astype(np.uint8)
     return Samples(images, torch.cat(latents))
-
-
-def generate(pipe, targets: list[Target], **kwargs) -> np.ndarray:
-    """uint8 images for digit targets; see ``sample`` for the arguments."""
-    return sample(pipe, conditions_for(pipe, targets), **kwargs).images

@@ -1,7 +1,7 @@
 """The digit classifier behind ``prompt_accuracy`` and ``fd``: a small CNN on 32x32 digit masks.
 
 It sees only the mask (where the foreground is), never the colors, so the same network scores
-class-conditional and text-conditioned images; the colors are checked apart (``quality.colors``).
+class-conditional and text-conditioned images; the colors are checked apart (``models.colors``).
 """
 
 from __future__ import annotations

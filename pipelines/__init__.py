@@ -1,0 +1,1 @@
+"""Running any diffusers pipeline: load a folder or hub id offline, sample seeded images."""
