@@ -59,6 +59,8 @@ class VariantSpec:
         levels: dict[str, int] = {}
         for layer in m.get("layers", {}).values():
             key = f"w:{layer['weights']}/a:{layer['activations']}"
+            if layer.get("granularity") == "token":
+                key += "/token"
             levels[key] = levels.get(key, 0) + 1
         return {
             "id": self.name,
@@ -67,6 +69,7 @@ class VariantSpec:
             "require_worker": self.require_worker,
             "compile": self.compile,
             "recipe": m.get("recipe", {}).get("name"),
+            "backend": m.get("backend"),
             "denoiser_weight_bytes": m.get("sizes", {}).get("denoiser_weight_bytes"),
             "ratio_to_fp16": m.get("sizes", {}).get("ratio_to_fp16"),
             "layers_by_qtype": dict(sorted(levels.items())),

@@ -4,7 +4,9 @@
 
 For each model of the registry and each of its variants, in a fresh process: load time,
 end-to-end and per-step latency (median and p95 over ``--runs`` runs after 2 warm-ups, one
-image at the model's default steps), peak RSS, denoiser and whole-pipeline weight bytes, and
+image at the model's default steps), the per-step latency again with the denoiser compiled
+(``torch.compile``, as a worker with ``compile = true`` runs it), peak RSS, denoiser and
+whole-pipeline weight bytes, and
 how latency grows with the number of steps and with the batch size n. Quality comes from
 ``quantization.evaluate`` (64 images, the same seeds as FP): prompt accuracy, fd, PSNR / SSIM /
 SQNR of latents against FP. Image grids put FP next to each variant, same seeds. The embedded
@@ -83,6 +85,13 @@ def _measure(model: str, variant: str, runs: int) -> dict:
         n: statistics.median(timed(request(spec.default_steps, n))[0] for _ in range(3))
         for n in BATCH_SWEEP
     }
+    # the same variant with its denoiser compiled, as a worker with `compile = true` runs it
+    pipeline.compile_denoiser(loaded, None)
+    for _ in range(2):  # the first call compiles
+        timed(request(spec.default_steps))
+    compiled_steps = []
+    for i in range(runs):
+        compiled_steps += timed(request(spec.default_steps, seed=i))[1]
     pipe = loaded.pipe
     pipeline_bytes = 0
     for name in ("vae", "text_encoder", "transformer", "unet"):
@@ -102,6 +111,7 @@ def _measure(model: str, variant: str, runs: int) -> dict:
         "latency_ms_p95": round(float(np.percentile(totals, 95)), 1),
         "step_ms_median": round(statistics.median(steps_ms), 2),
         "step_ms_p95": round(float(np.percentile(steps_ms, 95)), 2),
+        "compiled_step_ms_median": round(statistics.median(compiled_steps), 2),
         "peak_rss_bytes": peak,
         "denoiser_weight_bytes": loaded.denoiser_weight_bytes,
         "pipeline_weight_bytes": pipeline_bytes,
@@ -227,8 +237,9 @@ def _full_size_section() -> list[str]:
     lines = [
         "## Real-size architectures (random weights)",
         "",
-        "| shape | device, dtype | variant | weight bytes | x fp16 | step ms | SQNR (random) dB |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | device, dtype | variant | backend | weight bytes | x fp16 | step ms "
+        "| SQNR (random) dB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(RESULTS.glob("full_size-*.json")):
         result = json.loads(path.read_text())
@@ -236,12 +247,13 @@ def _full_size_section() -> list[str]:
         for v in result["variants"]:
             lines.append(
                 f"| {shape} | {result['device']}, {result['dtype']} | {v['variant']} | "
-                f"{v['weight_bytes']:,} | {v['ratio_to_fp16']} | {v['step_latency_ms']} | "
+                f"{_fmt(v.get('backend'))} | {v['weight_bytes']:,} | {v['ratio_to_fp16']} | "
+                f"{v['step_latency_ms']} | "
                 f"{_fmt(v.get('sqnr_random_db'))} |"
             )
     lines += [
         "",
-        "From `python -m bench.full_size [--arch sd15-unet] [--device cuda --dtype bfloat16]`",
+        "From `python -m bench.full_size [--arch sd15-unet] [--device cuda --dtype bf16]`",
         "(`bench/results/full_size-*.json`); one denoiser call, batch 2.",
         "",
     ]
@@ -262,15 +274,16 @@ def _markdown(record: dict, models: list[str]) -> str:
         "quality: 64 images against FP with the same seeds (`quantization.evaluate`).",
         "",
         "| model | variant | denoiser bytes | pipeline bytes | latency ms (p50 / p95) "
-        "| step ms (p50 / p95) | peak RSS MiB | load s | prompt accuracy | fd | PSNR dB | SSIM "
-        "| SQNR latents dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step ms (p50 / p95) | compiled step ms (p50) | peak RSS MiB | load s "
+        "| prompt accuracy | fd | PSNR dB | SSIM | SQNR latents dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['denoiser_weight_bytes']:,} | "
             f"{r['pipeline_weight_bytes']:,} | {r['latency_ms_median']} / {r['latency_ms_p95']} | "
-            f"{r['step_ms_median']} / {r['step_ms_p95']} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{r['step_ms_median']} / {r['step_ms_p95']} | {r['compiled_step_ms_median']} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | "
             f"{r['load_s']} | {_fmt(r['prompt_accuracy'], '.3f')} | {_fmt(r['fd'], '.1f')} | "
             f"{_fmt(r['psnr_db'], '.2f')} | {_fmt(r['ssim'], '.3f')} | "
             f"{_fmt(r['sqnr_latent_db'], '.2f')} |"

@@ -2,7 +2,7 @@
 
 A block is a top-level child of the denoiser, with module lists expanded into their items:
 DiT / PixArt ``transformer_blocks.i``, SD UNet ``down_blocks.i``, ``mid_block``, ``up_blocks.i``,
-and the embeddings and output projections as blocks of their own (METHOD.md, "Block").
+and the embeddings and output projections as blocks of their own (docs/quantization.md).
 """
 
 from __future__ import annotations

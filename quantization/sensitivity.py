@@ -1,4 +1,4 @@
-"""Sensitivity analysis (METHOD.md step 2): where quantization noise comes from, and when.
+"""Sensitivity analysis (docs/quantization.md, step 2): where quantization noise comes from.
 
 All measurements replay the denoiser inputs recorded along the FP sampling trajectory, so FP and
 quantized denoisers see the *same* inputs (x_t, t, condition) and their outputs are compared

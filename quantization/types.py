@@ -191,13 +191,18 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "w4a8-sqnr",
-            "w4a8-g128 base; SQNR-driven mixed precision promotes the most sensitive blocks "
-            "(w4a8 -> w8a8 -> w8a16 -> float) to a target SQNR; SmoothQuant on the "
-            "quantization-sensitive layers; time-sensitive layers keep float activations",
+            "w4a8-g128 base; SQNR-driven mixed precision promotes the most sensitive modules "
+            "(w4a8 -> w8a8 -> w8a16 -> float) to a target end-to-end SQNR within 1.2x the "
+            "base's bytes; SmoothQuant on the quantization-sensitive layers; time-sensitive "
+            "layers keep float activations",
             "int4",
             "int8",
             128,
             levels=LEVELS,
+            unit="module",
+            scope="end-to-end",
+            target_sqnr_db=30.0,
+            trajectory_prompts=32,
             smoothing=True,
             protect_time_sensitive=True,
         ),
