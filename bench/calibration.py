@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ from bench.reference import fp_reference
 from models.evaluator import Evaluator
 from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
+from quantization import backends
 from quantization.blocks import denoiser_swapped
-from quantization.calibration import record_calibration, record_trajectory
+from quantization.calibration import SEEDS, record_calibration, record_trajectory
 from quantization.ptq import analyze, quantize_denoiser
 from quantization.sensitivity import Measurer
 from quantization.types import get_recipe
@@ -42,6 +42,15 @@ DEFAULT_VARIANTS = [
     "w4a8-g128:token@torchao",
     "w4a8-sqnr@quanto",
 ]
+
+
+@torch.no_grad()
+def _latents(pipe, denoiser, conditions: list, kw: dict):
+    """The final latents of ``conditions`` sampled with ``denoiser`` (end-to-end scope)."""
+    with denoiser_swapped(pipe, denoiser):
+        return sample(
+            pipe, conditions, seed=SEEDS["trajectory"], batch_size=len(conditions), **kw
+        ).latents
 
 
 @torch.no_grad()
@@ -69,8 +78,14 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
             measured_on = ref.calibration.pick(pipe, r.trajectory_prompts, "trajectory")
             trajectory = record_trajectory(pipe, attr, measured_on, **kw)
             plan = analyze(
-                Measurer(ref.denoiser, single.calls, trajectory.calls, backend),
-                replace(r, scope="denoiser" if r.scope == "end-to-end" else r.scope),
+                Measurer(
+                    ref.denoiser,
+                    single.calls,
+                    trajectory.calls,
+                    backend,
+                    sampler=lambda d, on=measured_on: _latents(pipe, d, on, kw),
+                ),
+                r,
                 detail=False,
             ).plan
         static = r.activations is not None and r.granularity == "tensor"
@@ -106,6 +121,7 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                 "sqnr_latent_db": round(sqnr_db(fp.latents, q.latents), 3),
                 "psnr_db": round(psnr_db(fp.images, q.images), 3),
                 "prompt_accuracy": evaluator.prompt_accuracy(q.images, targets).prompt_accuracy,
+                "denoiser_weight_bytes": backends.get(backend).nbytes(result.model),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -63,8 +63,10 @@ def _run_variant(
     load_seconds = time.perf_counter() - start
     steps, guidance = sampling_settings(source, s.num_inference_steps, s.guidance_scale, pipe)
     denoiser = getattr(pipe, denoiser_attr(pipe))
-    impl = backends.get(read_manifest(Path(path))["backend"] if quantized else "quanto")
-    weight_bytes = impl.nbytes(denoiser)
+    if quantized:
+        weight_bytes = backends.get(read_manifest(Path(path))["backend"]).nbytes(denoiser)
+    else:
+        weight_bytes = backends.tensor_bytes(denoiser.state_dict())
     durations: list[float] = []
     began = [0.0]
     pre = denoiser.register_forward_pre_hook(lambda m, a: began.__setitem__(0, time.perf_counter()))

@@ -30,8 +30,7 @@ from quantization.smoothing import weight_channel_absmax
 from quantization.types import LayerSpec, Recipe, level_spec
 
 __all__ = [
-    "DEFAULT_BUDGET_RATIO",
-    "DEFAULT_TARGET_SQNR_DB",
+    "FROM_RECIPE",
     "Result",
     "analyze",
     "fixed_bytes",
@@ -40,10 +39,6 @@ __all__ = [
     "uniform_plan",
 ]
 
-# The SQNR-driven recipe stops at this predicted denoiser SQNR, or at this many times the bytes
-# of the whole denoiser quantized by the uniform base recipe, whichever comes first.
-DEFAULT_TARGET_SQNR_DB = 35.0
-DEFAULT_BUDGET_RATIO = 1.2
 SCOPES = ("denoiser", "block", "end-to-end")  # where a block's relative SQNR is measured
 WORST_BLOCKS = 2  # per-layer SQNR is measured inside this many least-SQNR blocks
 
@@ -133,17 +128,25 @@ def _block_specs(plan: dict[str, LayerPlan], block: Block) -> dict[str, LayerSpe
     return {n: plan[n].spec for n in block.layers if n in plan}
 
 
+class _FromRecipe:
+    def __repr__(self) -> str:
+        return "FROM_RECIPE"
+
+
+FROM_RECIPE = _FromRecipe()  # an argument of analyze() left to the recipe's own value
+
+
 def analyze(
     measurer: Measurer,
     recipe: Recipe,
     *,
-    target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB,
-    budget_ratio: float | None = DEFAULT_BUDGET_RATIO,
+    target_sqnr_db: float | _FromRecipe | None = FROM_RECIPE,
+    budget_ratio: float | _FromRecipe | None = FROM_RECIPE,
     budget_bytes: int | None = None,
-    smoothing_on: bool = True,
-    time_protection_on: bool = True,
+    smoothing_on: bool | None = None,
+    time_protection_on: bool | None = None,
     detail: bool = True,
-    scope: str = "denoiser",
+    scope: str | None = None,
     progress=lambda message: None,
 ) -> Result:
     """Sensitivity analysis and the SQNR-driven plan for ``recipe``'s base spec.
@@ -164,7 +167,17 @@ def analyze(
             full-size models on a CPU) or "end-to-end" (the pipeline sampled with the block
             quantized, SQNR of the final latents: the noise as the sampler compounds it).
         progress: called with a short message before each stage.
+    Every argument left out takes the recipe's value (target, budget ratio, treatments,
+    scope); ``None`` for the target or the ratio means none.
     """
+    if target_sqnr_db is FROM_RECIPE:
+        target_sqnr_db = recipe.target_sqnr_db
+    if budget_ratio is FROM_RECIPE:
+        budget_ratio = recipe.budget_ratio
+    smoothing_on = recipe.smoothing if smoothing_on is None else smoothing_on
+    if time_protection_on is None:
+        time_protection_on = recipe.protect_time_sensitive
+    scope = scope or recipe.scope
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""bench.full_size's variant names and its run on a two-layer DiT-XL/2-wide model."""
+"""bench.full_size's variant names, and its run on a one-layer DiT-XL/2-wide model."""
 
 import json
 
@@ -21,7 +21,8 @@ def test_variant_names_say_recipe_granularity_backend_and_compile():
         full_size.parse_variant("w3a3")
 
 
-def test_two_layers_at_full_width_quantize_on_both_backends(tmp_path):
+@pytest.mark.slow  # a DiT-XL/2-wide block, quantized twice: about 20 s
+def test_one_layer_at_full_width_quantizes_on_both_backends(tmp_path):
     out = tmp_path / "fs.json"
     variants = ["fp", "w8a8-static@quanto", "w8a8-static:token@torchao"]
     full_size.main(["--layers", "1", "--repeats", "1", "--out", str(out), "--variants", *variants])

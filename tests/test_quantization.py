@@ -180,7 +180,7 @@ def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind, backend, r
     model, calls = TINY[kind](), tiny.calls(kind)
     measurer = Measurer(model, calls[:1], calls, backend)
     r = get_recipe(recipe)
-    result = analyze(measurer, r, target_sqnr_db=60.0, budget_ratio=1.5)
+    result = analyze(measurer, r, target_sqnr_db=60.0, budget_ratio=1.5, scope="denoiser")
     a = result.analysis
     impl = backends.get(backend)
     units = find_blocks(model, impl.LAYERS, r.unit)
@@ -207,8 +207,9 @@ def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind, backend, r
 def test_a_byte_budget_caps_the_whole_denoiser_and_one_below_the_base_is_refused():
     model, calls = tiny.dit(), tiny.calls("dit")
     measurer = Measurer(model, calls[:1], calls)
-    recipe = get_recipe("w4a8-sqnr")
+    recipe = replace(get_recipe("w4a8-sqnr"), scope="denoiser")
     free = analyze(measurer, recipe, target_sqnr_db=80.0, budget_ratio=None, detail=False)
+    assert free.analysis["scope"] == "denoiser"
     base = free.analysis["global"]["base_denoiser_bytes"]
     assert free.analysis["global"]["plan_denoiser_bytes"] > base  # unbounded: it promotes
     budget = base + (free.analysis["global"]["plan_denoiser_bytes"] - base) // 2
@@ -229,6 +230,11 @@ def test_end_to_end_scope_measures_on_sampled_latents():
     assert all(v["w8a8"]["block_output_sqnr_db"] is None for v in a["relative_sqnr"].values())
     assert result.analysis.plan_sqnr_db > result.analysis.uniform_base_sqnr_db
     assert result.backend == "torchao"
+    # the result's pipeline has the quantized denoiser; the FP pipeline keeps its own
+    assert result.pipeline.transformer is result.denoiser is not pipe.transformer
+    assert result.pipeline.vae is pipe.vae
+    assert sample(result.pipeline, [3], num_inference_steps=2, guidance_scale=2.0).images.shape
+    assert not any(backends.get("torchao").is_quantized(m) for m in pipe.transformer.modules())
 
 
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
