@@ -90,8 +90,8 @@ def check(spec: LayerSpec, device: str = "cpu") -> None:
             "torchao has no int4-weight config with static int8 activations; use "
             "--backend quanto, or per-token activations (--granularity token)"
         )
-    if spec.weights != spec.activations and spec.activations == "fp8":
-        raise ValueError("fp8 activations go with fp8 weights")
+    if (spec.activations == "fp8") != (spec.weights == "fp8") and spec.activations is not None:
+        raise ValueError("torchao pairs fp8 activations with fp8 weights only")
 
 
 def _config(spec: LayerSpec, act_scale: torch.Tensor | None, input_ndim: int | None):
