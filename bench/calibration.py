@@ -26,7 +26,7 @@ from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
 from quantization.blocks import denoiser_swapped
-from quantization.calibration import SEEDS, record_calibration, record_trajectory
+from quantization.calibration import record_calibration, record_trajectory, trajectory_sampler
 from quantization.ptq import analyze, quantize_denoiser
 from quantization.sensitivity import Measurer
 from quantization.types import get_recipe
@@ -42,15 +42,6 @@ DEFAULT_VARIANTS = [
     "w4a8-g128:token@torchao",
     "w4a8-sqnr@quanto",
 ]
-
-
-@torch.no_grad()
-def _latents(pipe, denoiser, conditions: list, kw: dict):
-    """The final latents of ``conditions`` sampled with ``denoiser`` (end-to-end scope)."""
-    with denoiser_swapped(pipe, denoiser):
-        return sample(
-            pipe, conditions, seed=SEEDS["trajectory"], batch_size=len(conditions), **kw
-        ).latents
 
 
 @torch.no_grad()
@@ -83,7 +74,8 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                     single.calls,
                     trajectory.calls,
                     backend,
-                    sampler=lambda d, on=measured_on: _latents(pipe, d, on, kw),
+                    trajectory_sampler(pipe, measured_on, **kw),
+                    trajectory.latents,
                 ),
                 r,
                 detail=False,

@@ -28,7 +28,7 @@ import torch
 from pipelines.generate import sample
 from pipelines.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import load_quantized, open_source, save_artifact
+from quantization.artifact import DTYPES, load_quantized, open_source, save_artifact
 from quantization.blocks import denoiser_attr, denoiser_swapped
 from quantization.calibration import (
     SEEDS,
@@ -37,6 +37,7 @@ from quantization.calibration import (
     record_calibration,
     record_trajectory,
     resolve_conditions,
+    trajectory_sampler,
 )
 from quantization.plan import LayerPlan
 from quantization.ptq import analyze, timesteps_of
@@ -172,7 +173,7 @@ class Result:
 
 
 def _dtype_name(module: torch.nn.Module) -> str:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    names = {dtype: name for name, dtype in DTYPES.items()}
     floats = [p.dtype for p in module.parameters() if p.dtype in names]
     floats += [b.dtype for b in module.buffers() if b.dtype in names]
     return names[floats[0]] if floats else "fp32"
@@ -212,20 +213,12 @@ def _prepare(pipe, source: str, s: Settings, recipe: Recipe, backend: str, progr
     traj = record_trajectory(
         pipe, attr, measured_on, num_inference_steps=steps, guidance_scale=guidance
     )
-
-    @torch.no_grad()
-    def sampler(denoiser):
-        with denoiser_swapped(pipe, denoiser):
-            return sample(
-                pipe,
-                measured_on,
-                seed=SEEDS["trajectory"],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                batch_size=len(measured_on),
-            ).latents
-
-    measurer = Measurer(getattr(pipe, attr), calib.calls, traj.calls, backend, sampler)
+    sampler = trajectory_sampler(
+        pipe, measured_on, num_inference_steps=steps, guidance_scale=guidance
+    )
+    measurer = Measurer(
+        getattr(pipe, attr), calib.calls, traj.calls, backend, sampler, traj.latents
+    )
     return _Prepared(attr, steps, guidance, conditions, calib, measurer)
 
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipelines.generate import is_class_conditional, sample
+from quantization.blocks import denoiser_swapped
 from quantization.capture import Call, record_calls
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "record_trajectory",
     "resolve_conditions",
     "steps_for",
+    "trajectory_sampler",
 ]
 
 CALIBRATION_KINDS = ("single-step", "multi-step")
@@ -146,6 +149,7 @@ class Calibration:
     prompts: int
     calls: list[Call]
     seconds: float  # to sample the FP pipeline up to the last kept step
+    latents: torch.Tensor | None = None  # the final latents, when sampling ran to the end
 
     def summary(self) -> dict:
         return {
@@ -186,21 +190,29 @@ def record_calibration(
     denoiser = getattr(pipe, denoiser_attr)
     start = time.perf_counter()
     calls: list[Call] = []
+    finished = []  # the samples of the batches that ran to the end
+    # every step kept: let the sampler finish (its latents are then FP's final latents)
+    keep = None if steps == list(range(num_inference_steps)) else set(steps)
     for first in range(0, len(conditions), batch_size):
         part = conditions[first : first + batch_size]
         calls += record_calls(
             denoiser,
-            lambda part=part, first=first: sample(
-                pipe,
-                part,
-                seed=seed + first,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                batch_size=len(part),
+            lambda part=part, first=first: finished.append(
+                sample(
+                    pipe,
+                    part,
+                    seed=seed + first,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    batch_size=len(part),
+                )
             ),
-            steps=set(steps),
+            steps=keep,
         )
-    return Calibration(kind, steps, len(conditions), calls, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    whole = len(finished) == -(-len(conditions) // batch_size)
+    latents = torch.cat([f.latents for f in finished]) if whole and finished else None
+    return Calibration(kind, steps, len(conditions), calls, seconds, latents)
 
 
 def record_trajectory(
@@ -211,7 +223,8 @@ def record_trajectory(
     num_inference_steps: int,
     guidance_scale: float,
 ) -> Calibration:
-    """Every step of the FP sampling of ``conditions``: what SQNR is measured on."""
+    """Every step of the FP sampling of ``conditions``, in one batch: what SQNR is measured
+    on. Its ``latents`` are FP's for ``trajectory_sampler``'s comparisons."""
     return record_calibration(
         pipe,
         denoiser_attr,
@@ -220,4 +233,24 @@ def record_trajectory(
         seed=SEEDS["trajectory"],
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        batch_size=len(conditions),
     )
+
+
+def trajectory_sampler(pipe, conditions: list, *, num_inference_steps: int, guidance_scale: float):
+    """``sampler(denoiser) -> final latents``: ``pipe`` sampling the trajectory's conditions
+    and seeds with ``denoiser`` in place, as ``record_trajectory`` sampled them in FP."""
+
+    @torch.no_grad()
+    def sampler(denoiser):
+        with denoiser_swapped(pipe, denoiser):
+            return sample(
+                pipe,
+                conditions,
+                seed=SEEDS["trajectory"],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                batch_size=len(conditions),
+            ).latents
+
+    return sampler

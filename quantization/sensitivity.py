@@ -100,6 +100,8 @@ class Measurer:
         sampler: ``sampler(denoiser)`` samples the trajectory's conditions and seeds with that
             denoiser in the pipeline and returns the final latents; it makes end-to-end
             relative SQNR (``relative_end_to_end``) possible.
+        fp_latents: what ``sampler`` gives with the FP denoiser, when already known (the
+            recorded trajectory's); sampled once on first use otherwise.
     """
 
     def __init__(
@@ -109,10 +111,11 @@ class Measurer:
         trajectory: list[Call],
         backend: str = "quanto",
         sampler=None,
+        fp_latents: torch.Tensor | None = None,
     ) -> None:
         self.backend = backends.get(backend)
         self.sampler = sampler
-        self._fp_latents: torch.Tensor | None = None
+        self._fp_latents = fp_latents
         self.denoiser = denoiser.eval()
         self.calibration = calibration
         self.trajectory = trajectory

@@ -230,10 +230,19 @@ def test_end_to_end_scope_measures_on_sampled_latents():
     assert all(v["w8a8"]["block_output_sqnr_db"] is None for v in a["relative_sqnr"].values())
     assert result.analysis.plan_sqnr_db > result.analysis.uniform_base_sqnr_db
     assert result.backend == "torchao"
+    from quantization.calibration import record_trajectory, trajectory_sampler
+
+    on = CLASSES.pick(pipe, 2, "trajectory")
+    traj = record_trajectory(pipe, "transformer", on, num_inference_steps=3, guidance_scale=2.0)
+    again = trajectory_sampler(pipe, on, num_inference_steps=3, guidance_scale=2.0)(
+        pipe.transformer
+    )
+    assert torch.equal(traj.latents, again)  # so the measurer need not sample FP again
     # the result's pipeline has the quantized denoiser; the FP pipeline keeps its own
     assert result.pipeline.transformer is result.denoiser is not pipe.transformer
     assert result.pipeline.vae is pipe.vae
-    assert sample(result.pipeline, [3], num_inference_steps=2, guidance_scale=2.0).images.shape
+    images = sample(result.pipeline, [3], num_inference_steps=2, guidance_scale=2.0).images
+    assert images.shape == (1, 32, 32, 3)
     assert not any(backends.get("torchao").is_quantized(m) for m in pipe.transformer.modules())
 
 
