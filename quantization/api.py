@@ -63,8 +63,8 @@ class Settings:
     """How to calibrate, measure and plan, beyond the recipe. ``None``: the default named."""
 
     backend: str | None = None  # None: the recipe's default backend
-    granularity: str | None = None  # None: the recipe's ("tensor" static, "token" dynamic)
-    calibration: str = "single-step"
+    granularity: str | None = None  # None: the recipe's (types.GRANULARITIES)
+    calibration: str = "single-step"  # granularity "timestep" always calibrates multi-step
     calibration_steps: int | None = None  # multi-step: K steps spread (None: every step)
     calibration_prompts: int = 32
     trajectory_prompts: int | None = None  # None: the recipe's
@@ -197,12 +197,14 @@ def _prepare(pipe, source: str, s: Settings, recipe: Recipe, backend: str, progr
     attr = denoiser_attr(pipe)
     steps, guidance = sampling_settings(source, s.num_inference_steps, s.guidance_scale, pipe)
     conditions = s.conditions or resolve_conditions(pipe, source)
-    progress(f"calibration: {s.calibration}, {s.calibration_prompts} conditions")
+    # scales per timestep range are calibrated on steps across the schedule
+    kind = "multi-step" if recipe.granularity == "timestep" else s.calibration
+    progress(f"calibration: {kind}, {s.calibration_prompts} conditions")
     calib = record_calibration(
         pipe,
         attr,
         conditions.pick(pipe, s.calibration_prompts, "calibration"),
-        kind=s.calibration,
+        kind=kind,
         k=s.calibration_steps,
         num_inference_steps=steps,
         guidance_scale=guidance,
@@ -264,7 +266,9 @@ def quantize(
             raise ValueError("an empty plan quantizes nothing")
         grain = {lp.spec.granularity for lp in recipe_or_plan.values()} - {None}
         recipe, backend = None, settings.backend or ("torchao" if "token" in grain else "quanto")
-        base = get_recipe("w8a8-static")
+        base = get_recipe("w8a8-static").with_granularity(
+            "timestep" if "timestep" in grain else None
+        )
     else:
         recipe, backend = _recipe_and_backend(recipe_or_plan, settings)
         base = recipe

@@ -18,6 +18,7 @@ __all__ = [
     "layer_stats",
     "record_calls",
     "replay",
+    "timestep_of",
 ]
 
 
@@ -32,6 +33,15 @@ class Call:
     step: int
     args: tuple
     kwargs: dict
+
+
+def timestep_of(args: tuple, kwargs: dict) -> float | None:
+    """The timestep a diffusers denoiser is called at (``timestep=`` or its 2nd argument);
+    one value per call: the first where the batch carries one per sample."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        return None
+    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
 
 def detach(value):

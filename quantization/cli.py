@@ -132,8 +132,9 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        help="activation scales: tensor (one static scale per layer, calibrated) or token "
-        "(dynamic, torchao); default: the recipe's",
+        help="activation scales: tensor (one static scale per layer, calibrated), timestep "
+        "(static, one scale per range of the schedule, calibrated on every step; quanto) or "
+        "token (dynamic, torchao); default: the recipe's",
     )
     p.add_argument(
         "--scope",

@@ -22,7 +22,7 @@ from torch import nn
 
 from quantization import backends
 from quantization.blocks import Block, find_blocks
-from quantization.capture import Call, layer_stats
+from quantization.capture import Call, layer_stats, timestep_of
 from quantization.plan import BlockOption, LayerPlan, greedy_plan, specs_of
 from quantization.sensitivity import TIME_DRIFT_OCTAVES, Measurer
 from quantization.smoothing import smoothing_scales as scales_for
@@ -372,8 +372,7 @@ def timesteps_of(calls: list[Call]) -> list[float]:
     seen = {}
     for c in calls:
         if c.step not in seen:
-            t = c.kwargs.get("timestep", c.args[1] if len(c.args) > 1 else None)
-            seen[c.step] = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            seen[c.step] = timestep_of(c.args, c.kwargs)
     return [seen[s] for s in sorted(seen)]
 
 

@@ -6,6 +6,7 @@ imported here, so the API process and the CLI's argument parsing stay light.
 - weights: "int4" (groups along the input), "int8" (per output channel), "fp8" (e4m3)
 - activations: None (float), "int8", "fp8"
 - granularity of the activation scales: "tensor" (one static scale per layer, calibrated),
+  "timestep" (static, one calibrated scale per range of timesteps, chosen by the step's t),
   "token" (one scale per token, computed at run time: dynamic)
 - backends: "quanto" (optimum-quanto; static per-tensor activations only) and "torchao"
 - model dtypes: "fp32", "bf16", "fp16"
@@ -23,6 +24,8 @@ __all__ = [
     "GROUP_SIZES",
     "LEVELS",
     "RECIPES",
+    "STATIC",
+    "TIME_RANGES",
     "WEIGHTS",
     "LayerSpec",
     "Recipe",
@@ -33,7 +36,9 @@ __all__ = [
 
 WEIGHTS = ("int4", "int8", "fp8")
 ACTIVATIONS = ("int8", "fp8")
-GRANULARITIES = ("tensor", "token")
+GRANULARITIES = ("tensor", "timestep", "token")
+STATIC = ("tensor", "timestep")  # the granularities whose scales are calibrated
+TIME_RANGES = 4  # "timestep": ranges of the schedule, each with its own scales
 BACKENDS = ("quanto", "torchao")
 DTYPES = ("fp32", "bf16", "fp16")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -45,8 +50,8 @@ class LayerSpec:
     """How one Linear / Conv2d layer is quantized.
 
     ``group_size=None``: one weight scale per output row. ``granularity`` says how activation
-    scales are found: "tensor" (static, calibrated) or "token" (dynamic); None when the
-    activations stay float.
+    scales are found: "tensor" (static, calibrated), "timestep" (static, one calibrated scale
+    per range of the schedule) or "token" (dynamic); None when the activations stay float.
     """
 
     weights: str

@@ -100,6 +100,47 @@ def test_per_token_activations_keep_what_one_static_scale_loses():
     assert out["token"] > out["tensor"] + 10.0
 
 
+class _Drifting(torch.nn.Module):
+    """One layer whose input range grows 100x along t, as a denoiser's layers' ranges drift."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 16)
+
+    def forward(self, x, timestep):
+        return self.proj(x * (1.0 + timestep / 10.0))
+
+
+def test_scales_per_timestep_range_follow_the_drift_and_switch_with_t():
+    torch.manual_seed(0)
+    fp = _Drifting()
+    calls = [
+        Call(i, (torch.randn(64, 32), torch.tensor(t)), {})
+        for i, t in enumerate(range(990, -1, -110))
+    ]
+    ref = [y.detach() for y in replay(fp, calls)]
+    impl = backends.get("quanto")
+    db = {}
+    for granularity in ("tensor", "timestep"):
+        model = _Drifting()
+        model.load_state_dict(fp.state_dict())
+        spec = {"proj": LayerSpec("int8", "int8", None, granularity)}
+        impl.quantize_layers(model, spec, calls)
+        db[granularity] = min(
+            sqnr_db(r, impl.plain(y)) for r, y in zip(ref, replay(model, calls), strict=True)
+        )
+        assert impl.layer_specs(model)["proj"].granularity == granularity
+    assert db["timestep"] > db["tensor"] + 10.0  # the worst step is far better off
+    scales, edges = model.proj.range_scales, model.proj.range_edges
+    assert scales.shape == (4,) and edges.shape == (3,)
+    assert bool((scales[1:] > scales[:-1]).all())  # larger t, larger inputs, larger scale
+    for t, i in ((0, 0), (400, 1), (990, 3)):
+        model(torch.randn(2, 32), torch.tensor(t))
+        assert float(model.proj.input_scale) == pytest.approx(float(scales[i]))
+    with pytest.raises(ValueError, match="quanto"):
+        backends.get("torchao").check(spec["proj"])
+
+
 def test_time_drift_is_the_largest_range_change_in_octaves():
     assert time_drift({0: 1.0, 5: 4.0, 10: 0.5}) == pytest.approx(2.0)
     assert time_drift({0: 2.0, 1: 2.0}) == 0.0
@@ -311,6 +352,7 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
         ("quanto", "w8a8-static"),
         ("quanto", "w4a8-sqnr"),
         ("quanto", "smoothed"),
+        ("quanto", "timestep"),
         ("torchao", "w8a8"),
         ("torchao", "w8a8-static"),
         ("torchao", "w4a16-g128"),
@@ -328,6 +370,10 @@ def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, backe
         result = quantize_denoiser(pipe.transformer, base, calls[:1], plan=plan, backend=backend)
         smooth = result.model.get_submodule("transformer_blocks.0.ff.net.2").smooth_scale
         assert not torch.equal(smooth, torch.ones_like(smooth))
+    elif recipe == "timestep":  # scales per range of t: the ranges must travel too
+        r = _uniform("w8a8-static", "timestep")
+        result = quantize_denoiser(pipe.transformer, r, calls, backend=backend)
+        assert result.plan["proj_out_2"].spec.granularity == "timestep"
     elif get_recipe(recipe).mixed_precision:
         r = replace(get_recipe(recipe), scope="denoiser")
         measurer = Measurer(pipe.transformer, calls[:1], calls, backend)

@@ -4,7 +4,10 @@ Every call to optimum-quanto lives here. It turns a plan into quanto modules (on
 call per disjoint set of layers), re-applies our group sizes (quanto neither takes nor saves
 one), installs SmoothQuant input scales, calibrates activation ranges, freezes, and moves
 state dicts in and out with strict key checks. It packs int4 weights two to a byte, on any
-device; its activation scales are scalars, so it has no dynamic (per-token) mode.
+device; its activation scales are scalars, so it has no dynamic (per-token) mode. Static
+scales per timestep range (granularity "timestep") are ours on top of it: each such layer keeps
+one scale per range of the schedule, and a hook on the denoiser puts the range's scale in place
+before every call, from the call's timestep.
 
 Pitfalls handled here (docs/quantization.md, "Backend pitfalls"): overlapping ``quantize``
 calls corrupt qtypes, so each layer is named exactly once; ``None`` entries of non-affine
@@ -27,9 +30,9 @@ from optimum.quanto.calibrate import absmax_scale
 from optimum.quanto.nn import QModuleMixin
 from optimum.quanto.tensor.activations import ActivationQBytesTensor
 
-from quantization.capture import Call, replay
+from quantization.capture import Call, replay, timestep_of
 from quantization.plan import LayerPlan
-from quantization.types import LayerSpec, effective_group_size
+from quantization.types import TIME_RANGES, LayerSpec, effective_group_size
 
 __all__ = [
     "LAYERS",
@@ -156,6 +159,51 @@ def set_smoothing(module: torch.nn.Module, scale: torch.Tensor | None = None) ->
     module.register_forward_pre_hook(_smooth_input, prepend=True)
 
 
+# granularity "timestep": a layer's scale for each range of timesteps, and the timesteps
+# between ranges (ascending); the range of a call is the number of edges below its t
+RANGE_SCALES, RANGE_EDGES = "range_scales", "range_edges"
+EXTRA_BUFFERS = (SMOOTH_BUFFER, RANGE_SCALES, RANGE_EDGES)  # ours: quanto does not save them
+
+
+def time_ranges(calls: list[Call], ranges: int) -> tuple[list[list[Call]], torch.Tensor]:
+    """The calls split into up to ``ranges`` contiguous ranges of their timesteps, about as many
+    distinct timesteps in each (calls keep their order: the moving average of the scales sees
+    them as sampling did), and the edges between the ranges (midpoints, ascending)."""
+    times = [timestep_of(c.args, c.kwargs) for c in calls]
+    if None in times:
+        raise ValueError("scales per timestep range need the denoiser's timestep argument")
+    ts = sorted(set(times))
+    n = min(ranges, len(ts))
+    bounds = [round(i * len(ts) / n) for i in range(n + 1)]
+    chunks = [ts[bounds[i] : bounds[i + 1]] for i in range(n)]
+    edges = [(chunks[i][-1] + chunks[i + 1][0]) / 2 for i in range(n - 1)]
+    index = {t: i for i, chunk in enumerate(chunks) for t in chunk}
+    groups: list[list[Call]] = [[] for _ in chunks]
+    for c, t in zip(calls, times, strict=True):
+        groups[index[t]].append(c)
+    return groups, torch.tensor(edges, dtype=torch.float32)
+
+
+def _ranged(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, RANGE_SCALES)]
+
+
+def _select_range(model: torch.nn.Module, args, kwargs) -> None:
+    """Denoiser pre-hook: each ranged layer's input scale := its scale for this call's t."""
+    t = timestep_of(args, kwargs)
+    for m in model._t2i_ranged:
+        edges = getattr(m, RANGE_EDGES)
+        i = int((edges < t).sum()) if t is not None else 0
+        m.input_scale.copy_(getattr(m, RANGE_SCALES)[i].to(m.input_scale.dtype))
+
+
+def install_ranges(model: torch.nn.Module) -> None:
+    """The hook that switches scales by timestep, once per model that has ranged layers."""
+    model._t2i_ranged = _ranged(model)
+    if model._t2i_ranged and not hasattr(model, "_t2i_range_hook"):
+        model._t2i_range_hook = model.register_forward_pre_hook(_select_range, with_kwargs=True)
+
+
 def _update(scale: torch.Tensor, new: torch.Tensor, first: bool) -> torch.Tensor:
     return new if first else MOMENTUM * scale + (1.0 - MOMENTUM) * new
 
@@ -203,13 +251,30 @@ def quantize_layers(
     calls: list[Call],
     smoothing: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerSpec]:
-    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze."""
+    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze.
+
+    Layers of granularity "timestep" are calibrated once per range of the calls' timesteps
+    (the other layers run meanwhile with their scales over all calls).
+    """
     applied = apply_specs(model, specs)
     for name, scale in (smoothing or {}).items():
         if name in specs:
             set_smoothing(model.get_submodule(name), scale)
     calibrate(model, list(specs), lambda: replay(model, calls))
+    ranged = [n for n, s in specs.items() if s.granularity == "timestep"]
+    if ranged:
+        groups, edges = time_ranges(calls, TIME_RANGES)
+        scales: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for group in groups:
+            calibrate(model, ranged, lambda group=group: replay(model, group))
+            for n in ranged:
+                scales[n].append(model.get_submodule(n).input_scale.detach().clone())
+        for n in ranged:
+            module = model.get_submodule(n)
+            module.register_buffer(RANGE_SCALES, torch.stack(scales[n]).flatten())
+            module.register_buffer(RANGE_EDGES, edges.clone())
     freeze(model)
+    install_ranges(model)
     return applied
 
 
@@ -217,8 +282,13 @@ def prepare(model: torch.nn.Module, plan: dict[str, LayerPlan]) -> dict[str, Lay
     """The structure a saved plan needs (quanto modules, smoothing hooks), weights not loaded."""
     applied = apply_specs(model, {n: lp.spec for n, lp in plan.items()})
     for name, lp in plan.items():
+        module = model.get_submodule(name)
         if lp.smoothing_alpha is not None:
-            set_smoothing(model.get_submodule(name))
+            set_smoothing(module)
+        if lp.spec.granularity == "timestep":  # sizes come with the saved tensors
+            module.register_buffer(RANGE_SCALES, torch.ones(TIME_RANGES))
+            module.register_buffer(RANGE_EDGES, torch.zeros(TIME_RANGES - 1))
+    install_ranges(model)
     return applied
 
 
@@ -238,6 +308,7 @@ def layer_specs(model: torch.nn.Module) -> dict[str, LayerSpec]:
             NAMES[m.weight_qtype.name],
             None if m.activation_qtype is None else NAMES[m.activation_qtype.name],
             m.weight_group_size,
+            "timestep" if hasattr(m, RANGE_SCALES) else "tensor",
         )
         for name, m in model.named_modules()
         if isinstance(m, QModuleMixin) and m.weight_qtype is not None
@@ -257,14 +328,15 @@ def state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def quantized_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The flat tensors of a frozen model (QTensors split into their parts), ``None`` dropped.
 
-    quanto's modules save only their weight, bias and scales, so the SmoothQuant scales are
-    added here under ``<layer>.smooth_scale``.
+    quanto's modules save only their weight, bias and scales, so ours (the SmoothQuant scales,
+    the scales per timestep range and their edges) are added here under ``<layer>.<buffer>``.
     """
     state = {k: v.contiguous() for k, v in model.state_dict().items() if v is not None}
     for name, module in model.named_modules():
-        if hasattr(module, SMOOTH_BUFFER):
-            key = f"{name}.{SMOOTH_BUFFER}" if name else SMOOTH_BUFFER
-            state[key] = getattr(module, SMOOTH_BUFFER).detach().contiguous()
+        for buffer in EXTRA_BUFFERS:
+            if hasattr(module, buffer):
+                key = f"{name}.{buffer}" if name else buffer
+                state[key] = getattr(module, buffer).detach().contiguous()
     return state
 
 
@@ -284,12 +356,17 @@ def load_state(
             f"state dict does not match the plan: {len(missing)} missing {missing[:5]}, "
             f"{len(unexpected)} unexpected {unexpected[:5]}"
         )
+    for key, value in state.items():  # as many timestep ranges as were calibrated
+        owner, _, buffer = key.rpartition(".")
+        if buffer in (RANGE_SCALES, RANGE_EDGES):
+            model.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))
     model.load_state_dict(state, strict=False)
-    with torch.no_grad():  # quanto's modules do not load extra buffers themselves
+    with torch.no_grad():  # quanto's modules do not load our buffers themselves
         for key, value in state.items():
-            if key == SMOOTH_BUFFER or key.endswith("." + SMOOTH_BUFFER):
-                owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
-                getattr(owner, SMOOTH_BUFFER).copy_(value)
+            owner, _, buffer = key.rpartition(".")
+            if buffer in EXTRA_BUFFERS:
+                getattr(model.get_submodule(owner), buffer).copy_(value)
+    install_ranges(model)
 
 
 def versions() -> dict[str, str]:

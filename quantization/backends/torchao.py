@@ -77,6 +77,11 @@ def _fp8_capable(device: str) -> bool:
 
 def check(spec: LayerSpec, device: str = "cpu") -> None:
     """Raise ValueError if this backend cannot quantize a layer so on ``device``."""
+    if spec.granularity == "timestep":
+        raise ValueError(
+            "static scales per timestep range are the quanto backend's (--backend quanto): "
+            "torchao bakes one static scale into each layer's weight tensor"
+        )
     if spec.weights == "fp8" or spec.activations == "fp8":
         if not _fp8_capable(device):
             raise ValueError(
