@@ -1,21 +1,24 @@
 """Activation scales, side by side: static per tensor calibrated at one step (t = T) or at
-every step, and dynamic per token; end-to-end quality and what each costs.
+every step, static per range of timesteps (calibrated on every step), and dynamic per token;
+end-to-end quality and what each costs.
 
     python -m bench.calibration                       # both embedded models, DEFAULT_VARIANTS
     python -m bench.calibration --models t2i-digits --variants w4a8-sqnr@quanto
 
-For each model and variant, static scales are calibrated on the same 32 prompts either at the
-first sampling step only or at every step; per-token scales are found at run time and need
-none. Each quantized pipeline samples the same 64 seeded prompts as FP. Calibration time =
-recording the FP inputs + calibrating and quantizing the copy. For an SQNR-driven recipe the
-plan (levels, treatments) is made once, with single-step calibration, and then quantized with
-each calibration, so that only the calibration differs. Writes bench/results/calibration.json.
+For each model and variant, static per-tensor scales are calibrated on the same 32 prompts
+either at the first sampling step only or at every step; scales per timestep range on every
+step, one set per range; per-token scales are found at run time and need none. Each quantized
+pipeline samples the same 64 seeded prompts as FP. Calibration time = recording the FP inputs
++ calibrating and quantizing the copy. For an SQNR-driven recipe the plan (levels,
+treatments) is made once, with single-step calibration, and then quantized with each
+calibration, so that only the calibration differs. Writes bench/results/calibration.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,16 +35,24 @@ from quantization.sensitivity import Measurer
 from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# static per-tensor scales calibrated at one step or at all, on either backend; per-token
-# dynamic scales (torchao), which need no calibration
+# static per-tensor scales calibrated at one step or at all, on either backend; static scales
+# per timestep range (quanto); per-token dynamic scales (torchao), which need no calibration
 DEFAULT_VARIANTS = [
     "w8a8-static@quanto",
+    "w8a8-static:timestep@quanto",
     "w8a8-static@torchao",
     "w8a8-static:token@torchao",
     "w4a8-g128@quanto",
+    "w4a8-g128:timestep@quanto",
     "w4a8-g128:token@torchao",
     "w4a8-sqnr@quanto",
+    "w4a8-sqnr:timestep@quanto",
 ]
+KINDS = {  # the calibrations each granularity is measured with
+    "tensor": ("single-step", "multi-step"),
+    "timestep": ("per-range",),
+    "token": ("dynamic",),
+}
 
 
 @torch.no_grad()
@@ -60,11 +71,12 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
     calib_conditions = ref.calibration.pick(pipe, prompts, "calibration")
     for variant in variants:
         name, _, backend = variant.partition("@")
-        recipe, granularity = name.removesuffix(":token"), "token" if ":token" in name else None
-        r = get_recipe(recipe).with_granularity(granularity)
+        recipe, _, granularity = name.partition(":")
+        r = get_recipe(recipe).with_granularity(granularity or None)
         backend = backend or r.backend
         plan = None
-        if r.mixed_precision:
+        if r.mixed_precision:  # planned as shipped (per tensor), then calibrated as the variant
+            r = r.with_granularity("tensor")
             single = record_calibration(pipe, attr, calib_conditions, **kw)
             measured_on = ref.calibration.pick(pipe, r.trajectory_prompts, "trajectory")
             trajectory = record_trajectory(pipe, attr, measured_on, **kw)
@@ -80,13 +92,18 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                 r,
                 detail=False,
             ).plan
-        static = r.activations is not None and r.granularity == "tensor"
-        for kind in ("single-step", "multi-step") if static else ("dynamic",):
+            if granularity:
+                plan = {
+                    n: replace(lp, granularity=granularity) if lp.activations else lp
+                    for n, lp in plan.items()
+                }
+        grain = granularity or r.granularity
+        for kind in KINDS[grain] if r.activations else ("dynamic",):
             calib = record_calibration(
                 pipe,
                 attr,
                 calib_conditions,
-                kind="single-step" if kind == "dynamic" else kind,
+                kind={"dynamic": "single-step", "per-range": "multi-step"}.get(kind, kind),
                 **kw,
             )
             result = quantize_denoiser(
@@ -103,7 +120,7 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                 "model": model,
                 "variant": variant,
                 "backend": backend,
-                "granularity": r.granularity if r.activations else None,
+                "granularity": grain if r.activations else None,
                 "calibration": kind,
                 "calibration_steps": 0 if kind == "dynamic" else len(calib.steps),
                 "calibration_prompts": 0 if kind == "dynamic" else prompts,
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help="RECIPE[:token][@BACKEND] (default: %(default)s)",
+        help="RECIPE[:tensor|:timestep|:token][@BACKEND] (default: %(default)s)",
     )
     p.add_argument("--n", type=int, default=64, help="evaluation images (default 64)")
     p.add_argument("--prompts", type=int, default=32, help="calibration prompts (default 32)")

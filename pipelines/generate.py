@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Samples", "is_class_conditional", "run", "sample"]
+__all__ = ["Samples", "guided_prediction", "is_class_conditional", "run", "sample"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,25 @@ def is_class_conditional(pipe) -> bool:
     from diffusers import DiTPipeline
 
     return isinstance(pipe, DiTPipeline)
+
+
+def guided_prediction(pipe, guidance_scale: float) -> Callable | None:
+    """What the sampler makes of one denoiser output under classifier-free guidance: the batch
+    holds both branches, and the step uses ``uncond + g * (cond - uncond)`` of the predicted
+    noise (the first latent-channels of the output; learned-variance channels are not
+    guided). None when the pipeline samples without guidance (g <= 1: one branch)."""
+    if guidance_scale <= 1.0:
+        return None
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    latent = denoiser.config.in_channels
+    cond_first = is_class_conditional(pipe)  # DiT: [cond, uncond]; SD, PixArt: [uncond, cond]
+
+    def guided(out: torch.Tensor) -> torch.Tensor:
+        first, second = out[:, :latent].chunk(2)
+        cond, uncond = (first, second) if cond_first else (second, first)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
 
 
 @torch.no_grad()

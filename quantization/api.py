@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.generate import sample
+from pipelines.generate import guided_prediction, sample
 from pipelines.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import DTYPES, load_quantized, open_source, save_artifact
@@ -77,6 +77,7 @@ class Settings:
     smoothing: bool = True
     time_protection: bool = True
     scope: str | None = None  # where relative SQNR is measured (ptq.SCOPES); None: the recipe's
+    guided: bool = False  # measure on the guided noise, not both branches' raw outputs
     check_images: int = 8  # FP vs quantized images for the end-to-end numbers; 0: none
 
 
@@ -218,8 +219,9 @@ def _prepare(pipe, source: str, s: Settings, recipe: Recipe, backend: str, progr
     sampler = trajectory_sampler(
         pipe, measured_on, num_inference_steps=steps, guidance_scale=guidance
     )
+    guide = guided_prediction(pipe, guidance) if s.guided else None
     measurer = Measurer(
-        getattr(pipe, attr), calib.calls, traj.calls, backend, sampler, traj.latents
+        getattr(pipe, attr), calib.calls, traj.calls, backend, sampler, traj.latents, guide
     )
     return _Prepared(attr, steps, guidance, conditions, calib, measurer)
 

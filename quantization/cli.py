@@ -144,6 +144,12 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         "sampling (default: the recipe's)",
     )
     p.add_argument(
+        "--guided",
+        action="store_true",
+        help="scopes denoiser and block: compare the guided noise the sampler uses, "
+        "uncond + g (cond - uncond), rather than the raw output of both branches",
+    )
+    p.add_argument(
         "--dtype",
         choices=DTYPES,
         default="fp32",
@@ -273,6 +279,7 @@ def settings_from_args(args, pipe):
         smoothing=not args.no_smoothing,
         time_protection=not args.no_time_protection,
         scope=args.scope,
+        guided=args.guided,
         check_images=getattr(args, "check_images", 8),
     )
 

@@ -298,6 +298,7 @@ def analyze(
     analysis = {
         "recipe": recipe.name,
         "scope": scope,
+        "guided": measurer.guide is not None,
         "base_level": base_level,
         "group_size": recipe.group_size,
         "granularity": recipe.granularity,

@@ -102,6 +102,9 @@ class Measurer:
             relative SQNR (``relative_end_to_end``) possible.
         fp_latents: what ``sampler`` gives with the FP denoiser, when already known (the
             recorded trajectory's); sampled once on first use otherwise.
+        guide: measure on what the sampler uses of each output rather than the raw output:
+            ``pipelines.generate.guided_prediction`` compares the guided noise, in which
+            classifier-free guidance scales the difference of the two branches' errors by g.
     """
 
     def __init__(
@@ -112,19 +115,26 @@ class Measurer:
         backend: str = "quanto",
         sampler=None,
         fp_latents: torch.Tensor | None = None,
+        guide=None,
     ) -> None:
         self.backend = backends.get(backend)
+        self.guide = guide
         self.sampler = sampler
         self._fp_latents = fp_latents
         self.denoiser = denoiser.eval()
         self.calibration = calibration
         self.trajectory = trajectory
         self.steps = [c.step for c in trajectory]
-        self.fp_outputs = replay(denoiser, trajectory)
+        self.fp_outputs = self._replay(denoiser)
         self._fp_local: dict[str, list[torch.Tensor]] = {}
         self._inputs: dict[str, tuple[list[Call], list[Call]]] = {}
 
     # --- building blocks -------------------------------------------------------------------
+
+    def _replay(self, model: nn.Module) -> list[torch.Tensor]:
+        """The denoiser outputs on the trajectory, guided if so measured."""
+        outputs = replay(model, self.trajectory)
+        return outputs if self.guide is None else [self.guide(o) for o in outputs]
 
     @contextmanager
     def swapped(
@@ -156,7 +166,7 @@ class Measurer:
                 lambda m, a, o: local_outs.append(self.backend.plain(_first_tensor(o)))
             )
         try:
-            outputs = replay(model, self.trajectory)
+            outputs = self._replay(model)
         finally:
             if handle is not None:
                 handle.remove()
@@ -299,7 +309,7 @@ class Measurer:
                 self.backend.quantize_layers(
                     self.denoiser, specs_by_block[b], self.calibration, smoothing
                 )
-                result[b] = _sqnr(self.fp_outputs, replay(self.denoiser, self.trajectory))
+                result[b] = _sqnr(self.fp_outputs, self._replay(self.denoiser))
         finally:
             for b, m in originals.items():
                 self.denoiser.set_submodule(b, m)

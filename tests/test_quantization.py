@@ -4,18 +4,19 @@ import json
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.generate import sample
+from pipelines.generate import guided_prediction, sample
 from quality.metrics import sqnr_db
 from quantization import Settings, backends, load_quantized, quantize
-from quantization.artifact import ArtifactError, save_artifact, sha256_of
+from quantization.artifact import ArtifactError, open_source, save_artifact, sha256_of
 from quantization.blocks import find_blocks
 from quantization.calibration import SEEDS, Conditions
-from quantization.capture import Call, replay
+from quantization.capture import Call, denoiser_output, replay
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
 from quantization.ptq import analyze, quantize_denoiser, uniform_plan
 from quantization.sensitivity import Measurer, time_drift
@@ -23,6 +24,7 @@ from quantization.smoothing import outlier_ratio, smoothing_scales
 from quantization.types import RECIPES, LayerSpec, get_recipe
 from tests import tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dit": tiny.dit, "pixart": tiny.pixart, "unet": tiny.sd_unet}
 CLASSES = Conditions("classes", (0, 1, 2, 3, 4, 5, 6, 7), "--classes")
 FAST = Settings(
@@ -139,6 +141,36 @@ def test_scales_per_timestep_range_follow_the_drift_and_switch_with_t():
         assert float(model.proj.input_scale) == pytest.approx(float(scales[i]))
     with pytest.raises(ValueError, match="quanto"):
         backends.get("torchao").check(spec["proj"])
+
+
+@pytest.mark.parametrize("kind", ["dit", "text"])
+def test_guided_prediction_is_what_the_sampler_steps_with(kind):
+    # DiT batches [cond, uncond] and has learned-variance channels; SD batches [uncond, cond]
+    if kind == "dit":
+        pipe, conditions = tiny.dit_pipeline(), [1, 2]
+    else:
+        pipe, conditions = open_source(ROOT / "models" / "t2i-digits"), ["a red one", "a blue two"]
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    outputs, stepped = [], []
+    handle = denoiser.register_forward_hook(
+        lambda m, a, o: outputs.append(denoiser_output(o).clone())
+    )
+    step = pipe.scheduler.step
+
+    def spy(model_output, *args, **kwargs):
+        stepped.append(model_output[: len(conditions)].clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = spy
+    try:
+        sample(pipe, conditions, seed=0, num_inference_steps=3, guidance_scale=4.0)
+    finally:
+        handle.remove()
+    guide = guided_prediction(pipe, 4.0)
+    assert len(outputs) == len(stepped) == 3
+    for out, used in zip(outputs, stepped, strict=True):
+        assert torch.allclose(guide(out), used, atol=1e-6)
+    assert guided_prediction(pipe, 1.0) is None
 
 
 def test_time_drift_is_the_largest_range_change_in_octaves():
