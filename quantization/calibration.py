@@ -47,9 +47,12 @@ SEEDS = {"calibration": 1000, "trajectory": 2000, "check": 2001}
 class Conditions:
     """What the pipeline is asked while calibrating and measuring: prompts or class ids.
 
-    ``values`` empty means the embedded digits data, drawn per use. A user list is cycled:
-    calibration starts at its first entry, measuring and checking half-way through, so the
-    two differ whenever the list holds at least twice as many entries as either needs.
+    ``values`` empty means the embedded digits data, drawn per use. From a user list longer
+    than needed, entries are taken evenly spread over it (``--classes all`` of a 1000-class
+    model calibrates on 32 classes across the range, not on classes 0-31), measuring and
+    checking half a stride off calibration; a shorter list is cycled, measuring and checking
+    from half-way through. The two differ whenever the list holds at least twice as many
+    entries as either needs.
     """
 
     kind: str  # "prompts" | "classes"
@@ -64,8 +67,12 @@ class Conditions:
 
             targets = evaluation_targets(n, with_colors=self.kind == "prompts", seed=SEEDS[use])
             return conditions_for(pipe, targets)
-        start = 0 if use == "calibration" else len(self.values) // 2
-        return [self.values[(start + i) % len(self.values)] for i in range(n)]
+        size, shifted = len(self.values), use != "calibration"
+        if n < size:
+            stride = size / n
+            return [self.values[int((i + 0.5 * shifted) * stride)] for i in range(n)]
+        start = size // 2 if shifted else 0
+        return [self.values[(start + i) % size] for i in range(n)]
 
     def summary(self) -> dict:
         return {

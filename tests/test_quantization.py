@@ -173,6 +173,16 @@ def test_guided_prediction_is_what_the_sampler_steps_with(kind):
     assert guided_prediction(pipe, 1.0) is None
 
 
+def test_a_long_condition_list_is_sampled_across_its_range_and_a_short_one_cycled():
+    every = Conditions("classes", tuple(range(1000)), "--classes all")
+    calib, measured = every.pick(None, 32, "calibration"), every.pick(None, 32, "trajectory")
+    assert calib[:3] == [0, 31, 62] and calib[-1] == 968  # across all 1000, not 0-31
+    assert measured[0] == 15 and not set(calib) & set(measured)
+    short = Conditions("prompts", ("a", "b", "c"), "--prompts")
+    assert short.pick(None, 4, "calibration") == ["a", "b", "c", "a"]
+    assert short.pick(None, 4, "check") == ["b", "c", "a", "b"]
+
+
 def test_time_drift_is_the_largest_range_change_in_octaves():
     assert time_drift({0: 1.0, 5: 4.0, 10: 0.5}) == pytest.approx(2.0)
     assert time_drift({0: 2.0, 1: 2.0}) == 0.0
