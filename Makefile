@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup system run samples test test-unit test-integration lint format train artifacts bench
+.PHONY: setup system run samples test test-unit test-integration lint format train artifacts bench \
+	images compose-up compose-down test-deploy
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -76,3 +77,27 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.cold_start
 	HF_HUB_OFFLINE=1 $(PY) -m bench.cold_start --compile --only dit-digits/fp32 dit-digits/w8a8 t2i-digits/fp32
 	HF_HUB_OFFLINE=1 $(PY) -m bench.dashboard --seconds 90
+
+# docker compose (docker-compose.yml; deploy/README.md). `images` installs and starts a Docker
+# engine where there is none (root, Debian), then builds what is missing: the public Redis,
+# Prometheus and Python images where they can be pulled, else the same built from Debian's
+# packages; the service image (its layer cache keeps an unchanged rebuild to seconds).
+COMPOSE := docker compose --env-file build/compose.env
+
+images:
+	deploy/docker/prepare.sh
+
+# Detached; returns once every variant has a live worker (the compiled one takes minutes).
+compose-up: images
+	@start=$$(date +%s); $(COMPOSE) up -d --no-build --remove-orphans \
+		&& python3 deploy/docker/wait_live.py --start $$start
+
+# Stops and removes the containers; the volumes (Redis's data, the compile cache) stay:
+# `docker compose down -v` removes them too.
+compose-down:
+	@if [ -f build/compose.env ] && docker info >/dev/null 2>&1; then $(COMPOSE) down --remove-orphans; fi
+
+# Against the running stack, through its ports on 127.0.0.1 only (tests/deploy/compose, which
+# make test never collects); brings the stack up first if needed and down at the end.
+test-deploy: setup compose-up
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/deploy/compose; status=$$?; $(MAKE) compose-down; exit $$status
