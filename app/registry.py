@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.labels import Match, find_class, label_key
+
 __all__ = [
     "CLASS_CONDITIONAL",
     "DTYPES",
@@ -95,8 +97,12 @@ class ModelSpec:
     shadow_prompt: str | None = None  # what background shadow compares ask for
 
     def class_id(self, prompt: str) -> int | None:
-        """The class a class-conditional prompt names ("seven", "7", "Seven"), else None."""
-        return self.labels.get(prompt.strip().lower())
+        """The class a class-conditional prompt names ("a seven", "the digit 7, please",
+        "Seven!"), else None (no class, or several: ``find_class`` says which)."""
+        return find_class(prompt, self.labels).class_id
+
+    def find_class(self, prompt: str) -> Match:
+        return find_class(prompt, self.labels)
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,8 @@ def _labels(folder: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     for class_id, names in _read_json(folder / "id2label.json").items():
         for label in str(names).split(","):
-            labels[label.strip().lower()] = int(class_id)
+            if label_key(label):
+                labels[label_key(label)] = int(class_id)
     return labels
 
 

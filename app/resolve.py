@@ -90,12 +90,19 @@ def job_request(
         raise InvalidRequest(f"guidance_scale must lie in {low}..{high}", param="guidance_scale")
     class_id = None
     if spec.kind == CLASS_CONDITIONAL:
-        class_id = spec.class_id(prompt)
-        if class_id is None:
-            examples = ", ".join(list(spec.labels)[:6])
+        match = spec.find_class(prompt)
+        class_id = match.class_id
+        if class_id is None and len(match.named) > 1:
             raise InvalidRequest(
-                f"{spec.name} is class-conditional: the prompt must name a class "
-                f"(e.g. {examples}); got {prompt[:60]!r}",
+                f"{spec.name} is class-conditional and the prompt names several classes "
+                f"({', '.join(match.named[:6])}); name one",
+                param="prompt",
+            )
+        if class_id is None:
+            examples = ", ".join(f'"a {label}"' for label in list(spec.labels)[1:8:2])
+            raise InvalidRequest(
+                f"{spec.name} is class-conditional: the prompt must name one of its classes "
+                f"(e.g. {examples}; GET /v1/models lists them); got {prompt[:60]!r}",
                 param="prompt",
             )
         if negative_prompt is not None:

@@ -5,8 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import Owner, QueueDep, RegistryDep
+from app.registry import CLASS_CONDITIONAL, TEXT_TO_IMAGE
 
 __all__ = ["router"]
+
+PROMPT_HELP = {
+    CLASS_CONDITIONAL: "free text naming one of `classes` as whole words, any case: "
+    "'a seven', 'the digit 7, please'; the longest label found wins ('golden retriever' "
+    "over 'retriever'); a prompt naming no class, or two, is refused (400)",
+    TEXT_TO_IMAGE: "free text",
+}
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -35,6 +43,7 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> dict:
                 "guidance_scale": spec.guidance,
                 "guidance_range": list(spec.guidance_range),
                 "classes": sorted(set(spec.labels)) if spec.labels else None,
+                "prompt_help": PROMPT_HELP[spec.kind],
                 "variants": variants,
             }
         )

@@ -73,6 +73,11 @@ def test_openai_client_generates_images(stack):
     # may differ
     diff = np.abs(_png(base64.b64decode(alone.data[0].b64_json)).astype(int) - images[0])
     assert diff.max() <= 8
+    for free in ("a seven", "the digit 7, please", "Seven!"):  # free prompts name class 7
+        said = client.images.generate(
+            model="dit-digits", prompt=free, n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
+        )
+        assert [d.b64_json for d in said.data] == [d.b64_json for d in result.data]
     extra = result.model_extra
     assert extra["seed"] == 11 and extra["variant"] == "fp32"
     assert extra["timings"]["inference_s"] > 0
@@ -95,6 +100,11 @@ def test_openai_client_error_classes(stack, redis_url, registry_file):
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(model="dit-digits", prompt="seven", size="1024x1024")
     assert bad.value.body["param"] == "size"
+    for prompt in ("a cat on a sofa", "a 7 and a 1"):  # no class, two classes
+        with pytest.raises(openai.BadRequestError) as unnamed:
+            client.images.generate(model="dit-digits", prompt=prompt)
+        assert unnamed.value.body["param"] == "prompt"
+        assert unnamed.value.body["code"] == "invalid_value"
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="dall-e-3", prompt="seven")
     keyed = make_settings(redis_url, registry_file, api_keys=["secret"], queue_max=1)

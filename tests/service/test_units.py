@@ -6,6 +6,7 @@ import pytest
 
 from app.config import Settings
 from app.errors import InvalidRequest, NotFound
+from app.labels import Match, find_class, label_key
 from app.queue.records import JobRequest, JobStatus, decode, encode_new
 from app.registry import RegistryError, load_registry
 from app.resolve import job_request
@@ -80,6 +81,39 @@ def test_resolution_fills_defaults_and_draws_a_seed():
     with pytest.raises(InvalidRequest) as bad:
         job_request(settings, registry, model="dit-digits", prompt="7", steps=101)
     assert bad.value.param == "steps"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a seven", 7),
+        ("the digit 7, please", 7),
+        ("Seven!", 7),
+        ("SEVEN", 7),
+        ("a seven-ish shape", 7),
+        ("seventy", None),  # whole words only
+        ("a 7 or a one", None),  # two classes: ambiguous
+        ("a cat", None),
+        ("", None),
+    ],
+)
+def test_free_prompts_name_a_class_by_whole_words(prompt, expected):
+    spec = load_registry(MODELS / "registry.toml").get("dit-digits")
+    assert spec.class_id(prompt) == expected
+
+
+def test_the_most_specific_label_wins_and_two_classes_are_refused():
+    labels = {label_key(k): v for k, v in {"retriever": 1, "golden retriever": 207}.items()}
+    labels[label_key("Tiger Cat")] = 282
+    assert find_class("a golden Retriever on grass", labels) == Match(207, ("golden retriever",))
+    assert find_class("one retriever", labels).class_id == 1
+    assert find_class("a tiger cat and a retriever", labels).class_id is None
+    registry, settings = load_registry(MODELS / "registry.toml"), Settings()
+    with pytest.raises(InvalidRequest, match=r"several classes.*7.*1") as two:
+        job_request(settings, registry, model="dit-digits", prompt="a 7 next to a 1")
+    with pytest.raises(InvalidRequest, match="must name one of its classes") as none:
+        job_request(settings, registry, model="dit-digits", prompt="a cat")
+    assert two.value.param == none.value.param == "prompt"
 
 
 def test_job_record_round_trip_and_timings():
