@@ -63,6 +63,11 @@ def job_request(
     seed: int | None = None,
     negative_prompt: str | None = None,
     output_format: str = "png",
+    output_compression: int | None = None,
+    quality: str = "auto",
+    background: str = "auto",
+    moderation: str | None = None,
+    style: str | None = None,
 ) -> JobRequest:
     spec = model_spec(registry, model)
     variant = variant_name(spec, variant)
@@ -80,8 +85,9 @@ def job_request(
         )
     if n > settings.max_n:
         raise InvalidRequest(f"n is {n}; at most {settings.max_n}", param="n")
-    width, height = parse_size(spec, size)
-    steps = spec.default_steps if steps is None else steps
+    _refuse_unsupported(output_format, output_compression, background, moderation, style)
+    width, height = parse_size(spec, None if size == "auto" else size)
+    steps = steps_for(spec, quality) if steps is None else steps
     if not 1 <= steps <= spec.max_steps:
         raise InvalidRequest(f"steps must lie in 1..{spec.max_steps}", param="steps")
     guidance = spec.guidance if guidance_scale is None else guidance_scale
@@ -122,5 +128,44 @@ def job_request(
         seed=secrets.randbelow(2**31) if seed is None else seed,
         output_format=output_format,
         negative_prompt=negative_prompt,
+        output_compression=output_compression,
         class_id=class_id,
     )
+
+
+QUALITY_STEPS = {"low": 0.5, "auto": 1.0, "standard": 1.0, "medium": 1.0, "high": 2.0, "hd": 2.0}
+
+
+def steps_for(spec: ModelSpec, quality: str) -> int:
+    """Sampling steps for an OpenAI ``quality``: a multiple of the model's default steps."""
+    return max(1, min(spec.max_steps, round(spec.default_steps * QUALITY_STEPS[quality])))
+
+
+def _refuse_unsupported(
+    output_format: str,
+    output_compression: int | None,
+    background: str,
+    moderation: str | None,
+    style: str | None,
+) -> None:
+    """OpenAI parameters this service cannot honour: 400 naming them, never ignored."""
+    if output_compression is not None and output_format == "png":
+        raise InvalidRequest(
+            "output_compression applies to jpeg and webp; png is lossless",
+            param="output_compression",
+        )
+    if background == "transparent":
+        raise InvalidRequest(
+            "background 'transparent' is not supported: the models paint every pixel "
+            "(use auto or opaque)",
+            param="background",
+        )
+    if moderation == "auto":
+        raise InvalidRequest(
+            "this service applies no content moderation; send moderation 'low' or none",
+            param="moderation",
+        )
+    if style is not None:
+        raise InvalidRequest(
+            "style is DALL-E 3's; these models have no style control", param="style"
+        )

@@ -21,17 +21,40 @@ MAX_SEED = 2**63 - 1
 
 
 class GenerationRequest(BaseModel):
-    """``POST /v1/images/generations`` and ``POST /v1/jobs``. Unknown OpenAI fields (quality,
-    style, ...) are accepted and ignored, so existing clients work unchanged."""
+    """``POST /v1/images/generations`` and ``POST /v1/jobs``: OpenAI's parameters, each honoured
+    or refused with 400 naming it (docs/service.md); a field this service does not know is
+    refused too, never silently ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="a model of the registry (GET /v1/models)")
-    prompt: str = Field(min_length=1, description="text; for a class-conditional model a class")
+    prompt: str = Field(
+        min_length=1, description="text; for a class-conditional model, text naming a class"
+    )
     n: int = Field(1, ge=1)
-    size: str | None = Field(None, description='"WxH" among the model\'s sizes')
+    size: str | None = Field(
+        None, description='"WxH" among the model\'s sizes, or "auto" (its first size)'
+    )
+    quality: Literal["auto", "standard", "low", "medium", "high", "hd"] = Field(
+        "auto",
+        description="sampling steps when `steps` is not given: low = half the model's "
+        "default, auto / standard / medium = the default, high / hd = twice it (at most "
+        "max_steps)",
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="jpeg and webp: the encoder's quality, 0-100"
+    )
+    background: Literal["auto", "opaque", "transparent"] = Field(
+        "auto", description="transparent is refused: the models paint every pixel"
+    )
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description='"low" or none: this service applies no content moderation'
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="DALL-E 3's; refused: these models have no style control"
+    )
     user: str | None = Field(None, max_length=256)
     # Extensions.
     variant: str | None = Field(None, description="default: the model's default variant")
@@ -54,6 +77,8 @@ class ImagesResponse(BaseModel):
     model: str
     variant: str
     seed: int
+    steps: int
+    guidance_scale: float
     output_format: str
     timings: dict
 

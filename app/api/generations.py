@@ -57,6 +57,8 @@ async def create_images(
         model=job.request.model,
         variant=job.request.variant,
         seed=job.request.seed,
+        steps=job.request.steps,
+        guidance_scale=job.request.guidance_scale,
         output_format=job.request.output_format,
         timings={**job.timings, **{k: job.result.get(k) for k in ("step_ms_median",)}},
     )

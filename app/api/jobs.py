@@ -50,6 +50,11 @@ async def submit(
         seed=body.seed,
         negative_prompt=body.negative_prompt,
         output_format=body.output_format,
+        output_compression=body.output_compression,
+        quality=body.quality,
+        background=body.background,
+        moderation=body.moderation,
+        style=body.style,
     )
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
         raise InvalidRequest("Idempotency-Key must be 1 to 256 characters", param="Idempotency-Key")

@@ -56,6 +56,7 @@ class JobRequest:
     seed: int
     output_format: str = "png"
     negative_prompt: str | None = None
+    output_compression: int | None = None  # jpeg / webp encoder quality; None: its default
     class_id: int | None = None  # class-conditional models: the class the prompt names
 
     def batch_key(self) -> tuple:

@@ -104,15 +104,22 @@ def run_batch(
     latents = samples.latents.numpy().astype(np.float32)
     for r in requests:
         part = slice(start, start + r.n)
-        images = [encode_image(img, r.output_format) for img in samples.images[part]]
+        images = [
+            encode_image(img, r.output_format, r.output_compression) for img in samples.images[part]
+        ]
         outputs.append(Output(images, latents[part]))
         start += r.n
     return outputs
 
 
-def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
+def encode_image(pixels: np.ndarray, output_format: str, compression: int | None = None) -> bytes:
+    """PNG (lossless), or JPEG / WebP at encoder quality ``compression`` (PIL's default if
+    None)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).convert("RGB").save(buffer, format=PIL_FORMATS[output_format])
+    options = {} if compression is None else {"quality": compression}
+    Image.fromarray(pixels).convert("RGB").save(
+        buffer, format=PIL_FORMATS[output_format], **options
+    )
     return buffer.getvalue()
 
 

@@ -79,7 +79,7 @@ def test_openai_client_generates_images(stack):
         )
         assert [d.b64_json for d in said.data] == [d.b64_json for d in result.data]
     extra = result.model_extra
-    assert extra["seed"] == 11 and extra["variant"] == "fp32"
+    assert extra["seed"] == 11 and extra["variant"] == "fp32" and extra["steps"] == 8
     assert extra["timings"]["inference_s"] > 0
 
     urls = client.images.generate(
@@ -92,6 +92,20 @@ def test_openai_client_generates_images(stack):
     fetched = httpx.get(server.url + urls.data[0].url)
     assert fetched.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(fetched.content)).size == (32, 32)
+    sizes = {}
+    for level in (5, 95):
+        webp = client.images.generate(
+            model="t2i-digits",
+            prompt="a red seven on a black background",
+            size="auto",
+            quality="low",
+            output_format="webp",
+            output_compression=level,
+            extra_body={"seed": 1},
+        )
+        assert webp.model_extra["steps"] == 10  # low: half the default 20
+        sizes[level] = len(base64.b64decode(webp.data[0].b64_json))
+    assert sizes[5] < sizes[95]
 
 
 def test_openai_client_error_classes(stack, redis_url, registry_file):
@@ -100,6 +114,17 @@ def test_openai_client_error_classes(stack, redis_url, registry_file):
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(model="dit-digits", prompt="seven", size="1024x1024")
     assert bad.value.body["param"] == "size"
+    refused = {  # OpenAI parameters this service cannot honour, each named in the error
+        "background": {"background": "transparent"},
+        "style": {"style": "vivid"},
+        "moderation": {"moderation": "auto"},
+        "output_compression": {"output_compression": 50},  # with png
+        "sharpness": {"extra_body": {"sharpness": 2}},  # unknown: refused, not ignored
+    }
+    for param, kwargs in refused.items():
+        with pytest.raises(openai.BadRequestError) as no:
+            client.images.generate(model="dit-digits", prompt="seven", **kwargs)
+        assert no.value.body["param"] == param, no.value.body
     for prompt in ("a cat on a sofa", "a 7 and a 1"):  # no class, two classes
         with pytest.raises(openai.BadRequestError) as unnamed:
             client.images.generate(model="dit-digits", prompt=prompt)
