@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker (0: torch's choice)")
     compile_cache_dir: Path | None = Field(
         None, description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR): restarts reuse it"
+    )
+    image_metadata: Literal["full", "none"] = Field(
+        "full",
+        description="full: images carry their parameters and what made them (app.provenance)",
     )
     step_delay_s: float = Field(
         0.0, ge=0, description="tests and drills only: sleep this long at every denoising step"

@@ -78,6 +78,7 @@ class Worker:
             self.spec,
             self.spec.variants[self.variant],
             pipeline.pick_device(self.spec, self.settings.device),
+            metadata=self.settings.image_metadata == "full",
         )
         metrics.MODEL_LOAD_SECONDS.labels(**self.labels).set(self.loaded.load_seconds)
         metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)

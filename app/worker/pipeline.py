@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from app.provenance import image_parameters, save_options
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
 from pipelines import generate
@@ -40,6 +43,7 @@ class Loaded:
     device: str
     denoiser_weight_bytes: int
     load_seconds: float
+    made_by: dict | None = None  # what images say made them (app.provenance); None: nothing
 
 
 @dataclass
@@ -48,8 +52,9 @@ class Output:
     latents: np.ndarray  # float32 (n, C, h, w)
 
 
-def load(spec: ModelSpec, variant: VariantSpec, device: str) -> Loaded:
-    """The pipeline of a variant on ``device``: full precision or a quantized artifact."""
+def load(spec: ModelSpec, variant: VariantSpec, device: str, metadata: bool = True) -> Loaded:
+    """The pipeline of a variant on ``device``: full precision or a quantized artifact.
+    ``metadata``: its images carry their parameters and what made them."""
     t0 = time.perf_counter()
     if variant.quantized:
         from quantization.artifact import load_quantized
@@ -62,7 +67,25 @@ def load(spec: ModelSpec, variant: VariantSpec, device: str) -> Loaded:
         weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0)
+    made_by = _made_by(spec, variant, pipe) if metadata else None
+    return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0, made_by)
+
+
+def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:
+    """Model, variant and scheduler; for an artifact its recipe and the sha256 of its manifest
+    (which holds the sha256 of every weight file, so it names the weights exactly)."""
+    made_by = {
+        "model": spec.name,
+        "variant": variant.name,
+        "dtype": variant.dtype,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+    if variant.quantized:
+        manifest = (Path(variant.artifact) / "manifest.json").read_bytes()
+        made_by["recipe"] = variant.manifest.get("recipe", {}).get("name")
+        made_by["backend"] = variant.manifest.get("backend")
+        made_by["artifact_sha256"] = hashlib.sha256(manifest).hexdigest()
+    return made_by
 
 
 def compile_denoiser(loaded: Loaded, cache_dir: str | None) -> None:
@@ -105,18 +128,31 @@ def run_batch(
     for r in requests:
         part = slice(start, start + r.n)
         images = [
-            encode_image(img, r.output_format, r.output_compression) for img in samples.images[part]
+            encode_image(
+                img,
+                r.output_format,
+                r.output_compression,
+                None if loaded.made_by is None else image_parameters(r, i, loaded.made_by),
+            )
+            for i, img in enumerate(samples.images[part])
         ]
         outputs.append(Output(images, latents[part]))
         start += r.n
     return outputs
 
 
-def encode_image(pixels: np.ndarray, output_format: str, compression: int | None = None) -> bytes:
+def encode_image(
+    pixels: np.ndarray,
+    output_format: str,
+    compression: int | None = None,
+    parameters: dict | None = None,
+) -> bytes:
     """PNG (lossless), or JPEG / WebP at encoder quality ``compression`` (PIL's default if
-    None)."""
+    None); ``parameters`` written into the file (app.provenance)."""
     buffer = io.BytesIO()
-    options = {} if compression is None else {"quality": compression}
+    options = save_options(output_format, parameters)
+    if compression is not None:
+        options["quality"] = compression
     Image.fromarray(pixels).convert("RGB").save(
         buffer, format=PIL_FORMATS[output_format], **options
     )

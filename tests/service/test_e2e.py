@@ -4,6 +4,7 @@ embedded models, called through HTTP, SSE and the official openai client."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import subprocess
@@ -16,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from app.provenance import read_parameters
 from tests.service.conftest import (
     MODELS,
     Server,
@@ -106,6 +108,33 @@ def test_openai_client_generates_images(stack):
         assert webp.model_extra["steps"] == 10  # low: half the default 20
         sizes[level] = len(base64.b64decode(webp.data[0].b64_json))
     assert sizes[5] < sizes[95]
+
+
+def test_an_image_made_again_from_its_own_metadata_is_the_same(stack):
+    server, _ = stack
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    for model, prompt, variant in (
+        ("t2i-digits", "a blue four on a black background", "fp32"),
+        ("dit-digits", "a four", "w8a8"),
+    ):
+        first = client.images.generate(
+            model=model, prompt=prompt, extra_body={"variant": variant, "seed": 77, "steps": 6}
+        )
+        data = base64.b64decode(first.data[0].b64_json)
+        params = read_parameters(data)
+        assert (params["model"], params["variant"], params["seed"]) == (model, variant, 77)
+        if variant != "fp32":  # which artifact made it
+            manifest = MODELS / "quantized" / f"{model}-{variant}" / "manifest.json"
+            assert params["artifact_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+            assert params["recipe"] == "w8a8"
+        again = client.images.generate(
+            model=params["model"],
+            prompt=params["prompt"],
+            size=params["size"],
+            extra_body={k: params[k] for k in ("variant", "seed", "steps", "guidance_scale")},
+        )
+        remade = base64.b64decode(again.data[0].b64_json)
+        assert np.array_equal(_png(remade), _png(data)) and read_parameters(remade) == params
 
 
 def test_openai_client_error_classes(stack, redis_url, registry_file):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from app.config import Settings
@@ -114,6 +115,21 @@ def test_the_most_specific_label_wins_and_two_classes_are_refused():
     with pytest.raises(InvalidRequest, match="must name one of its classes") as none:
         job_request(settings, registry, model="dit-digits", prompt="a cat")
     assert two.value.param == none.value.param == "prompt"
+
+
+@pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
+def test_images_carry_their_parameters_in_every_format(output_format):
+    from app.provenance import image_parameters, read_parameters
+    from app.worker.pipeline import encode_image
+
+    registry = load_registry(MODELS / "registry.toml")
+    r = job_request(Settings(), registry, model="t2i-digits", prompt="a red 7 — «quoted»", seed=5)
+    params = image_parameters(r, 1, {"model": "t2i-digits", "variant": "fp32"})
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    data = encode_image(pixels, output_format, None, params)
+    assert read_parameters(data) == params and params["seed"] == 6
+    assert params["prompt"] == "a red 7 — «quoted»"  # non-ASCII survives the ASCII EXIF tag
+    assert read_parameters(encode_image(pixels, output_format)) is None
 
 
 def test_job_record_round_trip_and_timings():
