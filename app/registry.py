@@ -95,6 +95,7 @@ class ModelSpec:
     sizes: tuple[str, ...] = ("32x32",)
     labels: dict[str, int] = field(default_factory=dict, repr=False)  # class name -> id
     shadow_prompt: str | None = None  # what background shadow compares ask for
+    scheduler: str | None = None  # the sampler the folder's pipeline uses (None: unknown)
 
     def class_id(self, prompt: str) -> int | None:
         """The class a class-conditional prompt names ("a seven", "the digit 7, please",
@@ -167,6 +168,7 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         sizes=sizes,
         labels=_labels(folder) if kind == CLASS_CONDITIONAL and folder else {},
         shadow_prompt=entry.get("shadow_prompt"),
+        scheduler=_scheduler(folder),
     )
     if not 1 <= spec.default_steps <= spec.max_steps:
         raise RegistryError(f"{where}: default_steps must lie in 1..max_steps")
@@ -217,6 +219,11 @@ def _resolve(value: str, base: Path) -> str:
     """A path relative to the registry file when it exists there; otherwise as given (hub id)."""
     candidate = Path(value) if Path(value).is_absolute() else base / value
     return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _scheduler(folder: Path | None) -> str | None:
+    config = folder / "scheduler" / "scheduler_config.json" if folder else None
+    return _read_json(config).get("_class_name") if config and config.is_file() else None
 
 
 def _labels(folder: Path) -> dict[str, int]:

@@ -15,6 +15,10 @@ __all__ = [
     "ImagesResponse",
     "JobCreated",
     "JobView",
+    "ModelCapabilities",
+    "ModelInfo",
+    "ModelList",
+    "VariantInfo",
 ]
 
 MAX_SEED = 2**63 - 1
@@ -155,3 +159,57 @@ class CompareResponse(BaseModel):
     seed: int
     reference: str
     variants: list[CompareVariant]
+
+
+class ModelCapabilities(BaseModel):
+    """What a model's requests may ask for; the same for each of its variants."""
+
+    sizes: list[str]
+    steps: tuple[int, int] = Field(description="the range of `steps`")
+    default_steps: int
+    quality_steps: dict[str, int] = Field(description="the steps each `quality` runs")
+    guidance_range: tuple[float, float]
+    schedulers: list[str] = Field(description="the samplers it runs (the folder's)")
+    negative_prompt: bool
+    output_formats: list[str]
+    edits: bool = Field(description="POST /v1/images/edits (not served yet)")
+    inpainting: bool
+    previews: bool = Field(description="streamed partial images (not served yet)")
+
+
+class VariantInfo(BaseModel):
+    """A variant: how it is made (for an artifact: recipe, backend, bytes, the quality measured
+    at quantization time) and its workers and queue now."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    quantized: bool
+    dtype: str
+    require_worker: bool
+    compile: bool
+    workers: int
+    queue_depth: int
+    oldest_queued_s: float | None = None
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "local"
+    kind: str = Field(description="class-conditional or text-to-image")
+    default_variant: str
+    sizes: list[str]
+    default_steps: int
+    max_steps: int
+    guidance_scale: float
+    guidance_range: tuple[float, float]
+    classes: list[str] | None = Field(description="class-conditional models: their labels")
+    prompt_help: str
+    capabilities: ModelCapabilities
+    variants: list[VariantInfo]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]

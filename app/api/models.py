@@ -5,7 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import Owner, QueueDep, RegistryDep
-from app.registry import CLASS_CONDITIONAL, TEXT_TO_IMAGE
+from app.queue.records import CONTENT_TYPES
+from app.registry import CLASS_CONDITIONAL, TEXT_TO_IMAGE, ModelSpec
+from app.resolve import QUALITY_STEPS, steps_for
+from app.schemas import ModelCapabilities, ModelInfo, ModelList, VariantInfo
 
 __all__ = ["router"]
 
@@ -19,8 +22,8 @@ PROMPT_HELP = {
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models")
-async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> dict:
+@router.get("/models", response_model=ModelList)
+async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> ModelList:
     data = []
     for spec in registry.models.values():
         variants = []
@@ -29,22 +32,37 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> dict:
             summary["workers"] = await queue.live_workers(spec.name, variant.name)
             depth, oldest = await queue.queued(spec.name, variant.name)
             summary["queue_depth"], summary["oldest_queued_s"] = depth, oldest
-            variants.append(summary)
+            variants.append(VariantInfo(**summary))
         data.append(
-            {
-                "id": spec.name,
-                "object": "model",
-                "owned_by": "local",
-                "kind": spec.kind,
-                "default_variant": spec.default_variant,
-                "sizes": list(spec.sizes),
-                "default_steps": spec.default_steps,
-                "max_steps": spec.max_steps,
-                "guidance_scale": spec.guidance,
-                "guidance_range": list(spec.guidance_range),
-                "classes": sorted(set(spec.labels)) if spec.labels else None,
-                "prompt_help": PROMPT_HELP[spec.kind],
-                "variants": variants,
-            }
+            ModelInfo(
+                id=spec.name,
+                kind=spec.kind,
+                default_variant=spec.default_variant,
+                sizes=list(spec.sizes),
+                default_steps=spec.default_steps,
+                max_steps=spec.max_steps,
+                guidance_scale=spec.guidance,
+                guidance_range=spec.guidance_range,
+                classes=sorted(set(spec.labels)) if spec.labels else None,
+                prompt_help=PROMPT_HELP[spec.kind],
+                capabilities=capabilities(spec),
+                variants=variants,
+            )
         )
-    return {"object": "list", "data": data}
+    return ModelList(data=data)
+
+
+def capabilities(spec: ModelSpec) -> ModelCapabilities:
+    return ModelCapabilities(
+        sizes=list(spec.sizes),
+        steps=(1, spec.max_steps),
+        default_steps=spec.default_steps,
+        quality_steps={q: steps_for(spec, q) for q in QUALITY_STEPS},
+        guidance_range=spec.guidance_range,
+        schedulers=[spec.scheduler] if spec.scheduler else [],
+        negative_prompt=spec.kind == TEXT_TO_IMAGE,
+        output_formats=list(CONTENT_TYPES),
+        edits=False,
+        inpainting=False,
+        previews=False,
+    )

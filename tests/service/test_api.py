@@ -154,6 +154,14 @@ def test_models_lists_variants_with_manifest_numbers(server):
     assert dit["w8a8"]["layers_by_qtype"] and "sqnr_latent_db" in dit["w8a8"]["measured"]
     assert "seven" in models["dit-digits"]["classes"]
     assert models["t2i-digits"]["kind"] == "text-to-image"
+    dit_can, t2i_can = (models[m]["capabilities"] for m in ("dit-digits", "t2i-digits"))
+    assert dit_can["negative_prompt"] is False and t2i_can["negative_prompt"] is True
+    assert t2i_can["schedulers"] == ["DPMSolverMultistepScheduler"]
+    assert t2i_can["quality_steps"]["low"] == 10 and t2i_can["steps"] == [1, 2000]
+    assert not t2i_can["edits"] and not t2i_can["previews"]  # honest: not served yet
+    with server.client() as http:  # the response is typed in the OpenAPI document
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    assert {"ModelList", "ModelInfo", "ModelCapabilities"} <= set(schemas)
 
 
 def test_readiness_is_redis_and_jobs_wait_for_a_worker_unless_required(server):
