@@ -133,7 +133,17 @@ def job_request(
     )
 
 
-QUALITY_STEPS = {"low": 0.5, "auto": 1.0, "standard": 1.0, "medium": 1.0, "high": 2.0, "hd": 2.0}
+# OpenAI's quality names (gpt-image's and DALL-E 3's) as multiples of the default steps
+QUALITY_STEPS = {
+    "low": 0.5,
+    "auto": 1.0,
+    "standard": 1.0,
+    "medium": 1.0,
+    "high": 2.0,
+    "hd": 2.0,
+    "xhigh": 3.0,
+    "max": 4.0,
+}
 
 
 def steps_for(spec: ModelSpec, quality: str) -> int:

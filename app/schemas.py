@@ -39,11 +39,11 @@ class GenerationRequest(BaseModel):
     size: str | None = Field(
         None, description='"WxH" among the model\'s sizes, or "auto" (its first size)'
     )
-    quality: Literal["auto", "standard", "low", "medium", "high", "hd"] = Field(
+    quality: Literal["auto", "standard", "low", "medium", "high", "hd", "xhigh", "max"] = Field(
         "auto",
         description="sampling steps when `steps` is not given: low = half the model's "
-        "default, auto / standard / medium = the default, high / hd = twice it (at most "
-        "max_steps)",
+        "default, auto / standard / medium = the default, high / hd = twice it, xhigh three "
+        "times, max four times (at most max_steps)",
     )
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
