@@ -170,6 +170,8 @@ def time_ranges(calls: list[Call], ranges: int) -> tuple[list[list[Call]], torch
     distinct timesteps in each (calls keep their order: the moving average of the scales sees
     them as sampling did), and the edges between the ranges (midpoints, ascending)."""
     times = [timestep_of(c.args, c.kwargs) for c in calls]
+    if not times:
+        raise ValueError("scales per timestep range need calibration calls")
     if None in times:
         raise ValueError("scales per timestep range need the denoiser's timestep argument")
     ts = sorted(set(times))
@@ -198,10 +200,16 @@ def _select_range(model: torch.nn.Module, args, kwargs) -> None:
 
 
 def install_ranges(model: torch.nn.Module) -> None:
-    """The hook that switches scales by timestep, once per model that has ranged layers."""
-    model._t2i_ranged = _ranged(model)
-    if model._t2i_ranged and not hasattr(model, "_t2i_range_hook"):
+    """The hook that switches scales by timestep, on a model that has ranged layers (and none
+    on one that no longer has: the sensitivity analysis swaps quantized copies in and out)."""
+    ranged = _ranged(model)
+    hook = getattr(model, "_t2i_range_hook", None)
+    if ranged and hook is None:
         model._t2i_range_hook = model.register_forward_pre_hook(_select_range, with_kwargs=True)
+    elif not ranged and hook is not None:
+        hook.remove()
+        del model._t2i_range_hook
+    model._t2i_ranged = ranged
 
 
 def _update(scale: torch.Tensor, new: torch.Tensor, first: bool) -> torch.Tensor:
