@@ -58,7 +58,9 @@ def main() -> int:
                 )
                 return 0
         time.sleep(1.0)
-    print(f"not every variant has a live worker after {args.timeout:.0f} s: {last}", file=sys.stderr)
+    print(
+        f"not every variant has a live worker after {args.timeout:.0f} s: {last}", file=sys.stderr
+    )
     return 1
 
 

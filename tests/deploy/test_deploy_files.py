@@ -121,7 +121,7 @@ def test_compose_is_consistent():
         assert "healthcheck" in service, f"{name} has no healthcheck"
         for dependency, condition in service.get("depends_on", {}).items():
             assert dependency in services and condition["condition"] == "service_healthy"
-        env = service.get("environment", {}) if service.get("image", "").startswith("t2i-") else {}
+        env = service.get("environment", {}) if "t2i-service" in service.get("image", "") else {}
         for key in env:
             assert _known_env(key), f"{name}: {key} is not a setting"
             assert _documented(key) or key == "HF_HUB_OFFLINE"
@@ -138,14 +138,27 @@ def test_compose_is_consistent():
         assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = {
-        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+        t
+        for job in scrape["scrape_configs"]
+        for c in job.get("static_configs", [])
+        for t in c["targets"]
+    } | {
+        f"{name}:{c['port']}"
+        for job in scrape["scrape_configs"]
+        for c in job.get("dns_sd_configs", [])
+        for name in c["names"]
     }
     workers = {n for n, s in services.items() if "app.worker" in " ".join(s.get("command", []))}
     assert targets == {"api:8000"} | {f"{n}:9101" for n in workers}
     for name in workers:
         assert "--metrics-port" in services[name]["command"]
         assert "9101" in services[name]["healthcheck"]["test"][-1]
-    assert services["api"]["ports"] == ["8000:8000"]
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), "loopback only"
+    assert services["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert "grafana" in services["grafana"]["profiles"], "no Debian package: behind a profile"
+    for name in workers:
+        assert "compile-cache:/var/cache/t2i/compile" in services[name]["volumes"]
 
 
 def test_dockerfile_builds_what_the_service_needs():
@@ -154,9 +167,15 @@ def test_dockerfile_builds_what_the_service_needs():
     assert re.search(r"^USER (?!root)\S+", text, re.M), "non-root user"
     assert "HEALTHCHECK" in text and "ARG TORCH_INDEX" in text
     assert text.index("torch==") < text.index("COPY --chown=t2i:t2i app/"), "deps before code"
-    for folder in ("models/", "quality/", "quantization/", "app/"):
+    assert "ARG BASE_IMAGE=python:3.11-slim" in text and "FROM ${BASE_IMAGE}" in text
+    for folder in ("models/", "quality/", "pipelines/", "quantization/", "app/"):
         assert f"COPY --chown=t2i:t2i {folder}" in text
     assert "T2I_REGISTRY=/srv/models/registry.toml" in text
+    assert "T2I_COMPILE_CACHE_DIR=/var/cache/t2i/compile" in text
+    assert "build_extensions()" in text, "quanto's kernels built into the image"
+    # every package the service imports is in the image
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"bench", "tests"}
+    assert {f for f in packages if f"COPY --chown=t2i:t2i {f}/" not in text} == set()
 
 
 def _k8s_docs() -> list[dict]:
