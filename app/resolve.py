@@ -28,7 +28,7 @@ def model_spec(registry: Registry, name: str) -> ModelSpec:
 
 
 def variant_name(spec: ModelSpec, variant: str | None) -> str:
-    variant = variant or spec.default_variant
+    variant = spec.default_variant if variant is None else variant  # "" names no variant
     if variant not in spec.variants:
         raise NotFound(
             f"{spec.name} has no variant {variant!r}; variants: {', '.join(spec.variants)}",

@@ -76,9 +76,10 @@ def test_resolution_fills_defaults_and_draws_a_seed():
     assert 0 <= r.seed < 2**31 and r.class_id is None
     d = job_request(settings, registry, model="dit-digits", prompt=" Seven ", variant="w8a8")
     assert d.class_id == 7 and d.variant == "w8a8"
-    with pytest.raises(NotFound) as missing:
-        job_request(settings, registry, model="dit-digits", prompt="7", variant="w2")
-    assert missing.value.param == "variant" and missing.value.status == 404
+    for unknown in ("w2", ""):  # an empty name is no name, not the default
+        with pytest.raises(NotFound) as missing:
+            job_request(settings, registry, model="dit-digits", prompt="7", variant=unknown)
+        assert missing.value.param == "variant" and missing.value.status == 404
     with pytest.raises(InvalidRequest) as bad:
         job_request(settings, registry, model="dit-digits", prompt="7", steps=101)
     assert bad.value.param == "steps"
@@ -130,6 +131,17 @@ def test_images_carry_their_parameters_in_every_format(output_format):
     assert read_parameters(data) == params and params["seed"] == 6
     assert params["prompt"] == "a red 7 — «quoted»"  # non-ASCII survives the ASCII EXIF tag
     assert read_parameters(encode_image(pixels, output_format)) is None
+
+
+def test_compare_variants_are_checked_by_name():
+    from app.comparison import check_variants
+
+    spec = load_registry(MODELS / "registry.toml").get("dit-digits")
+    assert check_variants(Settings(), spec, None, None) == (list(spec.variants), "fp32")
+    for names in ([""], ["fp32", "nope"]):  # found by the API fuzzer: "" was a 500
+        with pytest.raises(NotFound) as missing:
+            check_variants(Settings(), spec, names, None)
+        assert missing.value.param == "variant"
 
 
 def test_job_record_round_trip_and_timings():
