@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
 .PHONY: setup system run samples test test-unit test-integration lint format train artifacts bench \
-	images compose-up compose-down test-deploy
+	images compose-up compose-down test-deploy deploy-report
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -101,3 +101,8 @@ compose-down:
 # make test never collects); brings the stack up first if needed and down at the end.
 test-deploy: setup compose-up
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/deploy/compose; status=$$?; $(MAKE) compose-down; exit $$status
+
+# bench/results/deploy.json: the image sizes and build times, and the time to every variant
+# live, of the last make images / compose-up (a command that writes results, not a test).
+deploy-report:
+	python3 deploy/docker/report.py

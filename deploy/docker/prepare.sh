@@ -70,10 +70,10 @@ public() {
     if present "$1" || timeout 600 docker pull -q "$1" >/dev/null 2>&1; then echo "$1"; fi
 }
 
-record() {  # record NAME START: the image NAME (as it is now) took from START (epoch s) to build
-    python3 - "$1" "$2" <<'EOF'
+record() {  # record NAME START [LOG]: the image NAME (as it is now) took from START (epoch s)
+    python3 - "$1" "$2" "${3:-}" <<'EOF'  # to build, with LOG's steps taken from the layer cache
 import json, pathlib, subprocess, sys, time
-name, seconds = sys.argv[1], time.time() - float(sys.argv[2])
+name, seconds, log = sys.argv[1], time.time() - float(sys.argv[2]), sys.argv[3]
 path = pathlib.Path("build/images.json")
 data = json.loads(path.read_text()) if path.exists() else {}
 inspect = ["docker", "image", "inspect", "-f", "{{.Id}} {{.Size}}", name]
@@ -81,6 +81,10 @@ image_id, size = subprocess.run(inspect, capture_output=True, text=True, check=T
 if data.get(name, {}).get("id") != image_id:  # a new image: a cached rebuild keeps the record
     data[name] = {"id": image_id, "build_s": round(seconds, 1), "size_bytes": int(size),
                   "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if log:
+        text = pathlib.Path(log).read_text()
+        data[name]["steps"] = text.count("\nStep ")
+        data[name]["steps_cached"] = text.count("Using cache")
 path.write_text(json.dumps(data, indent=2) + "\n")
 EOF
 }
@@ -93,7 +97,7 @@ build() {  # build NAME DOCKERFILE [ARGS...]: docker build, host network, timed 
     t0=$(date +%s.%N)
     DOCKER_BUILDKIT=0 docker build --network host -f "$file" -t "$name" "$@" . >"$log" 2>&1 \
         || { tail -n 30 "$log"; exit 1; }
-    record "$name" "$t0"
+    record "$name" "$t0" "$log"
 }
 
 local_base() {

@@ -4,7 +4,8 @@
     python3 deploy/docker/wait_live.py [--url http://127.0.0.1:8000] [--start EPOCH] [--timeout S]
 
 Standard library only: it runs with the machine's python3, before any venv exists. Writes
-build/compose-up.json (seconds to the API answering and to every variant live).
+build/compose-up.json (seconds to the API answering and to every variant live) unless every
+variant was live at the first look (a stack already up).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
     key = next(iter(os.environ.get("T2I_API_KEYS", "").split(",")), "") or None
-    api_s, last = None, None
+    api_s, last, polls = None, None, 0
     while time.time() - args.start < args.timeout:
         live = variants(args.url, key)
+        polls += live is None  # the API not answering yet counts as a wait
         if live is not None:
             api_s = api_s or time.time() - args.start
             if live != last:
@@ -51,12 +53,16 @@ def main() -> int:
                 last = live
             if live and all(live.values()):
                 seconds = round(time.time() - args.start, 1)
+                if polls == 0:  # a stack already up at the first look: nothing was measured
+                    print("every variant has a live worker")
+                    return 0
                 print(f"every variant has a live worker {seconds} s after the start")
                 OUT.parent.mkdir(exist_ok=True)
                 OUT.write_text(
                     json.dumps({"api_answers_s": round(api_s, 1), "all_live_s": seconds}) + "\n"
                 )
                 return 0
+            polls += 1
         time.sleep(1.0)
     print(
         f"not every variant has a live worker after {args.timeout:.0f} s: {last}", file=sys.stderr
