@@ -329,6 +329,17 @@ def test_end_to_end_scope_measures_on_sampled_latents():
     assert not any(backends.get("torchao").is_quantized(m) for m in pipe.transformer.modules())
 
 
+def test_guided_measuring_compares_the_guided_noise_and_lowers_sqnr():
+    pipe = tiny.dit_pipeline()
+    runs = {}
+    for guided in (False, True):
+        settings = replace(FAST, scope="denoiser", guided=guided, check_images=0)
+        runs[guided] = quantize(pipe, "w4a8-sqnr", settings=settings, source="tiny").analysis
+    assert runs[True].raw["guided"] and not runs[False].raw["guided"]
+    # the same uniform base, measured on what guidance makes of its outputs: noisier
+    assert runs[True].uniform_base_sqnr_db < runs[False].uniform_base_sqnr_db
+
+
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
     pipe = tiny.dit_pipeline()
     blocks = find_blocks(pipe.transformer)
