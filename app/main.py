@@ -90,4 +90,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(Guard)
     app.add_middleware(Observe)  # outermost: it sees the status Guard answers with
+    _document_registry(app, registry)
     return app
+
+
+def _document_registry(app: FastAPI, registry) -> None:
+    """The OpenAPI document names this registry's models, variants and sizes as the values of
+    the request fields that take them, so a client (or a fuzzer) knows what will be served."""
+    build = app.openapi
+    values = {
+        "model": sorted(registry.models),
+        "variant": sorted({v for spec in registry.models.values() for v in spec.variants}),
+        "size": sorted({s for spec in registry.models.values() for s in spec.sizes} | {"auto"}),
+    }
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for name in ("GenerationRequest", "CompareRequest"):
+                fields = schema["components"]["schemas"].get(name, {}).get("properties", {})
+                for field, allowed in values.items():
+                    if field in fields:
+                        fields[field]["examples"] = allowed
+                        fields[field]["enum"] = (
+                            [*allowed, None] if "anyOf" in fields[field] else allowed
+                        )
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -162,6 +162,9 @@ def test_models_lists_variants_with_manifest_numbers(server):
     with server.client() as http:  # the response is typed in the OpenAPI document
         schemas = http.get("/openapi.json").json()["components"]["schemas"]
     assert {"ModelList", "ModelInfo", "ModelCapabilities"} <= set(schemas)
+    fields = schemas["GenerationRequest"]["properties"]  # the registry's names, documented
+    assert fields["model"]["enum"] == ["dit-digits", "t2i-digits"]
+    assert "w8a8" in fields["variant"]["enum"] and "auto" in fields["size"]["enum"]
 
 
 def test_readiness_is_redis_and_jobs_wait_for_a_worker_unless_required(server):
