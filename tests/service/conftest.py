@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import uvicorn
 from app.config import Settings
 from app.supervisor import StartError, Worker, settings_env, start_redis
 from bench.stack import free_port
+from tests.waiting import wait_until
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -49,16 +49,6 @@ dtype = "fp32"
 dtype = "fp32"
 require_worker = true
 """
-
-
-def wait_until(predicate, timeout: float = 30.0, every: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="session")

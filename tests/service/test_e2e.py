@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tests.service.conftest import (
     serving,
     wait_until,
 )
+from tests.waiting import read_events
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +179,8 @@ def test_openai_client_error_classes(stack, redis_url, registry_file):
 
 def _events(http, job_id, last_event_id=None):
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events = []
     with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event = {}
-        for line in response.iter_lines():
-            if not line:
-                if "data" in event:
-                    events.append(event)
-                event = {}
-            elif line.startswith(("id:", "event:", "data:")):
-                key, _, value = line.partition(":")
-                event[key] = json.loads(value) if key == "data" else value.strip()
-    return events
+        return read_events(response)
 
 
 def test_sse_progress_per_step_and_resume(stack):

@@ -5,11 +5,12 @@ down (``make test-deploy`` does both); what the tests measured is printed at the
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 API = "http://127.0.0.1:8000"
@@ -36,16 +37,6 @@ def container(service: str) -> str:
 
 def inspect(container_id: str, template: str) -> str:
     return docker("inspect", "-f", template, container_id).strip()
-
-
-def wait_until(predicate, timeout: float, every: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def job_view(http: httpx.Client, job_id: str) -> dict | None:

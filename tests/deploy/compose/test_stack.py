@@ -29,6 +29,7 @@ from tests.deploy.compose.conftest import (
     wait_job,
     wait_until,
 )
+from tests.waiting import read_events
 
 PROMPTS = {"dit-digits": "seven", "t2i-digits": "a red seven on a black background"}
 SERVICE_USER = "10001"  # the image's t2i user (Dockerfile; runAsUser in deploy/k8s)
@@ -99,17 +100,8 @@ def test_openai_client_generates_on_every_variant(models):
 def test_sse_stream_runs_to_the_end(http):
     body = {"model": "t2i-digits", "prompt": PROMPTS["t2i-digits"], "steps": 12, "seed": 4}
     job = http.post("/v1/jobs", json={**body, "variant": "w4a8-sqnr"}).json()
-    events, event = [], {}
     with http.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if not line:
-                if "data" in event:
-                    events.append(event)
-                event = {}
-            elif line.startswith(("id:", "event:", "data:")):
-                key, _, value = line.partition(":")
-                event[key] = json.loads(value) if key == "data" else value.strip()
+        events = read_events(response)
     assert [e["data"]["step"] for e in events if e["event"] == "progress"] == list(range(1, 13))
     assert events[-1]["event"] == "status" and events[-1]["data"]["status"] == "completed"
     view = http.get(f"/v1/jobs/{job['id']}").json()
