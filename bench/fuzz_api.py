@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="t2i-fuzz-"))
     registry = folder / "registry.toml"
     registry.write_text(REGISTRY.format(models=MODELS))
-    stack = Stack(T2I_REGISTRY=str(registry), T2I_GENERATION_TIMEOUT_S="120")
+    stack = Stack(
+        registry=str(registry),
+        generation_timeout_s=120,
+        torch_threads=1,
+        rate_limit_per_minute=1_000_000,
+    )
     try:
         for model in ("dit-digits", "t2i-digits"):
             stack.start_worker(model, model, "fp32")
