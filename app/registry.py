@@ -100,7 +100,7 @@ class ModelSpec:
     def class_id(self, prompt: str) -> int | None:
         """The class a class-conditional prompt names ("a seven", "the digit 7, please",
         "Seven!"), else None (no class, or several: ``find_class`` says which)."""
-        return find_class(prompt, self.labels).class_id
+        return self.find_class(prompt).class_id
 
     def find_class(self, prompt: str) -> Match:
         return find_class(prompt, self.labels)
@@ -229,9 +229,9 @@ def _scheduler(folder: Path | None) -> str | None:
 def _labels(folder: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     for class_id, names in _read_json(folder / "id2label.json").items():
-        for label in str(names).split(","):
-            if label_key(label):
-                labels[label_key(label)] = int(class_id)
+        for key in map(label_key, str(names).split(",")):
+            if key:
+                labels[key] = int(class_id)
     return labels
 
 

@@ -28,23 +28,16 @@ from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = Path(__file__).resolve().parents[1] / "models"
-REGISTRY = """
-[models.dit-digits]
-source = "{models}/dit-digits"
+MODEL = """
+[models.{name}]
+source = "{models}/{name}"
 max_steps = 8
 default_steps = 4
 sizes = ["32x32"]
-[models.dit-digits.variants.fp32]
-dtype = "fp32"
-
-[models.t2i-digits]
-source = "{models}/t2i-digits"
-max_steps = 8
-default_steps = 4
-sizes = ["32x32"]
-[models.t2i-digits.variants.fp32]
+[models.{name}.variants.fp32]
 dtype = "fp32"
 """
+FUZZED = ("dit-digits", "t2i-digits")
 
 
 def _junit(path: Path) -> dict[str, dict]:
@@ -69,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="t2i-fuzz-"))
     registry = folder / "registry.toml"
-    registry.write_text(REGISTRY.format(models=MODELS))
+    registry.write_text("".join(MODEL.format(name=m, models=MODELS) for m in FUZZED))
     stack = Stack(
         registry=str(registry),
         generation_timeout_s=120,
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_limit_per_minute=1_000_000,
     )
     try:
-        for model in ("dit-digits", "t2i-digits"):
+        for model in FUZZED:
             stack.start_worker(model, model, "fp32")
         command = [
             args.schemathesis,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import resource
@@ -81,10 +80,11 @@ def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:
         "scheduler": type(pipe.scheduler).__name__,
     }
     if variant.quantized:
-        manifest = (Path(variant.artifact) / "manifest.json").read_bytes()
+        from quantization.artifact import sha256_of
+
         made_by["recipe"] = variant.manifest.get("recipe", {}).get("name")
         made_by["backend"] = variant.manifest.get("backend")
-        made_by["artifact_sha256"] = hashlib.sha256(manifest).hexdigest()
+        made_by["artifact_sha256"] = sha256_of(Path(variant.artifact) / "manifest.json")
     return made_by
 
 
