@@ -37,6 +37,9 @@ class Settings(BaseSettings):
 
     # Request limits.
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above: 413")
+    max_upload_bytes: int = Field(
+        16 << 20, ge=1024, description="bodies that may carry images (edits, jobs) above: 413"
+    )
     max_prompt_chars: int = Field(1000, ge=1)
     max_n: int = Field(4, ge=1)
     generation_timeout_s: float = Field(120.0, gt=0)

@@ -94,6 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+REQUESTS = ("GenerationRequest", "JobSubmission", "CompareRequest")  # bodies naming models
+
+
 def _document_registry(app: FastAPI, registry) -> None:
     """The OpenAPI document names this registry's models, variants and sizes as the values of
     the request fields that take them, so a client (or a fuzzer) knows what will be served."""
@@ -102,13 +105,18 @@ def _document_registry(app: FastAPI, registry) -> None:
         "model": sorted(registry.models),
         "variant": sorted({v for spec in registry.models.values() for v in spec.variants}),
         "size": sorted({s for spec in registry.models.values() for s in spec.sizes} | {"auto"}),
+        "scheduler": sorted({n for spec in registry.models.values() for n in spec.schedulers}),
     }
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            for name in ("GenerationRequest", "CompareRequest"):
-                fields = schema["components"]["schemas"].get(name, {}).get("properties", {})
+            components = schema["components"]["schemas"]
+            edits = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+            for fields in (
+                *(components.get(name, {}).get("properties", {}) for name in REQUESTS),
+                edits["multipart/form-data"]["schema"]["properties"],
+            ):
                 for field, allowed in values.items():
                     if field in fields:
                         fields[field]["examples"] = allowed

@@ -23,7 +23,7 @@ _DESCRIPTION = 0x010E  # EXIF ImageDescription (ASCII: the JSON is written ASCII
 def image_parameters(request: JobRequest, index: int, made_by: dict) -> dict:
     """Image ``index`` of a job: its request as it ran (seed + index) and what ran it
     (``made_by``: model, variant, scheduler, and for an artifact its recipe and sha256)."""
-    return {
+    parameters = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "seed": request.seed + index,
@@ -32,6 +32,13 @@ def image_parameters(request: JobRequest, index: int, made_by: dict) -> dict:
         "size": f"{request.width}x{request.height}",
         **made_by,
     }
+    if request.scheduler is not None:  # else the folder's own, which made_by names
+        parameters["scheduler"] = request.scheduler
+    if request.image is not None:  # an edit: what it started from
+        parameters.update(strength=request.strength, image_sha256=request.image)
+        if request.mask is not None:
+            parameters["mask_sha256"] = request.mask
+    return parameters
 
 
 def save_options(output_format: str, parameters: dict | None) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.labels import Match, find_class, label_key
+from pipelines.schedulers import names_for
 
 __all__ = [
     "CLASS_CONDITIONAL",
@@ -28,6 +29,14 @@ DTYPES = ("fp32", "fp16", "bf16")
 CLASS_CONDITIONAL = "class-conditional"
 TEXT_TO_IMAGE = "text-to-image"
 _CLASS_PIPELINES = {"DiTPipeline"}
+# pipelines whose components diffusers' image-to-image and inpainting pipelines take
+# (``pipelines.edit``); DiT gets our image-to-image and no inpainting
+_EDITABLE = {
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+}
 
 
 class RegistryError(ValueError):
@@ -96,6 +105,21 @@ class ModelSpec:
     labels: dict[str, int] = field(default_factory=dict, repr=False)  # class name -> id
     shadow_prompt: str | None = None  # what background shadow compares ask for
     scheduler: str | None = None  # the sampler the folder's pipeline uses (None: unknown)
+    pipeline: str | None = None  # the folder's pipeline class (model_index.json)
+
+    @property
+    def schedulers(self) -> list[str]:
+        """The sampler names a request may ask for (``pipelines.schedulers``)."""
+        return names_for(self.kind == CLASS_CONDITIONAL, self.scheduler)
+
+    @property
+    def edits(self) -> bool:
+        """Image-to-image: an input image noised to a strength and denoised."""
+        return self.pipeline in _EDITABLE or self.pipeline in _CLASS_PIPELINES
+
+    @property
+    def inpainting(self) -> bool:
+        return self.pipeline in _EDITABLE
 
     def class_id(self, prompt: str) -> int | None:
         """The class a class-conditional prompt names ("a seven", "the digit 7, please",
@@ -169,6 +193,7 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
         labels=_labels(folder) if kind == CLASS_CONDITIONAL and folder else {},
         shadow_prompt=entry.get("shadow_prompt"),
         scheduler=_scheduler(folder),
+        pipeline=index.get("_class_name"),
     )
     if not 1 <= spec.default_steps <= spec.max_steps:
         raise RegistryError(f"{where}: default_steps must lie in 1..max_steps")

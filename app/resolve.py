@@ -12,8 +12,23 @@ from app.config import Settings
 from app.errors import InvalidRequest, NotFound
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, Registry
+from app.uploads import Upload, input_size, prepare
+from pipelines.schedulers import name_of, steps_run
 
-__all__ = ["job_request", "model_spec", "parse_size", "variant_name"]
+__all__ = [
+    "EDIT_STRENGTH",
+    "MAX_PARTIAL_IMAGES",
+    "edit_inputs",
+    "job_request",
+    "model_spec",
+    "parse_size",
+    "variant_name",
+]
+
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound of partial_images
+# the strength of an edit that names none: image-to-image keeps the input's layout, inpainting
+# paints the masked area from pure noise (the rest is kept by the mask)
+EDIT_STRENGTH = {"image": 0.8, "mask": 1.0}
 
 
 def model_spec(registry: Registry, name: str) -> ModelSpec:
@@ -68,6 +83,12 @@ def job_request(
     background: str = "auto",
     moderation: str | None = None,
     style: str | None = None,
+    scheduler: str | None = None,
+    partial_images: int | None = None,
+    stream: bool = False,
+    image: Upload | None = None,
+    mask: Upload | None = None,
+    strength: float | None = None,
 ) -> JobRequest:
     spec = model_spec(registry, model)
     variant = variant_name(spec, variant)
@@ -94,6 +115,24 @@ def job_request(
     low, high = spec.guidance_range
     if not (math.isfinite(guidance) and low <= guidance <= high):
         raise InvalidRequest(f"guidance_scale must lie in {low}..{high}", param="guidance_scale")
+    if scheduler is not None and scheduler not in spec.schedulers:
+        offered = ", ".join(spec.schedulers) or "only its own"
+        raise InvalidRequest(
+            f"{spec.name} has no scheduler {scheduler!r}; it offers {offered}", param="scheduler"
+        )
+    if stream and n > 1:
+        raise InvalidRequest("a streamed request makes one image (n = 1)", param="n")
+    partial_images = partial_images or 0
+    if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        raise InvalidRequest(
+            f"partial_images must lie in 0..{MAX_PARTIAL_IMAGES}", param="partial_images"
+        )
+    strength = _edit_strength(spec, image, mask, strength)
+    if image is not None and steps_run(steps, strength) < 1:
+        raise InvalidRequest(
+            f"strength {strength:g} of {steps} steps runs none; raise strength or steps",
+            param="strength",
+        )
     class_id = None
     if spec.kind == CLASS_CONDITIONAL:
         match = spec.find_class(prompt)
@@ -130,7 +169,48 @@ def job_request(
         negative_prompt=negative_prompt,
         output_compression=output_compression,
         class_id=class_id,
+        scheduler=scheduler or name_of(spec.scheduler),
+        partial_images=partial_images,
+        image=None if image is None else image.sha256,
+        mask=None if mask is None else mask.sha256,
+        strength=strength,
     )
+
+
+def _edit_strength(
+    spec: ModelSpec, image: Upload | None, mask: Upload | None, strength: float | None
+) -> float | None:
+    """The strength an edit runs at (None: not an edit); 400 for what the model cannot edit."""
+    if image is None:
+        if strength is not None:
+            raise InvalidRequest("strength applies to edits: send an image", param="strength")
+        return None
+    if not spec.edits:
+        raise InvalidRequest(f"{spec.name} does not edit images", param="image")
+    if mask is not None and not spec.inpainting:
+        raise InvalidRequest(
+            f"{spec.name} does not inpaint (it is {spec.kind}); send no mask for image-to-image",
+            param="mask",
+        )
+    if strength is None:
+        return EDIT_STRENGTH["mask" if mask is not None else "image"]
+    if not (math.isfinite(strength) and 0 < strength <= 1):
+        raise InvalidRequest("strength must lie in (0, 1]", param="strength")
+    return float(strength)
+
+
+def edit_inputs(
+    registry: Registry, model: str, size: str | None, image: bytes, mask: bytes | None
+) -> tuple[str, Upload, Upload | None]:
+    """The output size of an edit (``size``; for none or "auto" the input's own size when the
+    model makes it, else the model's first) and the image and mask prepared at that size."""
+    spec = model_spec(registry, model)
+    if size is None or size == "auto":
+        width, height = input_size(image)
+        size = f"{width}x{height}" if f"{width}x{height}" in spec.sizes else spec.sizes[0]
+    width, height = parse_size(spec, size)
+    picture, shape = prepare(image, mask, width, height)
+    return size, picture, shape
 
 
 # OpenAI's quality names (gpt-image's and DALL-E 3's) as multiples of the default steps

@@ -10,10 +10,12 @@ __all__ = [
     "CompareRequest",
     "CompareResponse",
     "CompareVariant",
+    "EditRequest",
     "GenerationRequest",
     "ImageData",
     "ImagesResponse",
     "JobCreated",
+    "JobSubmission",
     "JobView",
     "ModelCapabilities",
     "ModelInfo",
@@ -24,10 +26,8 @@ __all__ = [
 MAX_SEED = 2**63 - 1
 
 
-class GenerationRequest(BaseModel):
-    """``POST /v1/images/generations`` and ``POST /v1/jobs``: OpenAI's parameters, each honoured
-    or refused with 400 naming it (docs/service.md); a field this service does not know is
-    refused too, never silently ignored."""
+class _ImageParameters(BaseModel):
+    """What ``images.generate`` and ``images.edit`` share."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,11 +53,17 @@ class GenerationRequest(BaseModel):
     background: Literal["auto", "opaque", "transparent"] = Field(
         "auto", description="transparent is refused: the models paint every pixel"
     )
-    moderation: Literal["auto", "low"] | None = Field(
-        None, description='"low" or none: this service applies no content moderation'
+    stream: bool = Field(
+        False,
+        description="answer Server-Sent Events: `partial_images` previews, then the image "
+        "(OpenAI's image_generation.* / image_edit.* events); n must be 1",
     )
-    style: Literal["vivid", "natural"] | None = Field(
-        None, description="DALL-E 3's; refused: these models have no style control"
+    partial_images: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="previews: the decoded prediction of the clean image at evenly spaced "
+        "steps (fewer when there are fewer steps)",
     )
     user: str | None = Field(None, max_length=256)
     # Extensions.
@@ -66,6 +72,46 @@ class GenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    scheduler: str | None = Field(
+        None, description="a sampler of the model's `capabilities.schedulers`; default: its own"
+    )
+
+
+class GenerationRequest(_ImageParameters):
+    """``POST /v1/images/generations``: OpenAI's parameters, each honoured or refused with 400
+    naming it (docs/service.md); a field this service does not know is refused too, never
+    silently ignored."""
+
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description='"low" or none: this service applies no content moderation'
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="DALL-E 3's; refused: these models have no style control"
+    )
+
+
+class EditRequest(_ImageParameters):
+    """``POST /v1/images/edits`` (multipart/form-data): the fields besides the files `image`
+    (or `image[]`, one) and `mask` (transparent = edit)."""
+
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="how far the image is noised before it is denoised: small keeps more of "
+        "it; default 0.8, with a mask 1.0",
+    )
+    input_fidelity: Literal["low", "high"] | None = Field(
+        None, description="gpt-image's; refused: `strength` sets how much of the input stays"
+    )
+
+
+class JobSubmission(GenerationRequest):
+    """``POST /v1/jobs``: a generation, or with `image` an edit (base64 or data URLs)."""
+
+    image: str | None = Field(None, description="an image to edit: base64 or a data URL")
+    mask: str | None = Field(None, description="its mask (transparent = edit): base64 or data URL")
+    strength: float | None = Field(None, gt=0, le=1, description="as for /v1/images/edits")
 
 
 class ImageData(BaseModel):
@@ -83,6 +129,8 @@ class ImagesResponse(BaseModel):
     seed: int
     steps: int
     guidance_scale: float
+    scheduler: str | None = None
+    strength: float | None = None
     output_format: str
     timings: dict
 
@@ -114,6 +162,7 @@ class JobView(BaseModel):
     cancel_requested: bool
     error: dict | None
     images: list[str]
+    previews: list[str] = Field(description="the previews made so far (partial_images)")
     result: dict
 
 
@@ -169,12 +218,14 @@ class ModelCapabilities(BaseModel):
     default_steps: int
     quality_steps: dict[str, int] = Field(description="the steps each `quality` runs")
     guidance_range: tuple[float, float]
-    schedulers: list[str] = Field(description="the samplers it runs (the folder's)")
+    schedulers: list[str] = Field(description="what `scheduler` may name; the first is its own")
+    default_scheduler: str | None = Field(description="the folder's sampler (diffusers class)")
     negative_prompt: bool
     output_formats: list[str]
-    edits: bool = Field(description="POST /v1/images/edits (not served yet)")
-    inpainting: bool
-    previews: bool = Field(description="streamed partial images (not served yet)")
+    edits: bool = Field(description="POST /v1/images/edits: image-to-image with `strength`")
+    inpainting: bool = Field(description="edits with a mask")
+    previews: bool = Field(description="`partial_images`, streamed or on the job's events")
+    max_partial_images: int
 
 
 class VariantInfo(BaseModel):

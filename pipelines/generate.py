@@ -8,13 +8,25 @@ latents (what the VAE decodes) come back too, for SQNR on latents.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["Samples", "guided_prediction", "is_class_conditional", "run", "sample"]
+from pipelines import schedulers
+from pipelines.edit import Edit, dit_image_to_image, edit_pipeline
+
+__all__ = [
+    "Edit",
+    "Samples",
+    "guided_prediction",
+    "is_class_conditional",
+    "predicted_clean",
+    "preview_steps",
+    "run",
+    "sample",
+]
 
 
 @dataclass(frozen=True)
@@ -84,53 +96,145 @@ def run(
     negative_prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
+    scheduler: str | None = None,
+    edit: Edit | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    preview_at: Sequence[int] = (),
+    on_preview: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> Samples:
     """One pipeline call: image i from ``conditions[i]`` with noise from ``seeds[i]``.
 
+    ``scheduler``: a name of ``pipelines.schedulers`` (None: the folder's own). ``edit``: start
+    from an image (image-to-image, or inpainting with its mask; ``pipelines.edit``).
     ``on_step(step, steps)`` is called after every denoising step (through the scheduler, so
     it works for every pipeline, DiT's included, which has no step callback); an exception it
-    raises stops the call.
+    raises stops the call. After each step listed in ``preview_at``, ``on_preview(k, step,
+    images)`` gets preview k: the VAE's decoding of the clean image the denoiser predicts at
+    that step (uint8 (N, H, W, 3)).
     """
-    from diffusers import DiTPipeline
-
     if len(conditions) != len(seeds):
         raise ValueError("one seed per condition")
+    schedulers.use(pipe, scheduler)
+    total = schedulers.steps_run(num_inference_steps, None if edit is None else edit.strength)
+    previews = {step: k for k, step in enumerate(preview_at)}
     latents: list[torch.Tensor] = []
-    decode, step = pipe.vae.decode, pipe.scheduler.step
+    vae = pipe.vae
+    decode, step = vae.decode, pipe.scheduler.step
     done = 0
 
     def capturing_decode(z, *args, **kwargs):
         latents.append(z.detach().float().cpu().clone())
         return decode(z, *args, **kwargs)
 
-    def counting_step(*args, **kwargs):
+    def counting_step(model_output, timestep, sample, *args, **kwargs):
         nonlocal done
-        out = step(*args, **kwargs)
+        out = step(model_output, timestep, sample, *args, **kwargs)
         done += 1
+        if on_preview is not None and done in previews:
+            clean = predicted_clean(pipe.scheduler, out, model_output, timestep, sample)
+            on_preview(previews[done], done, _pixels(decode, vae, clean[: len(conditions)]))
         if on_step is not None:
-            on_step(min(done, num_inference_steps), num_inference_steps)
+            on_step(min(done, total), total)
         return out
 
-    pipe.vae.decode = capturing_decode
+    vae.decode = capturing_decode
     pipe.scheduler.step = counting_step
     try:
-        common = {
-            "generator": [torch.Generator().manual_seed(s) for s in seeds],
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "output_type": "np",
-        }
-        if isinstance(pipe, DiTPipeline):
-            out = pipe(class_labels=list(conditions), **common)
-        else:
-            if negative_prompt is not None:
-                common["negative_prompt"] = [negative_prompt] * len(conditions)
-            if height is not None and width is not None:
-                common.update(height=height, width=width)
-            out = pipe(prompt=list(conditions), **common)
+        images = _call(
+            pipe,
+            conditions,
+            seeds,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            height,
+            width,
+            edit,
+        )
     finally:
-        del pipe.vae.decode  # back to the class methods
+        del vae.decode  # back to the class methods
         del pipe.scheduler.step
-    images = np.rint(np.asarray(out.images) * 255).astype(np.uint8)
-    return Samples(images, torch.cat(latents))
+    return Samples(np.rint(np.asarray(images) * 255).astype(np.uint8), torch.cat(latents))
+
+
+def _call(pipe, conditions, seeds, steps, guidance_scale, negative_prompt, height, width, edit):
+    """The pipeline's images, float (N, H, W, 3) in [0, 1]."""
+    from PIL import Image
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    if is_class_conditional(pipe):
+        if edit is None:
+            out = pipe(
+                class_labels=list(conditions),
+                generator=generators,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                output_type="np",
+            )
+            return out.images
+        if edit.mask is not None:
+            raise ValueError("a class-conditional pipeline does not inpaint")
+        return dit_image_to_image(
+            pipe,
+            list(conditions),
+            generators,
+            image=edit.image,
+            strength=edit.strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+        )
+    common = {
+        "prompt": list(conditions),
+        "generator": generators,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "output_type": "np",
+    }
+    if negative_prompt is not None:
+        common["negative_prompt"] = [negative_prompt] * len(conditions)
+    if height is not None and width is not None:
+        common.update(height=height, width=width)
+    if edit is None:
+        return pipe(**common).images
+    n = len(conditions)
+    image = [Image.fromarray(edit.image)] * n
+    if edit.mask is None:
+        return edit_pipeline(pipe, inpaint=False)(
+            image=image, strength=edit.strength, **common
+        ).images
+    mask = [Image.fromarray(edit.mask.astype(np.uint8) * 255)] * n
+    made = edit_pipeline(pipe, inpaint=True)
+    return made(image=image, mask_image=mask, strength=edit.strength, **common).images
+
+
+def predicted_clean(scheduler, out, model_output, timestep, sample) -> torch.Tensor:
+    """The clean latents the denoiser predicts at this step: the scheduler's own
+    ``pred_original_sample`` where it returns one (DDIM, Euler), else from the model output and
+    the noise level, ``x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a)`` (a = alphas_cumprod[t]) for
+    epsilon prediction, its counterpart for v-prediction."""
+    clean = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    clean = getattr(out, "pred_original_sample", clean)
+    if clean is not None:
+        return clean
+    alpha = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
+    x, m = sample.float(), model_output.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x - (1 - alpha).sqrt() * m) / alpha.sqrt()
+    if kind == "v_prediction":
+        return alpha.sqrt() * x - (1 - alpha).sqrt() * m
+    return m  # "sample": the output is the clean image
+
+
+def _pixels(decode, vae, clean: torch.Tensor) -> np.ndarray:
+    """uint8 (N, H, W, 3) of latents, decoded as the pipelines decode their last ones."""
+    decoded = decode(clean.to(vae.dtype) / vae.config.scaling_factor).sample
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return np.rint(pixels * 255).astype(np.uint8)
+
+
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """The steps after which previews are made: ``partial_images`` evenly spaced before the
+    last (fewer when there are fewer steps than that)."""
+    chosen = {round(k * steps / (partial_images + 1)) for k in range(1, partial_images + 1)}
+    return sorted(s for s in chosen if 1 <= s < steps)

@@ -17,10 +17,11 @@ from app.errors import ConflictError, InvalidRequest, NotFound
 from app.queue.client import JobQueue, Submitted
 from app.queue.listener import stream_id
 from app.queue.records import CONTENT_TYPES, TERMINAL, Job, is_id
-from app.resolve import job_request
-from app.schemas import GenerationRequest, JobCreated, JobView
+from app.resolve import edit_inputs, job_request
+from app.schemas import EditRequest, GenerationRequest, JobCreated, JobSubmission, JobView
+from app.uploads import decode_base64
 
-__all__ = ["get_job", "job_view", "public_url", "router", "submit"]
+__all__ = ["KEEPALIVE_S", "get_job", "job_view", "preview_url", "public_url", "router", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,28 @@ KEEPALIVE_S = 15.0  # an SSE comment at least this often keeps proxies and clien
 
 
 async def submit(
-    body: GenerationRequest,
+    body: GenerationRequest | EditRequest | JobSubmission,
     settings,
     registry,
     queue: JobQueue,
     owner: str,
     idempotency_key: str | None,
+    image: bytes | None = None,
+    mask: bytes | None = None,
 ) -> Submitted:
+    """Check a request, store an edit's inputs, queue the job."""
+    if getattr(body, "input_fidelity", None) is not None:
+        raise InvalidRequest(
+            "input_fidelity is gpt-image's; here strength sets how much of the input stays "
+            "(lower keeps more)",
+            param="input_fidelity",
+        )
+    if mask is not None and image is None:
+        raise InvalidRequest("a mask needs an image to edit", param="mask")
+    uploads, size = [], body.size
+    if image is not None:
+        size, picture, shape = edit_inputs(registry, body.model, body.size, image, mask)
+        uploads = [picture] if shape is None else [picture, shape]
     request = job_request(
         settings,
         registry,
@@ -44,7 +60,7 @@ async def submit(
         prompt=body.prompt,
         variant=body.variant,
         n=body.n,
-        size=body.size,
+        size=size,
         steps=body.steps,
         guidance_scale=body.guidance_scale,
         seed=body.seed,
@@ -53,13 +69,21 @@ async def submit(
         output_compression=body.output_compression,
         quality=body.quality,
         background=body.background,
-        moderation=body.moderation,
-        style=body.style,
+        moderation=getattr(body, "moderation", None),
+        style=getattr(body, "style", None),
+        scheduler=body.scheduler,
+        partial_images=body.partial_images,
+        stream=body.stream,
+        image=uploads[0] if uploads else None,
+        mask=uploads[1] if len(uploads) > 1 else None,
+        strength=getattr(body, "strength", None),
     )
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
         raise InvalidRequest("Idempotency-Key must be 1 to 256 characters", param="Idempotency-Key")
     await check_workers(registry, queue, [request])
     await check_rate(queue, settings, owner)
+    if uploads:
+        await queue.store_uploads(uploads)
     return await queue.submit(request, idempotency=idempotency_key, owner=owner)
 
 
@@ -83,6 +107,10 @@ def image_url(request: Request, job_id: str, index: int) -> str:
     return public_url(request, "job_image", job_id=job_id, index=index)
 
 
+def preview_url(request: Request, job_id: str, index: int) -> str:
+    return public_url(request, "job_preview", job_id=job_id, index=index)
+
+
 async def job_view(request: Request, queue: JobQueue, job: Job) -> JobView:
     error = {"message": job.error, "code": job.error_code} if job.error else None
     return JobView(
@@ -90,7 +118,7 @@ async def job_view(request: Request, queue: JobQueue, job: Job) -> JobView:
         status=job.status.value,
         progress=job.progress,
         step=job.step,
-        steps=job.request.steps,
+        steps=job.request.steps_run,
         position=await queue.position(job),
         model=job.request.model,
         variant=job.request.variant,
@@ -102,13 +130,14 @@ async def job_view(request: Request, queue: JobQueue, job: Job) -> JobView:
         cancel_requested=job.cancel_requested,
         error=error,
         images=[image_url(request, job.id, k) for k in range(job.images)],
+        previews=[preview_url(request, job.id, k) for k in range(job.previews)],
         result=job.result,
     )
 
 
 @router.post("", status_code=202, response_model=JobCreated)
 async def create_job(
-    body: GenerationRequest,
+    body: JobSubmission,
     response: Response,
     request: Request,
     settings: SettingsDep,
@@ -117,7 +146,16 @@ async def create_job(
     owner: Owner,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
 ) -> JobCreated:
-    submitted = await submit(body, settings, registry, queue, owner, idempotency_key)
+    """Queue a generation, or an edit when `image` is given; follow it at /v1/jobs/{id}/events
+    (with `partial_images`, its previews too)."""
+    if body.stream:
+        raise InvalidRequest(
+            "a job is followed at /v1/jobs/{id}/events; stream applies to /v1/images/*",
+            param="stream",
+        )
+    image = None if body.image is None else decode_base64(body.image, "image")
+    mask = None if body.mask is None else decode_base64(body.mask, "mask")
+    submitted = await submit(body, settings, registry, queue, owner, idempotency_key, image, mask)
     job = await get_job(queue, submitted.id, owner)
     response.headers["Location"] = public_url(request, "read_job", job_id=submitted.id)
     return JobCreated(
@@ -157,16 +195,32 @@ async def job_image(job_id: str, index: int, queue: QueueDep, owner: Owner) -> R
     return Response(data, media_type=CONTENT_TYPES[job.request.output_format])
 
 
+@router.get("/{job_id}/previews/{index}", name="job_preview")
+async def job_preview(
+    job_id: str, index: int, queue: QueueDep, owner: Owner, image: int = 0
+) -> Response:
+    """Preview ``index`` of the job's image ``image`` (the decoded prediction of the clean
+    image at one step), once its event has been sent."""
+    job = await get_job(queue, job_id, owner)
+    valid = 0 <= index < job.previews and 0 <= image < job.request.n
+    data = await queue.preview(job_id, index, image) if valid else None
+    if data is None:
+        raise NotFound(f"job {job_id} has no preview {index} of image {image}", param="index")
+    return Response(data, media_type=CONTENT_TYPES[job.request.output_format])
+
+
 @router.get("/{job_id}/events")
 async def job_events(
     job_id: str,
+    request: Request,
     queue: QueueDep,
     owner: Owner,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
-    """Server-Sent Events: the job's status changes and one event per denoising step, each
-    with its id; reconnecting with ``Last-Event-ID`` resumes after that event. A comment at
-    least every 15 s keeps an idle connection open however long the job takes."""
+    """Server-Sent Events: the job's status changes, one event per denoising step and one per
+    preview (with its URL), each with its id; reconnecting with ``Last-Event-ID`` resumes after
+    that event. A comment at least every 15 s keeps an idle connection open however long the
+    job takes."""
     job = await get_job(queue, job_id, owner)
     after = last_event_id.strip() if last_event_id is not None else "0-0"
     if stream_id(after) is None:
@@ -174,23 +228,27 @@ async def job_events(
             "Last-Event-ID is not an event id of this job (ms-seq)", param="Last-Event-ID"
         )
     return StreamingResponse(
-        _stream(queue, job.id, after, job.status in TERMINAL),
+        _stream(queue, job.id, after, job.status in TERMINAL, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def _event(event_id: str, data: dict) -> tuple[str, bool]:
+def _event(event_id: str, data: dict, request: Request, job_id: str) -> tuple[str, bool]:
     """One SSE message, and whether it is the job's last."""
     kind = data.pop("type", "message")
-    for key in ("progress", "step", "steps"):
+    for key in ("progress", "step", "steps", "index", "images"):
         if key in data:
             data[key] = int(data[key])
+    if kind == "preview":
+        data["url"] = preview_url(request, job_id, data["index"])
     last = kind == "status" and data.get("status") in {s.value for s in TERMINAL}
     return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n", last
 
 
-async def _stream(queue: JobQueue, job_id: str, after: str, finished: bool) -> AsyncIterator[str]:
+async def _stream(
+    queue: JobQueue, job_id: str, after: str, finished: bool, request: Request
+) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
     while finished:  # everything there is to send is in the stream already
         replayed = await queue.replay(job_id, after)
@@ -198,7 +256,7 @@ async def _stream(queue: JobQueue, job_id: str, after: str, finished: bool) -> A
             return
         for event_id, data in replayed:
             after = event_id
-            yield _event(event_id, data)[0]
+            yield _event(event_id, data, request, job_id)[0]
     async with queue.follow(job_id, after) as events:
         while True:
             batch = await events.next(KEEPALIVE_S)
@@ -208,7 +266,7 @@ async def _stream(queue: JobQueue, job_id: str, after: str, finished: bool) -> A
                 yield ": keep-alive\n\n"
                 continue
             for event_id, data in batch:
-                message, last = _event(event_id, data)
+                message, last = _event(event_id, data, request, job_id)
                 yield message
                 if last:
                     return

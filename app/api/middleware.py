@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROTECTED = "/v1/"
+UPLOADS = frozenset({"/v1/images/edits", "/v1/jobs"})  # bodies that may hold images
 
 
 class Observe:
@@ -70,7 +71,12 @@ class Guard:
         try:
             if scope["path"].startswith(PROTECTED):
                 scope.setdefault("state", {})["owner"] = await _authenticate(scope, state)
-            body = await _read_body(scope, receive, state.settings.max_body_bytes)
+            limit = (
+                state.settings.max_upload_bytes
+                if scope["path"] in UPLOADS
+                else state.settings.max_body_bytes
+            )
+            body = await _read_body(scope, receive, limit)
             await self.app(scope, _replay(body, receive), tracked)
         except Exception as exc:
             if started:  # mid-response (a stream): only closing the connection is left

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from app.api.deps import Owner, QueueDep, RegistryDep
 from app.queue.records import CONTENT_TYPES
 from app.registry import CLASS_CONDITIONAL, TEXT_TO_IMAGE, ModelSpec
-from app.resolve import QUALITY_STEPS, steps_for
+from app.resolve import MAX_PARTIAL_IMAGES, QUALITY_STEPS, steps_for
 from app.schemas import ModelCapabilities, ModelInfo, ModelList, VariantInfo
 
 __all__ = ["router"]
@@ -59,10 +59,12 @@ def capabilities(spec: ModelSpec) -> ModelCapabilities:
         default_steps=spec.default_steps,
         quality_steps={q: steps_for(spec, q) for q in QUALITY_STEPS},
         guidance_range=spec.guidance_range,
-        schedulers=[spec.scheduler] if spec.scheduler else [],
+        schedulers=spec.schedulers,
+        default_scheduler=spec.scheduler,
         negative_prompt=spec.kind == TEXT_TO_IMAGE,
         output_formats=list(CONTENT_TYPES),
-        edits=False,
-        inpainting=False,
-        previews=False,
+        edits=spec.edits,
+        inpainting=spec.inpainting,
+        previews=True,
+        max_partial_images=MAX_PARTIAL_IMAGES,
     )

@@ -169,6 +169,16 @@ class JobQueue:
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.keys.image(job_id, index))
 
+    async def preview(self, job_id: str, index: int, image: int = 0) -> bytes | None:
+        return await self.redis.get(self.keys.preview(job_id, index, image))
+
+    async def store_uploads(self, uploads) -> None:
+        """An edit's inputs (``app.uploads.Upload``), kept as long as the jobs naming them."""
+        pipe = self.redis.pipeline(transaction=False)
+        for upload in uploads:
+            pipe.set(self.keys.upload(upload.sha256), upload.data, ex=self.job_ttl_s)
+        await pipe.execute()
+
     async def latents(self, job_id: str) -> bytes | None:
         return await self.redis.get(self.keys.latents(job_id))
 

@@ -185,6 +185,24 @@ class Consumer:
     def leave(self) -> None:
         self.redis.zrem(self.keys.workers(self.model, self.variant), self.name)
 
+    def upload(self, sha256: str) -> bytes | None:
+        """An edit's input (``Keys.upload``), or None once it has expired."""
+        return self.redis.get(self.keys.upload(sha256))
+
+    def store_previews(self, index: int, step: int, previews: dict[str, list[bytes]]) -> None:
+        """Preview ``index``, made after ``step``, of each job (id -> its images' previews):
+        stored, counted on the record, and announced on the job's events. One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, images in previews.items():
+            for i, data in enumerate(images):
+                pipe.set(self.keys.preview(job_id, index, i), data, ex=self.job_ttl_s)
+            pipe.hset(self.keys.job(job_id), "previews", index + 1)
+            pipe.xadd(
+                self.keys.events(job_id),
+                {"type": "preview", "index": index, "step": step, "images": len(images)},
+            )
+        pipe.execute()
+
     # --- finishing ---------------------------------------------------------------------------
 
     def store_images(self, job_id: str, images: list[bytes], latents: bytes | None) -> None:

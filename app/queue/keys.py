@@ -45,6 +45,14 @@ class Keys:
     def image(self, job_id: str, index: int) -> str:
         return f"{self.prefix}:job:{job_id}:image:{index}"
 
+    def preview(self, job_id: str, index: int, image: int) -> str:
+        """Preview ``index`` (0, 1, ...) of the job's image ``image``, encoded as the job asks."""
+        return f"{self.prefix}:job:{job_id}:preview:{index}:{image}"
+
+    def upload(self, sha256: str) -> str:
+        """An edit's input image or mask (PNG), by the sha256 of its bytes: jobs name it."""
+        return f"{self.prefix}:upload:{sha256}"
+
     def latents(self, job_id: str) -> str:
         """The final latents (float32, C-order) of all the job's images, for SQNR in compares."""
         return f"{self.prefix}:job:{job_id}:latents"

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
+from pipelines.schedulers import steps_run
+
 __all__ = [
     "ANONYMOUS",
     "TERMINAL",
@@ -58,10 +60,33 @@ class JobRequest:
     negative_prompt: str | None = None
     output_compression: int | None = None  # jpeg / webp encoder quality; None: its default
     class_id: int | None = None  # class-conditional models: the class the prompt names
+    scheduler: str | None = None  # a name of pipelines.schedulers; None: the folder's own
+    partial_images: int = 0  # previews made while it runs (evenly spaced steps)
+    # Edits: the sha256 of the input image (and of the mask, white = paint anew) as uploaded
+    # (Keys.upload), and SDEdit's strength.
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.negative_prompt,
+            self.scheduler,
+            self.partial_images,
+            self.image,
+            self.mask,
+            self.strength,
+        )
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps that run: ``steps``, or an edit's share of them."""
+        return steps_run(self.steps, self.strength)
 
 
 @dataclass
@@ -81,6 +106,7 @@ class Job:
     deliveries: int = 0
     worker: str | None = None
     images: int = 0
+    previews: int = 0  # previews stored so far (Keys.preview)
     cancel_requested: bool = False
     owner: str = ANONYMOUS  # a hash of the API key that made it (app.api.auth), never the key
     result: dict = field(default_factory=dict)  # the worker's measurements
@@ -135,6 +161,7 @@ def decode(fields: dict) -> Job:
         deliveries=int(f.get("deliveries", 0)),
         worker=f.get("worker") or None,
         images=int(f.get("images", 0)),
+        previews=int(f.get("previews", 0)),
         cancel_requested=f.get("cancel_requested") == "1",
         owner=f.get("owner") or ANONYMOUS,
         result=json.loads(f["result"]) if f.get("result") else {},

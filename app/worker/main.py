@@ -195,6 +195,28 @@ class Worker:
                 if len(cancelled) == len(group):
                     raise Cancelled
 
+        def on_preview(index: int, step: int, previews: list[list[bytes]]) -> None:
+            try:  # a preview is a courtesy: a Redis fault costs it, not the job
+                self.consumer.store_previews(
+                    index, step, {c.job.id: p for c, p in zip(group, previews, strict=True)}
+                )
+            except redis.RedisError as exc:
+                log.warning("cannot store preview %d: %s", index, exc)
+
+        first = group[0].job.request
+        inputs = {}
+        if first.image is not None:
+            inputs = {"image": self.consumer.upload(first.image)}
+            inputs["mask"] = self.consumer.upload(first.mask) if first.mask else None
+            if inputs["image"] is None or (first.mask and inputs["mask"] is None):
+                for c in group:
+                    self._finish(
+                        c,
+                        JobStatus.FAILED,
+                        error="the input image has expired; send it again",
+                        error_code="input_expired",
+                    )
+                return
         for c in group:
             metrics.QUEUE_WAIT_SECONDS.labels(**self.labels).observe(
                 max(0.0, (c.job.started_at or time.time()) - c.job.created_at)
@@ -204,7 +226,12 @@ class Worker:
         t0 = time.perf_counter()
         try:
             outputs = pipeline.run_batch(
-                self.loaded, self.spec, [c.job.request for c in group], on_step
+                self.loaded,
+                self.spec,
+                [c.job.request for c in group],
+                on_step,
+                **inputs,
+                on_preview=on_preview if first.partial_images else None,
             )
         except Cancelled:
             for c in group:
@@ -225,7 +252,7 @@ class Worker:
         seconds = time.perf_counter() - t0
         if unreported:  # the last flush failed: one more try; the final status follows anyway
             with contextlib.suppress(redis.RedisError):
-                self.consumer.progress(group, unreported, group[0].job.request.steps)
+                self.consumer.progress(group, unreported, first.steps_run)
         kind, peak = pipeline.peak_memory(device)
         metrics.PEAK_MEMORY_BYTES.labels(**self.labels, kind=kind).set(peak)
         for c, out in zip(group, outputs, strict=True):

@@ -103,15 +103,34 @@ def run_batch(
     spec: ModelSpec,
     requests: list[JobRequest],
     on_step: Callable[[int, int], None],
+    *,
+    image: bytes | None = None,
+    mask: bytes | None = None,
+    on_preview: Callable[[int, int, list[list[bytes]]], None] | None = None,
 ) -> list[Output]:
-    """One pipeline call for jobs that share size, steps and guidance; image i of a job is
-    seeded with ``seed + i``, so a job gets the same noise whichever batch it is in."""
+    """One pipeline call for jobs that share a batch key (size, steps, guidance, scheduler,
+    edit inputs); image i of a job is seeded with ``seed + i``, so a job gets the same noise
+    whichever batch it is in. ``image`` / ``mask``: the PNG inputs of an edit. With
+    ``partial_images``, ``on_preview(k, step, previews)`` gets each job's encoded previews."""
     first = requests[0]
     conditions, seeds = [], []
     for r in requests:
         condition = r.class_id if spec.kind == CLASS_CONDITIONAL else r.prompt
         conditions += [condition] * r.n
         seeds += [r.seed + i for i in range(r.n)]
+
+    def previews(k: int, step: int, pixels: np.ndarray) -> None:
+        parts, start = [], 0
+        for r in requests:
+            parts.append(
+                [
+                    encode_image(p, r.output_format, r.output_compression)
+                    for p in pixels[start : start + r.n]
+                ]
+            )
+            start += r.n
+        on_preview(k, step, parts)
+
     samples = generate.run(
         loaded.pipe,
         conditions,
@@ -121,7 +140,11 @@ def run_batch(
         negative_prompt=first.negative_prompt,
         height=first.height,
         width=first.width,
+        scheduler=first.scheduler,
+        edit=None if image is None else _edit(image, mask, first.strength),
         on_step=on_step,
+        preview_at=generate.preview_steps(first.steps_run, first.partial_images),
+        on_preview=previews if on_preview is not None else None,
     )
     outputs, start = [], 0
     latents = samples.latents.numpy().astype(np.float32)
@@ -139,6 +162,13 @@ def run_batch(
         outputs.append(Output(images, latents[part]))
         start += r.n
     return outputs
+
+
+def _edit(image: bytes, mask: bytes | None, strength: float) -> generate.Edit:
+    """An edit's inputs as the pipelines take them (app.uploads made them: RGB and L PNGs)."""
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    paint = None if mask is None else np.asarray(Image.open(io.BytesIO(mask)).convert("L")) > 127
+    return generate.Edit(pixels, strength, paint)
 
 
 def encode_image(

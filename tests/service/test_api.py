@@ -3,10 +3,13 @@ backpressure, idempotency, cancel of a queued job, readiness, the dead-letter pa
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 
 import pytest
 import redis
+from PIL import Image
 
 from app.queue.consumer import Consumer
 from app.queue.keys import Keys
@@ -56,12 +59,91 @@ JOB = {"model": "dit-digits", "prompt": "seven", "variant": "spare", "steps": 2}
         ({"output_format": "bmp"}, 400, "output_format"),
         ({"negative_prompt": "blue"}, 400, "negative_prompt"),
         ({"n": "many"}, 400, "n"),
+        ({"scheduler": "euler"}, 400, "scheduler"),  # DiTPipeline cannot run Euler correctly
+        ({"scheduler": "heun"}, 400, "scheduler"),
+        ({"partial_images": 4}, 400, "partial_images"),
+        # jobs are followed at /v1/jobs/{id}/events; a stream makes one image
+        ({"stream": True, "n": 2}, 400, {"jobs": "stream", "generations": "n"}),
+        ({"strength": 0.5}, 400, "strength"),  # only an edit has a strength
     ],
 )
 def test_bad_inputs_are_4xx_naming_the_parameter(server, change, status, param):
     with server.client() as http:
         for route in ("/v1/jobs", "/v1/images/generations"):
-            _error(http.post(route, json={**JOB, **change}), status, param)
+            said = param[route.rsplit("/", 1)[1]] if isinstance(param, dict) else param
+            _error(http.post(route, json={**JOB, **change}), status, said)
+
+
+def _image_bytes(size=(32, 32), mode="RGB", fmt="PNG", alpha_box=None) -> bytes:
+    image = Image.new(mode, size, (200, 10, 10, 255) if mode == "RGBA" else (200, 10, 10))
+    if alpha_box is not None:
+        image.paste((0, 0, 0, 0), alpha_box)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+EDIT = {"model": "t2i-digits", "prompt": "a red seven", "variant": "fp32", "steps": 2}
+MASK = _image_bytes(mode="RGBA", alpha_box=(0, 0, 16, 32))
+
+
+@pytest.mark.parametrize(
+    ("files", "fields", "param"),
+    [
+        ({"image": ("x.png", b"not an image", "image/png")}, {}, "image"),
+        ({"image": ("x.gif", _image_bytes(fmt="GIF"), "image/gif")}, {}, "image"),
+        ({"image": ("x.png", b"", "image/png")}, {}, "image"),
+        ({"mask": ("m.png", MASK, "image/png")}, {}, "image"),  # no image at all
+        (  # two images
+            [("image[]", ("a.png", _image_bytes())), ("image[]", ("b.png", _image_bytes()))],
+            {},
+            "image",
+        ),
+        (  # a mask of another size
+            {"image": ("x.png", _image_bytes()), "mask": ("m.png", _image_bytes((16, 16), "RGBA"))},
+            {},
+            "mask",
+        ),
+        (  # a mask without alpha: nothing says what to edit
+            {"image": ("x.png", _image_bytes()), "mask": ("m.png", _image_bytes())},
+            {},
+            "mask",
+        ),
+        (  # a mask with no transparent pixel
+            {"image": ("x.png", _image_bytes()), "mask": ("m.png", _image_bytes(mode="RGBA"))},
+            {},
+            "mask",
+        ),
+        ({"image": ("x.png", _image_bytes())}, {"strength": "0"}, "strength"),
+        ({"image": ("x.png", _image_bytes())}, {"strength": "1.5"}, "strength"),
+        ({"image": ("x.png", _image_bytes())}, {"strength": "0.2"}, "strength"),  # 0 of 2 steps
+        ({"image": ("x.png", _image_bytes())}, {"input_fidelity": "high"}, "input_fidelity"),
+        ({"image": ("x.png", _image_bytes())}, {"style": "vivid"}, "style"),  # not an edit's
+        ({"image": ("x.png", _image_bytes())}, {"size": "64x64"}, "size"),
+        ({"image": ("x.png", _image_bytes())}, {"model": "nope"}, "model"),
+        (  # DiT edits without a mask only
+            {"image": ("x.png", _image_bytes()), "mask": ("m.png", MASK)},
+            {"model": "dit-digits", "prompt": "seven"},
+            "mask",
+        ),
+    ],
+)
+def test_bad_edits_are_400_naming_the_parameter(server, files, fields, param):
+    with server.client() as http:
+        response = http.post("/v1/images/edits", files=files, data={**EDIT, **fields})
+        _error(response, 404 if param == "model" else 400, param)
+
+
+def test_edit_bodies_over_the_upload_limit_are_413_and_json_is_refused(server):
+    with server.client() as http:
+        _error(http.post("/v1/images/edits", json=EDIT), 400, "image")
+        big = b"\x89PNG" + b"0" * (16 << 20)
+        response = http.post("/v1/images/edits", files={"image": ("x.png", big)}, data=EDIT)
+        _error(response, 413, "body")
+        job = {**EDIT, "image": base64.b64encode(_image_bytes()).decode(), "strength": 0.0}
+        _error(http.post("/v1/jobs", json=job), 400, "strength")
+        _error(http.post("/v1/jobs", json={**job, "strength": 1, "image": "@@"}), 400, "image")
+        _error(http.post("/v1/jobs", json={**EDIT, "stream": True}), 400, "stream")
 
 
 def test_malformed_bodies_never_500(server):
@@ -156,15 +238,24 @@ def test_models_lists_variants_with_manifest_numbers(server):
     assert models["t2i-digits"]["kind"] == "text-to-image"
     dit_can, t2i_can = (models[m]["capabilities"] for m in ("dit-digits", "t2i-digits"))
     assert dit_can["negative_prompt"] is False and t2i_can["negative_prompt"] is True
-    assert t2i_can["schedulers"] == ["DPMSolverMultistepScheduler"]
+    assert t2i_can["schedulers"] == ["dpm++-2m", "ddim", "euler", "euler-a"]
+    assert dit_can["schedulers"] == ["dpm++-2m", "ddim"]
+    assert t2i_can["default_scheduler"] == "DPMSolverMultistepScheduler"
     assert t2i_can["quality_steps"]["low"] == 10 and t2i_can["steps"] == [1, 2000]
-    assert not t2i_can["edits"] and not t2i_can["previews"]  # honest: not served yet
+    assert t2i_can["edits"] and t2i_can["inpainting"] and t2i_can["previews"]
+    assert dit_can["edits"] and not dit_can["inpainting"]
     with server.client() as http:  # the response is typed in the OpenAPI document
         schemas = http.get("/openapi.json").json()["components"]["schemas"]
     assert {"ModelList", "ModelInfo", "ModelCapabilities"} <= set(schemas)
     fields = schemas["GenerationRequest"]["properties"]  # the registry's names, documented
     assert fields["model"]["enum"] == ["dit-digits", "t2i-digits"]
     assert "w8a8" in fields["variant"]["enum"] and "auto" in fields["size"]["enum"]
+    assert "euler-a" in fields["scheduler"]["enum"]
+    with server.client() as http:
+        edits = http.get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]
+    form = edits["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["image"]["format"] == "binary" and "strength" in form["properties"]
+    assert form["properties"]["model"]["enum"] == ["dit-digits", "t2i-digits"]
 
 
 def test_readiness_is_redis_and_jobs_wait_for_a_worker_unless_required(server):
