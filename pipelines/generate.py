@@ -8,6 +8,7 @@ latents (what the VAE decodes) come back too, for SQNR on latents.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,6 +127,9 @@ def run(
         latents.append(z.detach().float().cpu().clone())
         return decode(z, *args, **kwargs)
 
+    # the pipelines pass the scheduler's step what its signature takes (the generator of
+    # an ancestral sampler): the wrapper shows the step's own signature
+    @functools.wraps(step)
     def counting_step(model_output, timestep, sample, *args, **kwargs):
         nonlocal done
         out = step(model_output, timestep, sample, *args, **kwargs)

@@ -117,16 +117,18 @@ def test_openai_client_generates_images(stack):
 def test_an_image_made_again_from_its_own_metadata_is_the_same(stack):
     server, _ = stack
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    for model, prompt, variant in (
-        ("t2i-digits", "a blue four on a black background", "fp32"),
-        ("dit-digits", "a four", "w8a8"),
+    for model, prompt, variant, scheduler in (
+        ("t2i-digits", "a blue four on a black background", "fp32", "euler-a"),
+        ("dit-digits", "a four", "w8a8", None),
     ):
-        first = client.images.generate(
-            model=model, prompt=prompt, extra_body={"variant": variant, "seed": 77, "steps": 6}
-        )
+        asked = {"variant": variant, "seed": 77, "steps": 6}
+        if scheduler:
+            asked["scheduler"] = scheduler
+        first = client.images.generate(model=model, prompt=prompt, extra_body=asked)
         data = base64.b64decode(first.data[0].b64_json)
         params = read_parameters(data)
         assert (params["model"], params["variant"], params["seed"]) == (model, variant, 77)
+        assert params["scheduler"] == (scheduler or "dpm++-2m")
         if variant != "fp32":  # which artifact made it
             manifest = MODELS / "quantized" / f"{model}-{variant}" / "manifest.json"
             assert params["artifact_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -135,10 +137,181 @@ def test_an_image_made_again_from_its_own_metadata_is_the_same(stack):
             model=params["model"],
             prompt=params["prompt"],
             size=params["size"],
-            extra_body={k: params[k] for k in ("variant", "seed", "steps", "guidance_scale")},
+            extra_body={
+                k: params[k] for k in ("variant", "seed", "steps", "guidance_scale", "scheduler")
+            },
         )
         remade = base64.b64decode(again.data[0].b64_json)
         assert np.array_equal(_png(remade), _png(data)) and read_parameters(remade) == params
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _encoded(pixels: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
+    image = Image.fromarray(pixels)
+    if alpha is not None:
+        image.putalpha(Image.fromarray(alpha))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_schedulers_give_other_images_and_say_so(stack):
+    client = _client(stack[0])
+    seen = {}
+    for scheduler in ("dpm++-2m", "ddim", "euler"):
+        result = client.images.generate(
+            model="t2i-digits",
+            prompt="a red seven on a black background",
+            extra_body={"seed": 4, "steps": 10, "scheduler": scheduler},
+        )
+        assert result.model_extra["scheduler"] == scheduler
+        seen[scheduler] = _png(base64.b64decode(result.data[0].b64_json))
+    default = client.images.generate(
+        model="t2i-digits",
+        prompt="a red seven on a black background",
+        extra_body={"seed": 4, "steps": 10},
+    )
+    assert np.array_equal(_png(base64.b64decode(default.data[0].b64_json)), seen["dpm++-2m"])
+    assert not np.array_equal(seen["ddim"], seen["dpm++-2m"])
+    assert not np.array_equal(seen["euler"], seen["dpm++-2m"])
+
+
+def test_streamed_generation_gives_partial_images_then_the_image(stack):
+    client = _client(stack[0])
+    prompt, extra = "a green two on a black background", {"seed": 21, "steps": 20}
+    events = list(
+        client.images.generate(
+            model="t2i-digits", prompt=prompt, stream=True, partial_images=2, extra_body=extra
+        )
+    )
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert events[-1].size == "32x32" and events[-1].output_format == "png"
+    final = _png(base64.b64decode(events[-1].b64_json))
+    plain = client.images.generate(model="t2i-digits", prompt=prompt, extra_body=extra)
+    assert np.array_equal(final, _png(base64.b64decode(plain.data[0].b64_json)))
+    previews = [_png(base64.b64decode(e.b64_json)) for e in events[:2]]
+    distance = [np.abs(p.astype(int) - final).mean() for p in previews]
+    # each is the prediction of the clean image at its step: the later, the nearer the end
+    assert distance[1] < distance[0] and all(not np.array_equal(p, final) for p in previews)
+    # a DiT stream, and fewer previews than asked when there are fewer steps
+    few = list(
+        client.images.generate(
+            model="dit-digits",
+            prompt="a nine",
+            stream=True,
+            partial_images=3,
+            extra_body={"steps": 3},
+        )
+    )
+    assert [e.type for e in few] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"
+    ]
+
+
+def test_openai_client_edits_with_and_without_a_mask(stack):
+    client = _client(stack[0])
+    made = client.images.generate(
+        model="t2i-digits", prompt="a red seven on a black background", extra_body={"seed": 8}
+    )
+    source = _png(base64.b64decode(made.data[0].b64_json))
+    whole = client.images.edit(
+        model="t2i-digits",
+        image=("seven.png", _encoded(source), "image/png"),
+        prompt="a green three on a black background",
+        extra_body={"seed": 5, "strength": 0.7},
+    )
+    assert whole.model_extra["strength"] == 0.7 and whole.model_extra["steps"] == 20
+    edited = _png(base64.b64decode(whole.data[0].b64_json))
+    assert edited.shape == source.shape and not np.array_equal(edited, source)
+    again = client.images.edit(  # the same request, the same pixels
+        model="t2i-digits",
+        image=("seven.png", _encoded(source), "image/png"),
+        prompt="a green three on a black background",
+        extra_body={"seed": 5, "strength": 0.7},
+    )
+    assert np.array_equal(_png(base64.b64decode(again.data[0].b64_json)), edited)
+    params = read_parameters(base64.b64decode(whole.data[0].b64_json))
+    assert params["strength"] == 0.7 and len(params["image_sha256"]) == 64
+
+    alpha = np.full(source.shape[:2], 255, np.uint8)
+    alpha[:, 16:] = 0  # transparent: the right half is painted anew
+    masked = client.images.edit(
+        model="t2i-digits",
+        image=("seven.png", _encoded(source), "image/png"),
+        mask=("mask.png", _encoded(np.zeros_like(source), alpha), "image/png"),
+        prompt="a blue one on a black background",
+        extra_body={"seed": 5},
+    )
+    assert masked.model_extra["strength"] == 1.0  # inpainting's default
+    painted = _png(base64.b64decode(masked.data[0].b64_json))
+    change = np.abs(painted.astype(int) - source).mean(axis=2)
+    inside, outside = change[:, 16:].mean(), change[:, :16].mean()
+    assert inside > 1.5 * outside, (inside, outside)
+
+    dit = client.images.edit(  # DiT: image-to-image by its own loop
+        model="dit-digits",
+        image=("seven.png", _encoded(source), "image/png"),
+        prompt="a three",
+        extra_body={"seed": 5, "strength": 0.5, "steps": 10},
+    )
+    assert _png(base64.b64decode(dit.data[0].b64_json)).shape == (32, 32, 3)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.edit(
+            model="dit-digits",
+            image=("seven.png", _encoded(source), "image/png"),
+            mask=("mask.png", _encoded(np.zeros_like(source), alpha), "image/png"),
+            prompt="a three",
+        )
+    assert refused.value.body["param"] == "mask"
+
+    stream = client.images.edit(
+        model="t2i-digits",
+        image=("seven.png", _encoded(source), "image/png"),
+        prompt="a green three on a black background",
+        stream=True,
+        partial_images=2,
+        extra_body={"seed": 5, "strength": 0.7},
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert np.array_equal(_png(base64.b64decode(events[-1].b64_json)), edited)
+
+
+def test_a_job_with_an_image_sends_its_previews_on_its_events(stack):
+    server, _ = stack
+    source = np.zeros((32, 32, 3), np.uint8)
+    source[8:24, 12:20] = 220
+    body = {
+        "model": "t2i-digits",
+        "prompt": "a red one on a black background",
+        "image": "data:image/png;base64," + base64.b64encode(_encoded(source)).decode(),
+        "strength": 0.6,
+        "steps": 10,
+        "partial_images": 2,
+    }
+    with server.client() as http:
+        job = http.post("/v1/jobs", json=body)
+        assert job.status_code == 202, job.text
+        events = _events(http, job.json()["id"])
+        previews = [e["data"] for e in events if e["event"] == "preview"]
+        assert [p["index"] for p in previews] == [0, 1] and [p["step"] for p in previews] == [2, 4]
+        progress = [e["data"]["step"] for e in events if e["event"] == "progress"]
+        assert progress == list(range(1, 7))  # 0.6 of 10 steps run
+        view = http.get(f"/v1/jobs/{job.json()['id']}").json()
+        assert view["status"] == "completed" and view["steps"] == 6
+        assert view["previews"] == [p["url"] for p in previews]
+        fetched = http.get(previews[1]["url"])
+        assert fetched.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(fetched.content)).size == (32, 32)
+        assert http.get(previews[1]["url"] + "?image=1").status_code == 404  # n = 1
 
 
 def test_openai_client_error_classes(stack, redis_url, registry_file):
