@@ -26,7 +26,7 @@ from app.errors import InvalidRequest
 from app.queue.client import JobQueue
 from app.queue.records import ANONYMOUS, TERMINAL, Job, JobStatus
 from app.registry import ModelSpec, Registry
-from app.resolve import job_request, variant_name
+from app.resolve import edit_inputs, job_request, variant_name
 from quality.metrics import psnr_db, sqnr_db, ssim
 
 __all__ = ["Comparison", "Row", "collect", "compare", "shadow_loop", "submit"]
@@ -136,12 +136,24 @@ async def submit(
     steps: int | None = None,
     guidance_scale: float | None = None,
     size: str | None = None,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    partial_images: int | None = None,
+    image: bytes | None = None,
+    mask: bytes | None = None,
+    strength: float | None = None,
     owner: str = ANONYMOUS,
 ) -> Comparison:
-    """Queue one job per variant (same prompt, seed and settings), all or none, and store the
-    comparison."""
+    """Queue one job per variant (same prompt, seed and settings; an edit when ``image`` is
+    given), all or none, and store the comparison."""
     names, reference = check_variants(settings, spec, variants, reference)
     seed = secrets.randbelow(2**31) if seed is None else seed
+    if mask is not None and image is None:
+        raise InvalidRequest("a mask needs an image to edit", param="mask")
+    uploads = []
+    if image is not None:
+        size, picture, shape = edit_inputs(registry, spec.name, size, image, mask)
+        uploads = [picture] if shape is None else [picture, shape]
     requests = [
         job_request(
             settings,
@@ -153,11 +165,19 @@ async def submit(
             steps=steps,
             guidance_scale=guidance_scale,
             seed=seed,
+            negative_prompt=negative_prompt,
+            scheduler=scheduler,
+            partial_images=partial_images,
+            image=uploads[0] if uploads else None,
+            mask=uploads[1] if len(uploads) > 1 else None,
+            strength=strength,
         )
         for name in names
     ]
     await check_workers(registry, queue, requests)
     await check_rate(queue, settings, owner)
+    if uploads:
+        await queue.store_uploads(uploads)
     submitted = await queue.submit_all(requests, owner=owner)
     result = Comparison(
         uuid.uuid4().hex,

@@ -179,6 +179,14 @@ class CompareRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
     size: str | None = None
+    negative_prompt: str | None = None
+    scheduler: str | None = Field(None, description="as for generations")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="previews on each variant's job events"
+    )
+    image: str | None = Field(None, description="edit this image (base64 or a data URL)")
+    mask: str | None = Field(None, description="its mask, transparent = edit")
+    strength: float | None = Field(None, gt=0, le=1, description="as for edits")
 
 
 class CompareVariant(BaseModel):
@@ -198,6 +206,8 @@ class CompareVariant(BaseModel):
     ssim: float | None
     sqnr_latent_db: float | None
     error: str | None = None
+    parameters: dict | None = Field(None, description="what the image says made it")
+    previews: list[str] = []
 
 
 class CompareResponse(BaseModel):

@@ -12,12 +12,14 @@ import base64
 from fastapi import APIRouter, Request
 
 from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep
-from app.api.jobs import image_url
+from app.api.jobs import image_url, preview_url
 from app.comparison import Comparison, collect, compare, submit
 from app.errors import NotFound
+from app.provenance import read_parameters
 from app.queue.records import ANONYMOUS, is_id
 from app.resolve import model_spec
 from app.schemas import CompareRequest, CompareResponse, CompareVariant
+from app.uploads import decode_base64
 
 __all__ = ["router"]
 
@@ -34,6 +36,12 @@ def _arguments(body: CompareRequest, registry, owner: str) -> dict:
         "steps": body.steps,
         "guidance_scale": body.guidance_scale,
         "size": body.size,
+        "negative_prompt": body.negative_prompt,
+        "scheduler": body.scheduler,
+        "partial_images": body.partial_images,
+        "image": None if body.image is None else decode_base64(body.image, "image"),
+        "mask": None if body.mask is None else decode_base64(body.mask, "mask"),
+        "strength": body.strength,
         "owner": owner,
     }
 
@@ -98,6 +106,10 @@ def _response(request: Request, result: Comparison) -> CompareResponse:
                 ssim=row.ssim,
                 sqnr_latent_db=row.sqnr_latent_db,
                 error=job.error if job else "the job has expired",
+                parameters=read_parameters(row.png) if row.png else None,
+                previews=[preview_url(request, row.job_id, k) for k in range(job.previews)]
+                if job
+                else [],
             )
         )
     return CompareResponse(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -14,16 +15,19 @@ from fastapi import APIRouter, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from starlette.datastructures import FormData
 
 from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep
-from app.api.jobs import KEEPALIVE_S, image_url, submit
+from app.api.jobs import KEEPALIVE_S, image_url, job_gone, submit
 from app.errors import ConflictError, InvalidRequest, JobFailed, Timeout, error_body
 from app.queue.client import JobQueue
 from app.queue.records import TERMINAL, Job, JobStatus
 from app.schemas import EditRequest, GenerationRequest, ImageData, ImagesResponse
 
 __all__ = ["router"]
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -197,14 +201,18 @@ async def _events(
                 return
             batch = await events.next(min(KEEPALIVE_S, left))
             if not batch:
-                if await queue.get(job_id) is None:
+                if await job_gone(queue, job_id):
                     yield _error(f"job {job_id} has expired", "not_found")
                     return
                 yield ": keep-alive\n\n"
                 continue
             for _, data in batch:
                 if data.get("type") == "preview":
-                    raw = await queue.preview(job_id, int(data["index"]))
+                    try:
+                        raw = await queue.preview(job_id, int(data["index"]))
+                    except RedisError as exc:  # a preview is a courtesy; the image is not
+                        log.warning("cannot read a preview of %s: %s", job_id, exc)
+                        raw = None
                     if raw is not None:
                         yield _sse(
                             f"{kind}.partial_image",

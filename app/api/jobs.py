@@ -21,7 +21,16 @@ from app.resolve import edit_inputs, job_request
 from app.schemas import EditRequest, GenerationRequest, JobCreated, JobSubmission, JobView
 from app.uploads import decode_base64
 
-__all__ = ["KEEPALIVE_S", "get_job", "job_view", "preview_url", "public_url", "router", "submit"]
+__all__ = [
+    "KEEPALIVE_S",
+    "get_job",
+    "job_gone",
+    "job_view",
+    "preview_url",
+    "public_url",
+    "router",
+    "submit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +270,7 @@ async def _stream(
         while True:
             batch = await events.next(KEEPALIVE_S)
             if not batch:
-                if await _gone(queue, job_id):
+                if await job_gone(queue, job_id):
                     return
                 yield ": keep-alive\n\n"
                 continue
@@ -272,7 +281,7 @@ async def _stream(
                     return
 
 
-async def _gone(queue: JobQueue, job_id: str) -> bool:
+async def job_gone(queue: JobQueue, job_id: str) -> bool:
     """The job's record has expired (a stalled Redis does not end the stream)."""
     try:
         return await queue.get(job_id) is None

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROTECTED = "/v1/"
-UPLOADS = frozenset({"/v1/images/edits", "/v1/jobs"})  # bodies that may hold images
+# bodies that may hold images
+UPLOADS = frozenset({"/v1/images/edits", "/v1/jobs", "/v1/compare", "/v1/comparisons"})
 
 
 class Observe:

@@ -58,6 +58,12 @@ function showModel() {
   $("variants").replaceChildren(legend, ...boxes);
   $("steps").value = model.default_steps;
   $("steps").max = model.max_steps;
+  const can = model.capabilities;
+  const own = new Option(`its own (${can.default_scheduler || "folder's"})`, "");
+  $("scheduler").replaceChildren(own, ...can.schedulers.map((s) => new Option(s, s)));
+  $("negative-label").hidden = !can.negative_prompt;
+  $("previews").max = can.max_partial_images;
+  $("image").disabled = !can.edits;
   $("hint").textContent = model.classes
     ? `${model.id} is class-conditional: the prompt names a class, e.g. ${model.classes.slice(0, 4).join(", ")}`
     : `${model.id} is text-to-image, e.g. "a red seven on a black background"`;
@@ -75,13 +81,30 @@ function card(row) {
   const bar = document.createElement("progress");
   bar.max = 100;
   bar.value = 0;
+  const step = document.createElement("p");
+  step.className = "step";
   const numbers = document.createElement("dl");
-  div.append(title, img, bar, numbers);
+  const parameters = document.createElement("details");
+  parameters.className = "parameters";
+  parameters.hidden = true;
+  div.append(title, img, bar, step, numbers, parameters);
   return div;
 }
 
-// Reads the job's event stream and updates the card's progress bar until the job ends.
-async function follow(jobId, bar) {
+// A preview (the variant's prediction of the clean image at a step) shown in its card.
+async function showPreview(div, event) {
+  const response = await fetch(event.url, { headers: headers(false) });
+  if (!response.ok) return;
+  const img = div.querySelector("img");
+  img.src = URL.createObjectURL(await response.blob());
+  img.dataset.preview = String(event.index);
+  div.querySelector(".step").textContent = `preview ${event.index + 1} at step ${event.step}`;
+}
+
+// Reads the job's event stream and updates the card's progress bar and preview until the job
+// ends.
+async function follow(jobId, div) {
+  const bar = div.querySelector("progress");
   const response = await fetch(`/v1/jobs/${jobId}/events`, { headers: headers(false) });
   if (!response.ok) throw new Error(`events of ${jobId}: ${response.status}`);
   const reader = response.body.getReader();
@@ -99,6 +122,7 @@ async function follow(jobId, bar) {
       if (!data) continue;
       const event = JSON.parse(data.slice(5));
       if (typeof event.progress === "number") bar.value = event.progress;
+      if (event.url) await showPreview(div, event);
       if (["completed", "failed", "cancelled"].includes(event.status)) return;
     }
   }
@@ -114,8 +138,34 @@ const FORMATS = {
   sqnr_latent_db: ["SQNR latents", (v) => `${v.toFixed(2)} dB`],
 };
 
+// The parameters the image carries (what made it: enough to make it again).
+function showParameters(div, parameters) {
+  const box = div.querySelector(".parameters");
+  box.hidden = !parameters;
+  if (!parameters) return;
+  const summary = document.createElement("summary");
+  summary.textContent = "parameters";
+  const list = document.createElement("dl");
+  for (const [key, value] of Object.entries(parameters)) {
+    if (value === null) continue;
+    const dt = document.createElement("dt");
+    dt.textContent = key;
+    const dd = document.createElement("dd");
+    dd.textContent = String(value);
+    dd.dataset.parameter = key;
+    list.append(dt, dd);
+  }
+  box.replaceChildren(summary, list);
+}
+
 function fill(div, row) {
-  if (row.b64_png) div.querySelector("img").src = `data:image/png;base64,${row.b64_png}`;
+  if (row.b64_png) {
+    const img = div.querySelector("img");
+    img.src = `data:image/png;base64,${row.b64_png}`;
+    delete img.dataset.preview;
+    div.querySelector(".step").textContent = "";
+  }
+  showParameters(div, row.parameters);
   div.querySelector("progress").value = row.status === "completed" ? 100 : row.progress;
   const items = [];
   for (const [key, [name, format]] of Object.entries(FORMATS)) {
@@ -142,12 +192,22 @@ async function compare(event) {
   const body = { model: $("model").value, prompt: $("prompt").value, variants };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if ($("steps").value !== "") body.steps = Number($("steps").value);
+  if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  if (!$("negative-label").hidden && $("negative-prompt").value.trim()) {
+    body.negative_prompt = $("negative-prompt").value;
+  }
+  if ($("previews").value !== "") body.partial_images = Number($("previews").value);
+  const file = $("image").files[0];
   $("run").disabled = true;
   try {
+    if (file && !$("image").disabled) {
+      body.image = await dataUrl(file);
+      body.strength = Number($("strength").value);
+    }
     const started = await api("/v1/comparisons", { method: "POST", body: JSON.stringify(body) });
     const cards = started.variants.map(card);
     $("results").replaceChildren(...cards);
-    await Promise.all(started.variants.map((row, i) => follow(row.job_id, cards[i].querySelector("progress"))));
+    await Promise.all(started.variants.map((row, i) => follow(row.job_id, cards[i])));
     const result = await api(`/v1/comparisons/${started.id}`);
     result.variants.forEach((row, i) => fill(cards[i], row));
     $("results").dataset.status = result.status;
@@ -156,6 +216,15 @@ async function compare(event) {
   } finally {
     $("run").disabled = false;
   }
+}
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
 }
 
 $("model").addEventListener("change", showModel);

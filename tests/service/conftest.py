@@ -25,7 +25,7 @@ from tests.waiting import wait_until
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
-# dit-digits in full precision and w8a8, t2i-digits in full precision; "spare" has no worker in
+# dit-digits and t2i-digits in full precision and w8a8; "spare" has no worker in
 # any test, so jobs sent to it stay queued; "strict" refuses jobs while it has no live worker.
 REGISTRY = f"""
 [models.dit-digits]
@@ -45,6 +45,8 @@ max_steps = 2000
 sizes = ["32x32"]
 [models.t2i-digits.variants.fp32]
 dtype = "fp32"
+[models.t2i-digits.variants.w8a8]
+artifact = "{MODELS / "quantized" / "t2i-digits-w8a8"}"
 [models.t2i-digits.variants.strict]
 dtype = "fp32"
 require_worker = true

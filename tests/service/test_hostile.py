@@ -91,11 +91,17 @@ def test_authentication_comes_before_the_body_and_failures_are_throttled(redis_u
 
 
 def test_bodies_over_the_limit_are_413_before_parsing(redis_url, registry_file):
-    settings = make_settings(redis_url, registry_file, max_body_bytes=4096)
-    big = b'{"model": "dit-digits", "prompt": "' + b"x" * 8000 + b'"}'
+    settings = make_settings(redis_url, registry_file, max_body_bytes=4096, max_upload_bytes=8192)
+    big = b'{"model": "dit-digits", "prompt": "' + b"x" * 9000 + b'"}'
+    middling = b'{"model": "dit-digits", "prompt": "' + b"x" * 6000 + b'"}'
+    json_body = {"Content-Type": "application/json"}
     with Server(settings) as server, server.client() as http:
-        declared = http.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"})
+        declared = http.post("/v1/jobs", content=big, headers=json_body)
         assert _error(declared, 413)["code"] == "body_too_large"
+        # routes that may carry images have the larger limit: this one is read, then refused
+        assert _error(http.post("/v1/images/generations", content=middling, headers=json_body), 413)
+        for route in ("/v1/jobs", "/v1/compare", "/v1/comparisons"):
+            assert _error(http.post(route, content=middling, headers=json_body), 400, "prompt")
 
         def chunks():  # no Content-Length: counted while reading
             for i in range(0, len(big), 1000):

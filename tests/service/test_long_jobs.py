@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from app.supervisor import start_redis
@@ -69,6 +70,28 @@ def test_one_sse_connection_lasts_across_a_20_s_gap(slow):
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(data)]
     assert max(gaps) >= SLOW_STEP_S - 1  # no event for the whole step ...
     assert any(line == ": keep-alive" for _, line in seen)  # ... only the keep-alive comment
+
+
+def test_a_streamed_40_s_generation_reaches_the_official_client_through_keep_alives(slow):
+    """The openai client streams a two-step job (each step stretched to 20 s) with a 30 s read
+    timeout: the preview comes as soon as the first step is computed, the image ~40 s later,
+    and keep-alive comments (every 15 s) hold the connection through the silence."""
+    client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key="unused", max_retries=0, timeout=30.0)
+    t0 = time.monotonic()
+    arrived = []
+    for event in client.images.generate(
+        model="dit-digits",
+        prompt="a seven",
+        stream=True,
+        partial_images=1,
+        extra_body={"steps": 2, "seed": 1},
+    ):
+        arrived.append((event.type, time.monotonic() - t0))
+    assert [kind for kind, _ in arrived] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert arrived[0][1] < SLOW_STEP_S and arrived[1][1] - arrived[0][1] > 30.0
 
 
 def test_500_open_streams_leave_the_other_routes_answering(slow):
