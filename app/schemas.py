@@ -129,6 +129,7 @@ class ImagesResponse(BaseModel):
     seed: int
     steps: int
     guidance_scale: float
+    negative_prompt: str | None = None
     scheduler: str | None = None
     strength: float | None = None
     output_format: str

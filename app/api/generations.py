@@ -166,6 +166,7 @@ async def _answer(body, job_id: str, request: Request, settings, queue: JobQueue
         seed=r.seed,
         steps=r.steps,
         guidance_scale=r.guidance_scale,
+        negative_prompt=r.negative_prompt,
         scheduler=r.scheduler,
         strength=r.strength,
         output_format=r.output_format,

@@ -165,9 +165,10 @@ def test_schedulers_give_other_images_and_say_so(stack):
         result = client.images.generate(
             model="t2i-digits",
             prompt="a red seven on a black background",
-            extra_body={"seed": 4, "steps": 10, "scheduler": scheduler},
+            extra_body={"seed": 4, "steps": 10, "scheduler": scheduler, "negative_prompt": "blue"},
         )
         assert result.model_extra["scheduler"] == scheduler
+        assert result.model_extra["negative_prompt"] == "blue"
         seen[scheduler] = _png(base64.b64decode(result.data[0].b64_json))
     default = client.images.generate(
         model="t2i-digits",
