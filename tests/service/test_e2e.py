@@ -173,7 +173,7 @@ def test_schedulers_give_other_images_and_say_so(stack):
     default = client.images.generate(
         model="t2i-digits",
         prompt="a red seven on a black background",
-        extra_body={"seed": 4, "steps": 10},
+        extra_body={"seed": 4, "steps": 10, "negative_prompt": "blue"},
     )
     assert np.array_equal(_png(base64.b64decode(default.data[0].b64_json)), seen["dpm++-2m"])
     assert not np.array_equal(seen["ddim"], seen["dpm++-2m"])
