@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.api.deps import check_rate, check_workers
@@ -152,7 +153,10 @@ async def submit(
         raise InvalidRequest("a mask needs an image to edit", param="mask")
     uploads = []
     if image is not None:
-        size, picture, shape = edit_inputs(registry, spec.name, size, image, mask)
+        # decoding and resizing an image is CPU work: off the event loop
+        size, picture, shape = await run_in_threadpool(
+            edit_inputs, registry, spec.name, size, image, mask
+        )
         uploads = [picture] if shape is None else [picture, shape]
     requests = [
         job_request(

@@ -63,7 +63,12 @@ def _open(data: bytes, param: str) -> Image.Image:
             image.load()
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        # PIL refuses sizes far past MAX_PIXELS while it opens the file, before we can look
+        raise InvalidRequest(
+            f"{param} has too many pixels; at most {MAX_PIXELS}", param=param
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequest(f"{param} is not a readable image ({exc})", param=param) from None
     return image
 

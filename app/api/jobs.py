@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep, check_rate, check_workers
@@ -60,7 +61,10 @@ async def submit(
         raise InvalidRequest("a mask needs an image to edit", param="mask")
     uploads, size = [], body.size
     if image is not None:
-        size, picture, shape = edit_inputs(registry, body.model, body.size, image, mask)
+        # decoding and resizing an image is CPU work: off the event loop
+        size, picture, shape = await run_in_threadpool(
+            edit_inputs, registry, body.model, body.size, image, mask
+        )
         uploads = [picture] if shape is None else [picture, shape]
     request = job_request(
         settings,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import time
+import zlib
 
 import pytest
 import redis
@@ -83,6 +85,22 @@ def _image_bytes(size=(32, 32), mode="RGB", fmt="PNG", alpha_box=None) -> bytes:
     return buffer.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height and holds almost nothing (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
 EDIT = {"model": "t2i-digits", "prompt": "a red seven", "variant": "fp32", "steps": 2}
 MASK = _image_bytes(mode="RGBA", alpha_box=(0, 0, 16, 32))
 
@@ -93,6 +111,10 @@ MASK = _image_bytes(mode="RGBA", alpha_box=(0, 0, 16, 32))
         ({"image": ("x.png", b"not an image", "image/png")}, {}, "image"),
         ({"image": ("x.gif", _image_bytes(fmt="GIF"), "image/gif")}, {}, "image"),
         ({"image": ("x.png", b"", "image/png")}, {}, "image"),
+        ({"image": ("x.png", _png_header(32, 32), "image/png")}, {}, "image"),  # truncated
+        ({"image": ("x.png", _png_header(5000, 5000), "image/png")}, {}, "image"),
+        ({"image": ("x.png", _png_header(10000, 10000), "image/png")}, {}, "image"),
+        ({"image": ("x.png", _png_header(20000, 20000), "image/png")}, {}, "image"),
         ({"mask": ("m.png", MASK, "image/png")}, {}, "image"),  # no image at all
         (  # two images
             [("image[]", ("a.png", _image_bytes())), ("image[]", ("b.png", _image_bytes()))],
