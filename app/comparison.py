@@ -149,15 +149,11 @@ async def submit(
     given), all or none, and store the comparison."""
     names, reference = check_variants(settings, spec, variants, reference)
     seed = secrets.randbelow(2**31) if seed is None else seed
-    if mask is not None and image is None:
-        raise InvalidRequest("a mask needs an image to edit", param="mask")
-    uploads = []
-    if image is not None:
-        # decoding and resizing an image is CPU work: off the event loop
-        size, picture, shape = await run_in_threadpool(
-            edit_inputs, registry, spec.name, size, image, mask
-        )
-        uploads = [picture] if shape is None else [picture, shape]
+    # decoding and resizing an image is CPU work: off the event loop
+    inputs = (registry, spec.name, size, image, mask)
+    size, picture, shape = (
+        await run_in_threadpool(edit_inputs, *inputs) if image else edit_inputs(*inputs)
+    )
     requests = [
         job_request(
             settings,
@@ -172,16 +168,15 @@ async def submit(
             negative_prompt=negative_prompt,
             scheduler=scheduler,
             partial_images=partial_images,
-            image=uploads[0] if uploads else None,
-            mask=uploads[1] if len(uploads) > 1 else None,
+            image=picture,
+            mask=shape,
             strength=strength,
         )
         for name in names
     ]
     await check_workers(registry, queue, requests)
     await check_rate(queue, settings, owner)
-    if uploads:
-        await queue.store_uploads(uploads)
+    await queue.store_uploads(picture, shape)
     submitted = await queue.submit_all(requests, owner=owner)
     result = Comparison(
         uuid.uuid4().hex,

@@ -12,7 +12,7 @@ from app.config import Settings
 from app.errors import InvalidRequest, NotFound
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, Registry
-from app.uploads import Upload, input_size, prepare
+from app.uploads import Upload, open_image, prepare
 from pipelines.schedulers import name_of, steps_run
 
 __all__ = [
@@ -200,17 +200,23 @@ def _edit_strength(
 
 
 def edit_inputs(
-    registry: Registry, model: str, size: str | None, image: bytes, mask: bytes | None
-) -> tuple[str, Upload, Upload | None]:
+    registry: Registry, model: str, size: str | None, image: bytes | None, mask: bytes | None
+) -> tuple[str | None, Upload | None, Upload | None]:
     """The output size of an edit (``size``; for none or "auto" the input's own size when the
-    model makes it, else the model's first) and the image and mask prepared at that size."""
+    model makes it, else the model's first) and the image and mask prepared at that size;
+    ``size`` and no uploads when there is no image."""
+    if image is None:
+        if mask is not None:
+            raise InvalidRequest("a mask needs an image to edit", param="mask")
+        return size, None, None
     spec = model_spec(registry, model)
+    picture = open_image(image)
     if size is None or size == "auto":
-        width, height = input_size(image)
+        width, height = picture.size
         size = f"{width}x{height}" if f"{width}x{height}" in spec.sizes else spec.sizes[0]
     width, height = parse_size(spec, size)
-    picture, shape = prepare(image, mask, width, height)
-    return size, picture, shape
+    prepared, shape = prepare(picture, mask, width, height)
+    return size, prepared, shape
 
 
 # OpenAI's quality names (gpt-image's and DALL-E 3's) as multiples of the default steps

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from app.errors import InvalidRequest
 
-__all__ = ["FORMATS", "MAX_PIXELS", "Upload", "decode_base64", "input_size", "prepare"]
+__all__ = ["FORMATS", "MAX_PIXELS", "Upload", "decode_base64", "open_image", "prepare"]
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 4096 * 4096  # larger inputs are refused before they are decoded
@@ -80,17 +80,16 @@ def _png(image: Image.Image) -> Upload:
     return Upload(data, hashlib.sha256(data).hexdigest())
 
 
-def input_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an input image, checked as ``prepare`` checks it."""
-    return _open(data, "image").size
+def open_image(data: bytes) -> Image.Image:
+    """The input image, decoded once, or 400 naming `image`."""
+    return _open(data, "image")
 
 
 def prepare(
-    image: bytes, mask: bytes | None, width: int, height: int
+    picture: Image.Image, mask: bytes | None, width: int, height: int
 ) -> tuple[Upload, Upload | None]:
-    """The input image (RGB, resized to width x height if it is another size) and the mask
-    (white = paint anew), or 400 naming what is wrong with them."""
-    picture = _open(image, "image")
+    """The input image (``open_image``'s; RGB, resized to width x height if it is another
+    size) and the mask (white = paint anew), or 400 naming what is wrong with them."""
     rgb = picture.convert("RGB")
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)

@@ -57,15 +57,11 @@ async def submit(
             "(lower keeps more)",
             param="input_fidelity",
         )
-    if mask is not None and image is None:
-        raise InvalidRequest("a mask needs an image to edit", param="mask")
-    uploads, size = [], body.size
-    if image is not None:
-        # decoding and resizing an image is CPU work: off the event loop
-        size, picture, shape = await run_in_threadpool(
-            edit_inputs, registry, body.model, body.size, image, mask
-        )
-        uploads = [picture] if shape is None else [picture, shape]
+    # decoding and resizing an image is CPU work: off the event loop
+    inputs = (registry, body.model, body.size, image, mask)
+    size, picture, shape = (
+        await run_in_threadpool(edit_inputs, *inputs) if image else edit_inputs(*inputs)
+    )
     request = job_request(
         settings,
         registry,
@@ -87,16 +83,15 @@ async def submit(
         scheduler=body.scheduler,
         partial_images=body.partial_images,
         stream=body.stream,
-        image=uploads[0] if uploads else None,
-        mask=uploads[1] if len(uploads) > 1 else None,
+        image=picture,
+        mask=shape,
         strength=getattr(body, "strength", None),
     )
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 256:
         raise InvalidRequest("Idempotency-Key must be 1 to 256 characters", param="Idempotency-Key")
     await check_workers(registry, queue, [request])
     await check_rate(queue, settings, owner)
-    if uploads:
-        await queue.store_uploads(uploads)
+    await queue.store_uploads(picture, shape)
     return await queue.submit(request, idempotency=idempotency_key, owner=owner)
 
 

@@ -172,10 +172,13 @@ class JobQueue:
     async def preview(self, job_id: str, index: int, image: int = 0) -> bytes | None:
         return await self.redis.get(self.keys.preview(job_id, index, image))
 
-    async def store_uploads(self, uploads) -> None:
-        """An edit's inputs (``app.uploads.Upload``), kept as long as the jobs naming them."""
+    async def store_uploads(self, *uploads) -> None:
+        """An edit's inputs (``app.uploads.Upload``; None: absent), kept as long as the jobs
+        naming them."""
+        if not any(uploads):
+            return
         pipe = self.redis.pipeline(transaction=False)
-        for upload in uploads:
+        for upload in filter(None, uploads):
             pipe.set(self.keys.upload(upload.sha256), upload.data, ex=self.job_ttl_s)
         await pipe.execute()
 
