@@ -21,6 +21,8 @@ from pipelines.edit import Edit, dit_image_to_image, edit_pipeline
 __all__ = [
     "Edit",
     "Samples",
+    "decode",
+    "final_latents",
     "guided_prediction",
     "is_class_conditional",
     "predicted_clean",
@@ -159,6 +161,42 @@ def run(
         del vae.decode  # back to the class methods
         del pipe.scheduler.step
     return Samples(np.rint(np.asarray(images) * 255).astype(np.uint8), torch.cat(latents))
+
+
+class _Decoding(Exception):
+    """Raised from the VAE's decode by ``final_latents``: sampling is over, decoding skipped."""
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        super().__init__("decoding skipped")
+        self.latents = latents
+
+
+@torch.no_grad()
+def final_latents(
+    pipe, conditions: list, seeds: list[int], *, num_inference_steps: int, guidance_scale: float
+) -> torch.Tensor:
+    """What ``run`` would decode (its ``Samples.latents``), without decoding it: the VAE is
+    the costliest part of a sampling of few steps, and comparing latents needs none."""
+
+    def stop(z, *args, **kwargs):
+        raise _Decoding(z.detach().float().cpu().clone())
+
+    schedulers.use(pipe, None)
+    pipe.vae.decode = stop
+    try:
+        _call(pipe, conditions, seeds, num_inference_steps, guidance_scale, None, None, None, None)
+    except _Decoding as done:
+        return done.latents
+    finally:
+        del pipe.vae.decode
+    raise RuntimeError("the pipeline returned without decoding its latents")
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of latents as ``final_latents`` returns them."""
+    vae = pipe.vae
+    return _pixels(vae.decode, vae, latents.to(vae.device) * vae.config.scaling_factor)
 
 
 def _call(pipe, conditions, seeds, steps, guidance_scale, negative_prompt, height, width, edit):

@@ -2,8 +2,8 @@
 
     from quantization import load_quantized, open_source, quantize
 
-    result = quantize(open_source("models/dit-digits"), "w8a8")
-    result.save("artifacts/dit-digits-w8a8")
+    done = quantize(open_source("models/dit-digits"), "w8a8")
+    done.save("artifacts/dit-digits-w8a8")
     pipe = load_quantized("artifacts/dit-digits-w8a8")
 
 The names below load on first use, so ``quantization.types`` and ``quantization.plan`` (the
@@ -13,14 +13,14 @@ vocabulary, plans and the planner) stay importable without torch.
 from __future__ import annotations
 
 __all__ = [
-    "Analysis",
     "ArtifactError",
-    "Result",
-    "Settings",
+    "QuantizeOptions",
+    "Quantized",
     "analyze_pipeline",
     "load_quantized",
     "open_source",
     "quantize",
+    "quantize_from_analysis",
 ]
 
 
@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from quantization.artifact import ArtifactError
 
         return ArtifactError
+    if name == "QuantizeOptions":
+        from quantization.options import QuantizeOptions
+
+        return QuantizeOptions
     if name in __all__:
         from quantization import api
 

@@ -1,143 +1,102 @@
-"""The package's one in-memory API: quantize a pipeline by a recipe or a plan; load an artifact.
+"""The package's one in-memory API: quantize a pipeline by a recipe, a plan or a saved analysis;
+analyze it; load an artifact.
 
-    from quantization import Settings, load_quantized, open_source, quantize
+    from quantization import QuantizeOptions, load_quantized, open_source, quantize
 
     pipe = open_source("models/dit-digits")
-    result = quantize(pipe, "w8a8", source="models/dit-digits")
-    result.pipeline      # the source's components with the quantized denoiser
-    result.plan          # {layer: LayerPlan}
-    result.analysis      # Analysis (SQNR-driven recipes), else None
-    result.measured      # denoiser SQNR on the trajectory; latent SQNR and PSNR of check images
-    result.save("artifacts/dit-digits-w8a8")
+    done = quantize(pipe, "w8a8", source="models/dit-digits")
+    done.pipeline      # the source's components with the quantized denoiser
+    done.plan          # {layer: LayerPlan}
+    done.analysis      # AnalysisReport (SQNR-driven recipes), else None
+    done.measured      # latent SQNR and PSNR of the check images, denoiser SQNR
+    done.save("artifacts/dit-digits-w8a8")
     again = load_quantized("artifacts/dit-digits-w8a8")
 
-The CLI, the worker, bench and the tests all go through here.
+Every run first times one denoiser call and states its plan of work (``quantization.cost``),
+then calibrates, records the FP trajectory once, measures every unit from that recording,
+checks the plan end to end and quantizes. The CLI, the worker, bench and the tests all go
+through here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pipelines.generate import guided_prediction, sample
+from pipelines.generate import decode, final_latents, guided_prediction, sample
 from pipelines.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
-from quantization.artifact import DTYPES, load_quantized, open_source, save_artifact
-from quantization.blocks import denoiser_attr, denoiser_swapped
-from quantization.calibration import (
-    SEEDS,
-    Calibration,
-    Conditions,
-    record_calibration,
-    record_trajectory,
-    resolve_conditions,
-    trajectory_sampler,
+from quantization import backends
+from quantization.activations import ActivationStats, collect_stats
+from quantization.analysis import (
+    Treatments,
+    check,
+    choose,
+    choose_treatments,
+    find_units,
+    fp_bytes,
+    frontier,
+    measure_sensitivity,
+    plan_at_levels,
+    uniform_plan,
 )
-from quantization.plan import LayerPlan
-from quantization.ptq import analyze, timesteps_of
-from quantization.ptq import quantize_denoiser as _quantize_denoiser
-from quantization.report import write_report
-from quantization.sensitivity import Measurer
-from quantization.types import RECIPES, Recipe, get_recipe
+from quantization.artifact import (
+    DTYPES,
+    load_quantized,
+    open_source,
+    read_analysis,
+    save_analysis,
+    save_artifact,
+)
+from quantization.blocks import denoiser_attr, denoiser_swapped
+from quantization.calibration import SEEDS, Conditions, record_calibration, resolve_conditions
+from quantization.cost import Effort, Shape, Timings, WorkPlan, choose_effort, estimate
+from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
+from quantization.options import QuantizeOptions, Resolved, resolve
+from quantization.plan import LayerPlan, specs_of
+from quantization.probe import probe
+from quantization.progress import Progress, Silent
+from quantization.recording import record_trajectory, recorded_steps
+from quantization.report import AnalysisReport, rounded, write_report
+from quantization.table import Journal, SensitivityTable, Unit
+from quantization.types import RECIPES, Recipe, get_recipe, level_spec
 
 __all__ = [
-    "Analysis",
-    "Result",
-    "Settings",
+    "Quantized",
     "analyze_pipeline",
     "load_quantized",
     "open_source",
     "quantize",
-    "vs_step_series",
 ]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How to calibrate, measure and plan, beyond the recipe. ``None``: the default named."""
-
-    backend: str | None = None  # None: the recipe's default backend
-    granularity: str | None = None  # None: the recipe's (types.GRANULARITIES)
-    calibration: str = "single-step"  # granularity "timestep" always calibrates multi-step
-    calibration_steps: int | None = None  # multi-step: K steps spread (None: every step)
-    calibration_prompts: int = 32
-    trajectory_prompts: int | None = None  # None: the recipe's
-    conditions: Conditions | None = None  # None: the digits data (embedded models only)
-    num_inference_steps: int | None = None  # None: the folder's / the pipeline's default
-    guidance_scale: float | None = None
-    target_sqnr_db: float | None = None  # None: the recipe's
-    budget_ratio: float | None = None  # None: the recipe's
-    budget_bytes: int | None = None
-    smoothing: bool = True
-    time_protection: bool = True
-    scope: str | None = None  # where relative SQNR is measured (ptq.SCOPES); None: the recipe's
-    guided: bool = False  # measure on the guided noise, not both branches' raw outputs
-    check_images: int = 8  # FP vs quantized images for the end-to-end numbers; 0: none
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """What the SQNR-driven planning found; ``raw`` is the whole JSON (sensitivity.json)."""
-
-    block_levels: dict[str, str]
-    predicted_sqnr_db: float | None
-    plan_sqnr_db: float | None
-    uniform_base_sqnr_db: float | None
-    worst_blocks: list[str]
-    time_sensitive_layers: list[str]
-    smoothed_layers: list[str]
-    treatment_gains: dict[str, float | None]
-    raw: dict = field(repr=False)
-
-    @classmethod
-    def of(cls, a: dict) -> Analysis:
-        return cls(
-            block_levels=a["global"]["block_levels"],
-            predicted_sqnr_db=a["global"]["predicted_sqnr_db"],
-            plan_sqnr_db=a["measured"]["plan_sqnr_db"],
-            uniform_base_sqnr_db=a["measured"]["uniform_base_sqnr_db"],
-            worst_blocks=a["worst_blocks"],
-            time_sensitive_layers=a["time_sensitive"]["layers"],
-            smoothed_layers=sorted(a["smoothing"]),
-            treatment_gains=a["treatment_gains"],
-            raw=a,
-        )
-
-    def summary(self) -> dict:
-        return {
-            "worst_blocks": self.worst_blocks,
-            "block_levels": self.block_levels,
-            "predicted_sqnr_db": self.predicted_sqnr_db,
-            "time_sensitive_layers": self.time_sensitive_layers,
-            "smoothed_layers": self.smoothed_layers,
-            "treatment_gains": self.treatment_gains,
-        }
-
-
 @dataclass
-class Result:
+class Quantized:
     """A quantized pipeline and how it was made and measured; ``save`` writes the artifact."""
 
     pipeline: object
-    denoiser: torch.nn.Module
+    denoiser: nn.Module
     plan: dict[str, LayerPlan]
     backend: str
     recipe: Recipe | None  # None: quantized by a given plan
-    analysis: Analysis | None
+    analysis: AnalysisReport | None
     calibration: dict
     sampling: dict
     measured: dict
     source: str
     seconds: float
+    work: dict = field(default_factory=dict)
     trajectory_series: dict = field(default_factory=dict, repr=False)
-    plan_origin: str = "a given plan"  # what the manifest says of a plan's provenance
+    plan_origin: str = "a given plan"
+    table: SensitivityTable | None = field(default=None, repr=False)
     _fp: object = field(default=None, repr=False)
+    _saved: dict = field(default_factory=dict, repr=False)  # what save_analysis writes
 
     def manifest(self) -> dict:
         return {
@@ -149,11 +108,16 @@ class Result:
             "sampling": self.sampling,
             "sensitivity": None if self.analysis is None else self.analysis.summary(),
             "measured": self.measured,
+            "work": self.work,
         }
 
     def save(self, out: str | Path) -> dict:
-        """Write the artifact folder (weights, plan, manifest, report); returns the manifest."""
+        """Write the artifact folder (weights, plan, manifest, report, and the analysis a
+        later ``quantize --analysis`` plans from); returns the manifest."""
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.table is not None and self._saved:
+            save_analysis(out / "analysis", self.table, self.analysis, **self._saved)
         written = save_artifact(
             out,
             self._fp,
@@ -166,14 +130,13 @@ class Result:
         src = Path(self.source)
         if src.is_dir() and (src / DEFAULTS_FILE).is_file():
             (out / DEFAULTS_FILE).write_text((src / DEFAULTS_FILE).read_text())
-        raw = None if self.analysis is None else self.analysis.raw
-        if raw is not None:
-            (out / "sensitivity.json").write_text(json.dumps(raw, indent=1) + "\n")
-        (out / "report.md").write_text(write_report(out, written, raw, self.trajectory_series))
+        (out / "report.md").write_text(
+            write_report(out, written, self.analysis, self.trajectory_series)
+        )
         return written
 
 
-def _dtype_name(module: torch.nn.Module) -> str:
+def _dtype_name(module: nn.Module) -> str:
     names = {dtype: name for name, dtype in DTYPES.items()}
     floats = [p.dtype for p in module.parameters() if p.dtype in names]
     floats += [b.dtype for b in module.buffers() if b.dtype in names]
@@ -184,76 +147,167 @@ def _source_of(pipe) -> str:
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
 
 
-@dataclass
-class _Prepared:
-    attr: str
-    steps: int
-    guidance: float
-    conditions: Conditions
-    calibration: Calibration
-    measurer: Measurer
+def _with_denoiser(pipe, attr: str, denoiser: nn.Module):
+    """A pipeline sharing ``pipe``'s other components, with ``denoiser`` in place."""
+    new = copy.copy(pipe)
+    new.register_modules(**{attr: denoiser})
+    return new
 
 
-def _prepare(pipe, source: str, s: Settings, recipe: Recipe, backend: str, progress) -> _Prepared:
-    attr = denoiser_attr(pipe)
-    steps, guidance = sampling_settings(source, s.num_inference_steps, s.guidance_scale, pipe)
-    conditions = s.conditions or resolve_conditions(pipe, source)
-    # scales per timestep range are calibrated on steps across the schedule
-    kind = "multi-step" if recipe.granularity == "timestep" else s.calibration
-    progress(f"calibration: {kind}, {s.calibration_prompts} conditions")
-    calib = record_calibration(
-        pipe,
-        attr,
-        conditions.pick(pipe, s.calibration_prompts, "calibration"),
-        kind=kind,
-        k=s.calibration_steps,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
+def _as_applied(plan: dict[str, LayerPlan], model: nn.Module, backend) -> dict[str, LayerPlan]:
+    """The plan with the group sizes the layers really got (a group wider than a row: per row)."""
+    applied = backend.layer_specs(model)
+    return {n: replace(lp, group_size=applied[n].group_size) for n, lp in plan.items()}
+
+
+class _Run:
+    """One quantization or analysis of one pipeline: resolved settings, the denoiser, its
+    units, the probe's timings, and the stages in the order they run."""
+
+    def __init__(self, pipe, source: str, r: Resolved, progress: Progress) -> None:
+        self.pipe, self.source, self.r, self.progress = pipe, source, r, progress
+        self.attr = denoiser_attr(pipe)
+        self.denoiser: nn.Module = getattr(pipe, self.attr).eval()
+        self.backend = backends.get(r.backend)
+        self.units = {
+            k: find_units(self.denoiser, self.backend.LAYERS, k) for k in ("block", "module")
+        }
+        self.layers = [layer for u in self.units["block"] for layer in u.layers]
+        if not self.layers:
+            raise ValueError(f"{source}: no layer the {r.backend} backend quantizes")
+        self.guided = r.guidance > 1.0
+
+    def seeds(self, use: str, n: int) -> list[int]:
+        return [SEEDS[use] + i for i in range(n)]
+
+    def latents(self, model: nn.Module, conditions: list, use: str) -> torch.Tensor:
+        with denoiser_swapped(self.pipe, model):
+            return final_latents(
+                self.pipe,
+                conditions,
+                self.seeds(use, len(conditions)),
+                num_inference_steps=self.r.steps,
+                guidance_scale=self.r.guidance,
+            )
+
+    def timings(self, levels: dict) -> Timings:
+        one = self.r.conditions.pick(self.pipe, 1, "trajectory")
+        stage = self.progress.stage("probe", 1, "call")
+        t, _ = probe(
+            self.denoiser,
+            lambda: final_latents(
+                self.pipe,
+                one,
+                self.seeds("trajectory", 1),
+                num_inference_steps=self.r.steps,
+                guidance_scale=self.r.guidance,
+            ),
+            [u.name for u in self.units["block"]],
+            self.backend,
+            levels,
+            lambda z: decode(self.pipe, z),
+        )
+        stage.update()
+        return t
+
+    def shape(self, levels: int, planned: bool, check_images: int) -> Shape:
+        order = list(self._timings.block_seconds)
+        return Shape(
+            steps=self.r.steps,
+            guided=self.guided,
+            units={
+                k: sorted((u.block for u in us), key=order.index) for k, us in self.units.items()
+            },
+            levels=levels,
+            static=self.r.recipe.static or self.r.smoothing,
+            multi_step_calibration=self.r.calibration == "multi-step",
+            planned=planned,
+            denoiser_gb=fp_bytes(self.denoiser, self.layers) / 1e9,
+            check_images=check_images,
+        )
+
+    def calibrate(self, prompts: int) -> tuple[ActivationStats, list, dict]:
+        """The calibration calls (single- or multi-step) and every layer's ranges on them."""
+        stage = self.progress.stage("calibration", 2, "pass")
+        conditions = self.r.conditions.pick(self.pipe, prompts, "calibration")
+        calib = record_calibration(
+            self.pipe,
+            self.attr,
+            conditions,
+            kind=self.r.calibration,
+            k=self.r.calibration_steps,
+            num_inference_steps=self.r.steps,
+            guidance_scale=self.r.guidance,
+        )
+        stage.update(detail=f"{len(calib.calls)} calls")
+        stats = collect_stats(self.denoiser, self.layers, calib.calls)
+        stage.update()
+        return stats, calib.calls, calib.summary()
+
+
+def _uniform_check_images(run: _Run, t: Timings, given: int | None) -> tuple[int, WorkPlan]:
+    for n in [given] if given is not None else [8, 4, 2, 1, 0]:
+        work = estimate(None, run.shape(1, False, n), t)
+        if given is not None or work.seconds <= run.r.max_minutes * 60:
+            return n, work
+    return 0, estimate(None, run.shape(1, False, 0), t)
+
+
+def _check_images(run: _Run, model: nn.Module, n: int) -> dict:
+    """A few images, FP and quantized, same seeds: latent SQNR and image PSNR."""
+    if n <= 0:
+        return {}
+    stage = run.progress.stage("check images", 2, "sampling")
+    conditions = run.r.conditions.pick(run.pipe, n, "check")
+    kw = {
+        "seed": SEEDS["check"],
+        "num_inference_steps": run.r.steps,
+        "guidance_scale": run.r.guidance,
+    }
+    fp = sample(run.pipe, conditions, **kw)
+    stage.update()
+    with denoiser_swapped(run.pipe, model):
+        q = sample(run.pipe, conditions, **kw)
+    stage.update()
+    return {
+        "check_images": n,
+        "check_conditions": "check",
+        "sqnr_latent_db": rounded(sqnr_db(fp.latents, q.latents)),
+        "psnr_db": rounded(psnr_db(fp.images, q.images)),
+    }
+
+
+def _prepare(
+    pipeline,
+    source: str | None,
+    recipe: str | Recipe,
+    options: QuantizeOptions,
+    from_analysis: bool = False,
+):
+    source = source or _source_of(pipeline)
+    steps, guidance = sampling_settings(
+        source, options.num_inference_steps, options.guidance_scale, pipeline
     )
-    n = recipe.trajectory_prompts if s.trajectory_prompts is None else s.trajectory_prompts
-    progress(f"FP trajectory of {n} conditions to measure on")
-    measured_on = conditions.pick(pipe, n, "trajectory")
-    traj = record_trajectory(
-        pipe, attr, measured_on, num_inference_steps=steps, guidance_scale=guidance
-    )
-    sampler = trajectory_sampler(
-        pipe, measured_on, num_inference_steps=steps, guidance_scale=guidance
-    )
-    guide = guided_prediction(pipe, guidance) if s.guided else None
-    measurer = Measurer(
-        getattr(pipe, attr), calib.calls, traj.calls, backend, sampler, traj.latents, guide
-    )
-    return _Prepared(attr, steps, guidance, conditions, calib, measurer)
-
-
-def _recipe_and_backend(recipe: str | Recipe, s: Settings) -> tuple[Recipe, str]:
-    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    r = r.with_granularity(s.granularity)
-    return r, s.backend or r.backend
-
-
-def _analyze(prep: _Prepared, recipe: Recipe, s: Settings, progress):
-    return analyze(
-        prep.measurer,
+    conditions = options.conditions or resolve_conditions(pipeline, source)
+    r = resolve(
+        options,
         recipe,
-        target_sqnr_db=recipe.target_sqnr_db if s.target_sqnr_db is None else s.target_sqnr_db,
-        budget_ratio=recipe.budget_ratio if s.budget_ratio is None else s.budget_ratio,
-        budget_bytes=s.budget_bytes,
-        smoothing_on=s.smoothing and recipe.smoothing,
-        time_protection_on=s.time_protection and recipe.protect_time_sensitive,
-        scope=s.scope or recipe.scope,
-        progress=progress,
+        steps=steps,
+        guidance=guidance,
+        conditions=conditions,
+        from_analysis=from_analysis,
     )
+    return source, r
 
 
 def quantize(
     pipeline,
     recipe_or_plan: str | Recipe | dict[str, LayerPlan],
     *,
-    settings: Settings = Settings(),
+    options: QuantizeOptions = QuantizeOptions(),
     source: str | None = None,
-    progress=lambda message: None,
-) -> Result:
+    progress: Progress | None = None,
+) -> Quantized:
     """Quantize ``pipeline``'s denoiser by a recipe (its name or a Recipe) or a plan.
 
     The FP pipeline is left as it was. ``source`` names the folder or hub id it came from
@@ -261,147 +315,516 @@ def quantize(
     settings, and an embedded model's digits data the calibration conditions.
     """
     start = time.perf_counter()
-    source = source or _source_of(pipeline)
-    by_plan = isinstance(recipe_or_plan, dict)
-    if by_plan:
-        if not recipe_or_plan:
-            raise ValueError("an empty plan quantizes nothing")
-        grain = {lp.spec.granularity for lp in recipe_or_plan.values()} - {None}
-        recipe, backend = None, settings.backend or ("torchao" if "token" in grain else "quanto")
-        base = get_recipe("w8a8-static").with_granularity(
-            "timestep" if "timestep" in grain else None
-        )
-    else:
-        recipe, backend = _recipe_and_backend(recipe_or_plan, settings)
-        base = recipe
-    progress(f"loading calibration data ({backend})")
-    prep = _prepare(pipeline, source, settings, base, backend, progress)
-    analysis = None
-    if by_plan:
-        progress("quantizing by the given plan")
-        done = _quantize_denoiser(
-            prep.measurer.denoiser,
-            base,
-            prep.calibration.calls,
-            plan=recipe_or_plan,
-            backend=backend,
-        )
-    elif recipe.mixed_precision:
-        done = _analyze(prep, recipe, settings, progress)
-        analysis = Analysis.of(done.analysis)
-    else:
-        progress(f"quantizing: {recipe.name}")
-        done = _quantize_denoiser(
-            prep.measurer.denoiser, recipe, prep.calibration.calls, backend=backend
-        )
-    progress("measuring: denoiser SQNR on the trajectory, images against FP")
-    variant = prep.measurer.measure(done.model, layers=list(done.plan))
-    measured = {
-        "denoiser_sqnr_db": _finite(variant.sqnr_db),
-        **_end_to_end(pipeline, prep, done.model, settings.check_images),
-    }
-    if analysis is not None:
-        series = vs_step_series(analysis.raw)
-    else:
-        label = recipe.name if recipe is not None else "plan"
-        series = {
-            "timesteps": timesteps_of(prep.measurer.trajectory),
-            "series": {label: [_finite(x) for x in variant.sqnr_by_step.values()]},
-        }
-    return Result(
-        pipeline=_with_denoiser(pipeline, prep.attr, done.model),
-        denoiser=done.model,
-        plan=done.plan,
-        backend=backend,
-        recipe=recipe,
-        analysis=analysis,
-        calibration={
-            **prep.calibration.summary(),
-            "conditions": prep.conditions.summary(),
-            "quantize_seconds": round(done.seconds, 3),
-        },
-        sampling={"num_inference_steps": prep.steps, "guidance_scale": prep.guidance},
+    progress = progress or Silent()
+    if isinstance(recipe_or_plan, dict):
+        return _by_plan(pipeline, recipe_or_plan, options, source, progress, start)
+    recipe = get_recipe(recipe_or_plan) if isinstance(recipe_or_plan, str) else recipe_or_plan
+    if recipe.mixed_precision:
+        # quantize needs no detail pass; analyze has one unless told otherwise
+        options = replace(options, detail=bool(options.detail))
+        return _analyzed(pipeline, recipe, options, source, progress, start)
+    source, r = _prepare(pipeline, source, recipe, options)
+    run = _Run(pipeline, source, r, progress)
+    base = r.recipe.base_spec()
+    run._timings = run.timings({base.level: lambda layer: base})
+    n, work = _uniform_check_images(run, run._timings, r.check_images)
+    progress.plan(work)
+    stats, calls, calibration = (None, [], {"kind": "none: per-token activations"})
+    if r.recipe.static:
+        stats, calls, calibration = run.calibrate(32)
+    stage = progress.stage("quantize", 1, "model")
+    units = run.units["block"]
+    plan = uniform_plan(units, r.recipe)
+    model = _quantized_copy(run, stats, specs_of(plan), {})
+    stage.update()
+    measured = _check_images(run, model, n)
+    return Quantized(
+        pipeline=_with_denoiser(pipeline, run.attr, model),
+        denoiser=model,
+        plan=_as_applied(plan, model, run.backend),
+        backend=r.backend,
+        recipe=r.recipe,
+        analysis=None,
+        calibration={**calibration, "conditions": r.conditions.summary()},
+        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
         measured=measured,
         source=str(source),
         seconds=time.perf_counter() - start,
-        trajectory_series=series,
+        work={
+            "estimate": work.to_json(),
+            "actual": progress.done() if hasattr(progress, "done") else {},
+        },
         _fp=pipeline,
     )
+
+
+def _quantized_copy(run: _Run, stats: ActivationStats | None, specs, smoothing) -> nn.Module:
+    model = copy.deepcopy(run.denoiser).eval()
+    ranges = {}
+    for name, spec in specs.items():
+        if spec.activations is not None and spec.granularity != "token":
+            if stats is None:
+                raise ValueError("static activations need calibration")
+            ranges[name] = stats.input_range(
+                name, smoothing.get(name), 4 if spec.granularity == "timestep" else 1
+            )
+    run.backend.quantize_layers(model, specs, ranges, smoothing)
+    return model
+
+
+def _by_plan(pipeline, plan: dict[str, LayerPlan], options, source, progress, start) -> Quantized:
+    if not plan:
+        raise ValueError("an empty plan quantizes nothing")
+    grain = {lp.spec.granularity for lp in plan.values()} - {None}
+    backend = options.backend or ("torchao" if "token" in grain else "quanto")
+    base = get_recipe("w8a8-static").with_granularity("timestep" if "timestep" in grain else None)
+    source, r = _prepare(pipeline, source, base, replace(options, backend=backend))
+    run = _Run(pipeline, source, r, progress)
+    stats, calls, calibration = (None, [], {"kind": "none: per-token activations"})
+    if grain - {"token"}:
+        stats, calls, calibration = run.calibrate(options.calibration_prompts or 32)
+    smoothed = [n for n, lp in plan.items() if lp.smoothing_alpha is not None]
+    smoothing = {}
+    if smoothed:
+        from quantization.smoothing import smoothing_scales, weight_channel_absmax
+
+        assert stats is not None
+        smoothing = {
+            n: smoothing_scales(
+                stats.channel_absmax(n),
+                weight_channel_absmax(run.denoiser.get_submodule(n).weight),
+                plan[n].smoothing_alpha or 0.5,
+            )
+            for n in smoothed
+        }
+    model = _quantized_copy(run, stats, specs_of(plan), smoothing)
+    measured = _check_images(run, model, 8 if r.check_images is None else r.check_images)
+    return Quantized(
+        pipeline=_with_denoiser(pipeline, run.attr, model),
+        denoiser=model,
+        plan=_as_applied(plan, model, run.backend),
+        backend=backend,
+        recipe=None,
+        analysis=None,
+        calibration={**calibration, "conditions": r.conditions.summary()},
+        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+        measured=measured,
+        source=str(source),
+        seconds=time.perf_counter() - start,
+        _fp=pipeline,
+    )
+
+
+def _measured_levels(recipe: Recipe) -> list[str]:
+    return [lv for lv in recipe.levels if lv != "float"]
+
+
+def _header(run: _Run, effort: Effort, trajectory: list, calibration: dict) -> dict:
+    r = run.r
+    return {
+        "source": run.source,
+        "recipe": r.recipe.name,
+        "granularity": r.recipe.granularity,
+        "backend": r.backend,
+        "unit": effort.unit,
+        "scope": effort.scope,
+        "guided": r.guided and run.guided,
+        "prompts": effort.prompts,
+        "recorded_steps": effort.recorded_steps,
+        "steps": r.steps,
+        "guidance": r.guidance,
+        "conditions": [str(c) if not isinstance(c, int) else c for c in trajectory],
+        "calibration": calibration,
+        "smoothing": r.smoothing,
+        "time_protection": r.time_protection,
+        "dtype": _dtype_name(run.denoiser),
+    }
+
+
+def _analyzed(
+    pipeline, recipe: Recipe, options: QuantizeOptions, source, progress, start
+) -> Quantized:
+    """The SQNR-driven recipes: probe, plan of work, calibrate, record, measure, check."""
+    source, r = _prepare(pipeline, source, recipe, options)
+    run = _Run(pipeline, source, r, progress)
+    levels = _measured_levels(r.recipe)
+    spec_at = {
+        lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
+        for lv in levels
+    }
+    run._timings = run.timings(spec_at)
+    shape = run.shape(len(levels), True, 0)
+    work, _ = choose_effort(shape, run._timings, r.max_minutes, r.forced)
+    effort = work.effort
+    assert effort is not None
+    progress.plan(work)
+
+    stats, calls, calibration = None, [], {"kind": "none: per-token activations"}
+    if shape.static:
+        stats, calls, calibration = run.calibrate(effort.calibration_prompts)
+    trajectory = r.conditions.pick(run.pipe, effort.prompts, "trajectory")
+    keep = recorded_steps(r.steps, effort.recorded_steps)
+    stage = progress.stage("trajectory", r.steps, "step")
+    recording = record_trajectory(
+        run.denoiser,
+        lambda: run.latents(run.denoiser, trajectory, "trajectory"),
+        keep=keep,
+        blocks=[u.name for u in run.units["block"]],
+        layers=run.layers,
+        progress=lambda step: stage.update(),
+    )
+    guide = guided_prediction(run.pipe, r.guidance) if r.guided else None
+    measurer = Measurer(
+        run.denoiser,
+        recording,
+        run.backend,
+        calibration=stats,
+        calibration_calls=calls,
+        guide=guide,
+        sampler=lambda model: run.latents(model, trajectory, "trajectory"),
+    )
+    units = run.units[effort.unit]
+    stage = progress.stage("treatments", 1, "pass")
+    treatments = choose_treatments(measurer, units, r.recipe, r.smoothing, r.time_protection)
+    stage.update()
+
+    header = _header(run, effort, trajectory, calibration)
+    journal = Journal(r.analysis_dir, header, r.resume)
+    table = SensitivityTable(
+        measured_on={**header, "sampling_seconds": round(recording.seconds, 2)},
+        units=units,
+        levels=list(r.recipe.levels),
+    )
+    table.fixed_bytes = backends.tensor_bytes(
+        {k: v for k, v in run.denoiser.state_dict().items() if v is not None}
+    ) - fp_bytes(run.denoiser, run.layers)
+    done_before = len(journal.done)
+    stage = progress.stage("sensitivity", len(units) * len(table.levels), "unit x level")
+    if done_before:
+        progress.note(f"resuming: {done_before} unit x level rows from {journal.path}")
+    measure_sensitivity(
+        measurer,
+        table,
+        units,
+        r.recipe,
+        treatments,
+        effort.scope,
+        journal,
+        progress=lambda unit: stage.update(detail=unit),
+    )
+    budget = _budget(table, r)
+    stage = progress.stage("checks", effort.checks, "check")
+    checked = check(
+        measurer,
+        table,
+        units,
+        r.recipe,
+        treatments,
+        target_sqnr_db=r.target_sqnr_db,
+        budget_bytes=budget,
+        checks=effort.checks,
+        refine=effort.refine,
+        journal=journal,
+        progress=lambda message: stage.update(0, message),
+    )
+    stage.update(len(table.checks))
+    extra = _detail(measurer, run, units, table, treatments, progress) if effort.detail else {}
+    images = decode(run.pipe, recording.latents), decode(run.pipe, checked.latents)
+    measured = {
+        "check_images": len(trajectory),
+        "check_conditions": "trajectory",
+        "sqnr_latent_db": rounded(checked.latent_sqnr_db),
+        "psnr_db": rounded(psnr_db(*images)),
+        "denoiser_sqnr_db": rounded(checked.replayed_sqnr_db),
+    }
+    timesteps = [rounded(t) for t in recording.timesteps]
+    series = {"plan": [rounded(x) for x in checked.by_step.values()]}
+    if "uniform_base_by_step" in extra:
+        series["uniform base"] = extra.pop("uniform_base_by_step")
+    report = _report(
+        run, effort, table, treatments, checked, budget, measured, work, extra, timesteps, series
+    )
+    report.work["actual"] = progress.done() if hasattr(progress, "done") else {}
+    model = checked.model
+    return Quantized(
+        pipeline=_with_denoiser(pipeline, run.attr, model),
+        denoiser=model,
+        plan=_as_applied(checked.plan, model, run.backend),
+        backend=r.backend,
+        recipe=r.recipe,
+        analysis=report,
+        calibration={**calibration, "conditions": r.conditions.summary()},
+        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+        measured=measured,
+        source=str(source),
+        seconds=time.perf_counter() - start,
+        work=report.work,
+        trajectory_series={"timesteps": timesteps, "series": series},
+        table=table,
+        _fp=pipeline,
+        _saved={"stats": stats, "treatments": treatments, "latents": recording.latents},
+    )
+
+
+def _budget(table: SensitivityTable, r: Resolved) -> int | None:
+    base = table.base_layer_bytes() + table.fixed_bytes
+    budget = r.budget_bytes
+    if budget is None and r.budget_ratio is not None:
+        budget = int(base * r.budget_ratio)
+    if budget is not None and budget < base:
+        raise ValueError(
+            f"budget of {budget} bytes is below the {base} bytes the base recipe already makes "
+            f"the denoiser ({table.fixed_bytes} of them stay float whatever the plan)"
+        )
+    return budget
+
+
+def _detail(
+    measurer: Measurer,
+    run: _Run,
+    units: list[Unit],
+    table: SensitivityTable,
+    treatments: Treatments,
+    progress,
+) -> dict:
+    """Accumulated SQNR per block, per-layer SQNR in the two worst units, treatments' gains."""
+    r = run.r
+    blocks = run.units["block"]
+    base = {u.name: r.recipe.levels[0] for u in blocks}
+    base_plan = plan_at_levels(blocks, base, r.recipe, treatments)
+    stage = progress.stage("detail", len(blocks) + 4, "replay")
+    accumulated = measurer.accumulated(
+        [b.name for b in blocks],
+        {b.name: {n: base_plan[n].spec for n in b.layers if n in base_plan} for b in blocks},
+        treatments.scales(base_plan),
+        progress=lambda: stage.update(),
+    )
+    gains: dict[str, float | None] = {}
+    variants = {
+        "uniform_base_sqnr_db": Treatments(),
+        "with_time_protection_sqnr_db": Treatments(time_sensitive=treatments.time_sensitive),
+        "with_smoothing_sqnr_db": Treatments(smoothing=treatments.smoothing),
+        "with_both_sqnr_db": treatments,
+    }
+    by_step = {}
+    for name, t in variants.items():
+        plan = plan_at_levels(blocks, base, r.recipe, t)
+        m = measurer.replayed(measurer.quantized_copy(specs_of(plan), t.scales(plan)))
+        gains[name] = rounded(m.sqnr_db)
+        if name == "uniform_base_sqnr_db":
+            by_step = m.by_step
+        stage.update()
+    level = r.recipe.levels[0]
+    worst = sorted(units, key=lambda u: _finite_or_inf(table.entries[(u.name, level)].sqnr_db))[:2]
+    per_layer = {}
+    for u in worst:
+        for layer in u.layers:
+            if layer not in base_plan:
+                continue
+            local, at_block = measurer.layer(
+                layer, u.block, base_plan[layer].spec, treatments.scales({layer: base_plan[layer]})
+            )
+            per_layer[layer] = {
+                "layer_output_sqnr_db": rounded(local),
+                "block_output_sqnr_db": rounded(at_block),
+            }
+    stage.update()
+    return {
+        "accumulated_sqnr_db": {k: rounded(v) for k, v in accumulated.items()},
+        "treatment_gains": gains,
+        "per_layer_sqnr": per_layer,
+        "uniform_base_by_step": [rounded(x) for x in by_step.values()],
+    }
+
+
+def _report(
+    run, effort, table, treatments, checked, budget, measured, work, extra, timesteps, series
+) -> AnalysisReport:
+    r = run.r
+    relative = {
+        u.name: {
+            lv: {
+                "sqnr_db": table.entries[(u.name, lv)].sqnr_db,
+                "weight_bytes": table.entries[(u.name, lv)].weight_bytes,
+            }
+            for lv in table.levels
+        }
+        for u in table.units
+    }
+    report = AnalysisReport(
+        recipe=r.recipe.name,
+        backend=r.backend,
+        scope=effort.scope,
+        unit=effort.unit,
+        guided=table.measured_on["guided"],
+        effort=asdict(effort),
+        levels=list(table.levels),
+        units=[u.name for u in table.units],
+        relative_sqnr=relative,
+        end_to_end=table.end_to_end,
+        time_sensitive={
+            "threshold_octaves": TIME_DRIFT_OCTAVES,
+            "layers": sorted(treatments.time_sensitive),
+            "drift_octaves": {
+                n: round(d, 3) for n, d in sorted(treatments.drifts.items(), key=lambda kv: -kv[1])
+            },
+        },
+        smoothing={
+            n: {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in s.items()
+                if k != "scale"
+            }
+            for n, s in treatments.smoothing.items()
+        },
+        target_sqnr_db=r.target_sqnr_db,
+        budget_bytes=budget,
+        budget_ratio=r.budget_ratio,
+        fixed_bytes=table.fixed_bytes,
+        base_denoiser_bytes=table.base_layer_bytes() + table.fixed_bytes,
+        plan_denoiser_bytes=checked.choice.weight_bytes + table.fixed_bytes,
+        predicted_sqnr_db=rounded(checked.choice.predicted_sqnr_db),
+        block_levels=dict(checked.choice.levels),
+        promotions=[
+            {
+                "block": p.block,
+                "to": p.to_level,
+                "predicted_sqnr_db": rounded(p.predicted_sqnr_db),
+                "layer_bytes": p.weight_bytes,
+            }
+            for p in checked.choice.promotions
+        ],
+        checks=[asdict(c) for c in table.checks],
+        offset_db=table.offset_db,
+        measured=measured,
+        sqnr_vs_step={"timesteps": timesteps, "series": series},
+        frontier=frontier(table),
+        work={"estimate": work.to_json()},
+        accumulated_sqnr_db=extra.get("accumulated_sqnr_db", {}),
+        per_layer_sqnr=extra.get("per_layer_sqnr", {}),
+        treatment_gains=extra.get("treatment_gains", {}),
+    )
+    return report
 
 
 def analyze_pipeline(
     pipeline,
     recipe: str | Recipe = "w4a8-sqnr",
     *,
-    settings: Settings = Settings(),
+    options: QuantizeOptions = QuantizeOptions(),
     source: str | None = None,
-    progress=lambda message: None,
-) -> tuple[Analysis, dict[str, LayerPlan], dict]:
-    """The sensitivity analysis of an SQNR-driven recipe, without measuring end to end:
-    (analysis, plan, the manifest-like summary report.md is written from)."""
-    source = source or _source_of(pipeline)
-    r, backend = _recipe_and_backend(recipe, settings)
+    progress: Progress | None = None,
+) -> Quantized:
+    """The sensitivity analysis of an SQNR-driven recipe and the plan it leads to (checked end
+    to end); ``options.analysis_dir`` keeps its journal, ``save_analysis`` the rest."""
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if not r.mixed_precision:
         mixed = [x.name for x in RECIPES.values() if x.mixed_precision]
         raise ValueError(
             f"analyze studies an SQNR-driven recipe ({', '.join(mixed)}), not {r.name}"
         )
-    prep = _prepare(pipeline, source, settings, r, backend, progress)
-    done = _analyze(prep, r, settings, progress)
-    summary = {
-        "source": str(source),
-        "backend": backend,
-        "recipe": asdict(r),
-        "calibration": {**prep.calibration.summary(), "quantize_seconds": done.seconds},
-        "measured": done.analysis["measured"],
-        "sizes": {"plan_layer_bytes": done.analysis["measured"]["plan_layer_bytes"]},
+    return quantize(pipeline, r, options=options, source=source, progress=progress)
+
+
+def quantize_from_analysis(
+    pipeline,
+    folder: str | Path,
+    *,
+    options: QuantizeOptions = QuantizeOptions(),
+    source: str | None = None,
+    progress: Progress | None = None,
+    point: int | None = None,
+) -> Quantized:
+    """Plan again from a saved analysis (``analyze --out``, or an artifact's ``analysis/``)
+    to another target or budget, or to a frontier ``point``: no sensitivity is measured."""
+    start = time.perf_counter()
+    progress = progress or Silent()
+    saved = read_analysis(Path(folder))
+    table: SensitivityTable = saved["table"]
+    on = table.measured_on
+    recipe = get_recipe(on["recipe"]).with_granularity(on["granularity"])
+    options = replace(
+        options,
+        backend=options.backend or on["backend"],
+        num_inference_steps=options.num_inference_steps or on["steps"],
+        guidance_scale=options.guidance_scale or on["guidance"],
+        smoothing=on["smoothing"],
+        time_protection=on["time_protection"],
+        conditions=options.conditions
+        or Conditions(
+            "classes" if all(isinstance(c, int) for c in on["conditions"]) else "prompts",
+            tuple(on["conditions"]),
+            f"{folder}",
+        ),
+    )
+    source, r = _prepare(pipeline, source, recipe, options, from_analysis=True)
+    if r.backend != on["backend"]:
+        raise ValueError(f"the analysis was measured on {on['backend']}, not {r.backend}")
+    run = _Run(pipeline, source, r, progress)
+    progress.note(
+        f"planning from {folder}: no new sensitivity measurement (measured on {len(table.units)} {on['unit']}s x {len(table.levels)} levels)"
+    )
+    units = table.units
+    treatments: Treatments = saved["treatments"]
+    points = frontier(table)
+    if point is not None:
+        if not 0 <= point < len(points):
+            raise ValueError(f"--point must lie in 0..{len(points) - 1}")
+        budget, target = points[point]["denoiser_bytes"], None
+    else:
+        budget, target = _budget(table, r), r.target_sqnr_db
+    choice = choose(table, target, budget)
+    took = max(
+        (p for p in points if p["denoiser_bytes"] <= choice.weight_bytes + table.fixed_bytes),
+        key=lambda p: p["point"],
+    )
+    progress.note(
+        f"took the frontier's point {took['point']}: {choice.weight_bytes + table.fixed_bytes} bytes, "
+        f"predicted {rounded(choice.predicted_sqnr_db)} dB"
+    )
+    plan = plan_at_levels(units, choice.levels, recipe, treatments)
+    stage = progress.stage("quantize", 1, "model")
+    model = _quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
+    stage.update()
+    measured: dict = {
+        "predicted_sqnr_db": rounded(choice.predicted_sqnr_db),
+        "frontier_point": took["point"],
     }
-    return Analysis.of(done.analysis), done.plan, summary
+    seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
+    fp_latents = saved["latents"]
+    per_sampling = on.get("sampling_seconds")
+    if fp_latents is not None and (per_sampling is None or per_sampling < seconds_left):
+        stage = progress.stage("check", 1, "sampling")
+        conditions = list(on["conditions"])
+        q = run.latents(model, conditions, "trajectory")
+        stage.update()
+        measured.update(
+            {
+                "check_images": len(conditions),
+                "check_conditions": "trajectory",
+                "sqnr_latent_db": rounded(sqnr_db(fp_latents, q)),
+                "psnr_db": rounded(psnr_db(decode(run.pipe, fp_latents), decode(run.pipe, q))),
+            }
+        )
+    else:
+        progress.note("end-to-end check skipped: it does not fit --max-minutes")
+    return Quantized(
+        pipeline=_with_denoiser(pipeline, run.attr, model),
+        denoiser=model,
+        plan=_as_applied(plan, model, run.backend),
+        backend=r.backend,
+        recipe=recipe,
+        analysis=None,
+        calibration={**on["calibration"], "conditions": r.conditions.summary()},
+        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+        measured=measured,
+        source=str(source),
+        seconds=time.perf_counter() - start,
+        plan_origin=f"planned from {folder}",
+        work={"actual": progress.done() if hasattr(progress, "done") else {}},
+        _fp=pipeline,
+    )
 
 
-def vs_step_series(analysis: dict) -> dict:
-    s = analysis["sqnr_vs_step"]
-    return {
-        "timesteps": s["timesteps"],
-        "series": {
-            k: v
-            for k, v in (
-                ("uniform base", s["uniform_base"]),
-                ("base + local treatments", s["base_with_treatments"]),
-                ("plan", s["plan"]),
-            )
-            if v is not None
-        },
-    }
-
-
-def _with_denoiser(pipe, attr: str, denoiser: torch.nn.Module):
-    """A pipeline sharing ``pipe``'s other components, with ``denoiser`` in place."""
-    new = copy.copy(pipe)
-    new.register_modules(**{attr: denoiser})
-    return new
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isinf(x) or math.isnan(x) else round(x, 3)
-
-
-@torch.no_grad()
-def _end_to_end(pipe, prep: _Prepared, quantized, n: int) -> dict:
-    """A few images, FP and quantized, same seeds: latent SQNR and image PSNR for the manifest."""
-    if n <= 0:
-        return {}
-    conditions = prep.conditions.pick(pipe, n, "check")
-    kw = {
-        "seed": SEEDS["check"],
-        "num_inference_steps": prep.steps,
-        "guidance_scale": prep.guidance,
-    }
-    fp = sample(pipe, conditions, **kw)
-    with denoiser_swapped(pipe, quantized):
-        q = sample(pipe, conditions, **kw)
-    return {
-        "check_images": n,
-        "sqnr_latent_db": _finite(sqnr_db(fp.latents, q.latents)),
-        "psnr_db": _finite(psnr_db(fp.images, q.images)),
-    }
+def _finite_or_inf(x: float | None) -> float:
+    return math.inf if x is None else x

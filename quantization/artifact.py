@@ -39,6 +39,8 @@ __all__ = [
     "denoiser_sizes",
     "load_quantized",
     "open_source",
+    "read_analysis",
+    "save_analysis",
     "save_artifact",
     "sha256_of",
 ]
@@ -160,7 +162,13 @@ def save_artifact(
     attr = denoiser_attr(fp_pipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_pipeline(fp_pipe, out)
+    fp_denoiser = getattr(fp_pipe, attr)
+    # the FP weights are not written only to be deleted (3 GB for DiT-XL/2): its config only
+    fp_denoiser.save_pretrained = lambda folder, **kw: fp_denoiser.save_config(folder)
+    try:
+        save_pipeline(fp_pipe, out)
+    finally:
+        del fp_denoiser.save_pretrained
     denoiser_dir = out / attr
     for stale in denoiser_dir.glob("diffusion_pytorch_model*"):
         stale.unlink()
@@ -280,3 +288,76 @@ def load_quantized(path: str | Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+ANALYSIS_TENSORS = "analysis.safetensors"
+ANALYSIS_JSON = "analysis.json"
+
+
+def save_analysis(folder: Path, table, report, *, stats, treatments, latents) -> None:
+    """What ``quantize --analysis`` plans from: the sensitivity table, the report, the
+    calibration ranges (per layer and call), the local treatments and FP's final latents of
+    the measuring conditions (safetensors and JSON)."""
+    from quantization.report import frontier_markdown, plot_frontier
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table.save(folder)
+    tensors: dict[str, torch.Tensor] = {"latents": latents.contiguous()}
+    meta: dict = {
+        "time_sensitive": sorted(treatments.time_sensitive),
+        "drifts": treatments.drifts,
+        "smoothing": {
+            n: {k: v for k, v in s.items() if k != "scale"} for n, s in treatments.smoothing.items()
+        },
+        "stats": None,
+    }
+    for n, s in treatments.smoothing.items():
+        tensors[f"smooth/{n}"] = s["scale"].contiguous()
+    if stats is not None:
+        meta["stats"] = {
+            "steps": stats.steps,
+            "timesteps": stats.timesteps,
+            "ndim": stats.ndim,
+            "calls": {n: len(v) for n, v in stats.channels.items()},
+        }
+        for n, values in stats.channels.items():
+            tensors[f"stats/{n}"] = torch.stack(values).contiguous()
+    save_file(tensors, folder / ANALYSIS_TENSORS)
+    (folder / ANALYSIS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    if report is not None:
+        (folder / "sensitivity.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        (folder / "frontier.md").write_text(frontier_markdown(report.frontier))
+        plot_frontier(report.frontier, folder / "frontier.png")
+
+
+def read_analysis(folder: Path) -> dict:
+    """``save_analysis``'s folder back: table, stats, treatments, latents."""
+    from quantization.activations import ActivationStats
+    from quantization.analysis import Treatments
+    from quantization.table import SensitivityTable
+
+    folder = Path(folder)
+    if (folder / "analysis" / ANALYSIS_JSON).is_file():  # an artifact's
+        folder = folder / "analysis"
+    if not (folder / ANALYSIS_JSON).is_file():
+        raise ArtifactError(f"{folder} holds no saved analysis ({ANALYSIS_JSON}): analyze --out it")
+    meta = json.loads((folder / ANALYSIS_JSON).read_text())
+    tensors = load_file(folder / ANALYSIS_TENSORS)
+    stats = None
+    if meta["stats"] is not None:
+        st = meta["stats"]
+        stats = ActivationStats(
+            steps=list(st["steps"]),
+            timesteps=list(st["timesteps"]),
+            channels={n: list(tensors[f"stats/{n}"].unbind(0)) for n in st["calls"]},
+            ndim={n: int(v) for n, v in st["ndim"].items()},
+        )
+    smoothing = {n: {**s, "scale": tensors[f"smooth/{n}"]} for n, s in meta["smoothing"].items()}
+    treatments = Treatments(set(meta["time_sensitive"]), dict(meta["drifts"]), smoothing)
+    return {
+        "table": SensitivityTable.load(folder),
+        "stats": stats,
+        "treatments": treatments,
+        "latents": tensors.get("latents"),
+    }

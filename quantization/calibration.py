@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from pipelines.generate import is_class_conditional, sample
-from quantization.blocks import denoiser_swapped
 from quantization.capture import Call, record_calls
 
 __all__ = [
@@ -31,10 +30,8 @@ __all__ = [
     "parse_classes",
     "read_prompts",
     "record_calibration",
-    "record_trajectory",
     "resolve_conditions",
     "steps_for",
-    "trajectory_sampler",
 ]
 
 CALIBRATION_KINDS = ("single-step", "multi-step")
@@ -220,44 +217,3 @@ def record_calibration(
     whole = len(finished) == -(-len(conditions) // batch_size)
     latents = torch.cat([f.latents for f in finished]) if whole and finished else None
     return Calibration(kind, steps, len(conditions), calls, seconds, latents)
-
-
-def record_trajectory(
-    pipe,
-    denoiser_attr: str,
-    conditions: list,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-) -> Calibration:
-    """Every step of the FP sampling of ``conditions``, in one batch: what SQNR is measured
-    on. Its ``latents`` are FP's for ``trajectory_sampler``'s comparisons."""
-    return record_calibration(
-        pipe,
-        denoiser_attr,
-        conditions,
-        kind="multi-step",
-        seed=SEEDS["trajectory"],
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        batch_size=len(conditions),
-    )
-
-
-def trajectory_sampler(pipe, conditions: list, *, num_inference_steps: int, guidance_scale: float):
-    """``sampler(denoiser) -> final latents``: ``pipe`` sampling the trajectory's conditions
-    and seeds with ``denoiser`` in place, as ``record_trajectory`` sampled them in FP."""
-
-    @torch.no_grad()
-    def sampler(denoiser):
-        with denoiser_swapped(pipe, denoiser):
-            return sample(
-                pipe,
-                conditions,
-                seed=SEEDS["trajectory"],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                batch_size=len(conditions),
-            ).latents
-
-    return sampler

@@ -1,21 +1,17 @@
-"""Forward hooks: record the denoiser's inputs at chosen sampling steps, replay them, and
-collect per-layer activation statistics. Torch only, no quantization backend here."""
+"""Forward hooks: record the denoiser's inputs at chosen sampling steps, and replay them.
+Torch only, no quantization backend here."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
     "Call",
-    "LayerStats",
     "denoiser_output",
     "detach",
-    "layer_stats",
     "record_calls",
     "replay",
     "timestep_of",
@@ -95,64 +91,3 @@ def denoiser_output(out) -> torch.Tensor:
 def replay(denoiser: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
     """Feed recorded inputs to a (possibly quantized) denoiser; one output per call."""
     return [denoiser_output(denoiser(*c.args, **c.kwargs)) for c in calls]
-
-
-@dataclass
-class LayerStats:
-    """Per layer: input absmax per input channel (over all calls), and per-step in/out absmax."""
-
-    channel_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
-    input_absmax_by_step: dict[str, dict[int, float]] = field(
-        default_factory=lambda: defaultdict(dict)
-    )
-    output_absmax_by_step: dict[str, dict[int, float]] = field(
-        default_factory=lambda: defaultdict(dict)
-    )
-
-
-@contextmanager
-def _layer_hooks(model: nn.Module, layers: list[str], on_forward):
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda m, args, out, name=name: on_forward(name, args[0], out)
-        )
-        for name in layers
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| per input channel: dim 1 of a conv input (NCHW), the last dim of a linear's."""
-    dim = 1 if x.dim() == 4 else -1
-    return x.abs().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
-
-
-@torch.no_grad()
-def layer_stats(denoiser: nn.Module, layers: list[str], calls: list[Call]) -> LayerStats:
-    """Activation ranges of the given Linear / Conv2d layers while replaying ``calls``."""
-    stats = LayerStats()
-    current = [0]
-
-    def on_forward(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        per_channel = channel_absmax(x)
-        prev = stats.channel_absmax.get(name)
-        stats.channel_absmax[name] = (
-            per_channel if prev is None else torch.maximum(prev, per_channel)
-        )
-        step = current[0]
-        stats.input_absmax_by_step[name][step] = max(
-            stats.input_absmax_by_step[name].get(step, 0.0), float(x.abs().max())
-        )
-        stats.output_absmax_by_step[name][step] = max(
-            stats.output_absmax_by_step[name].get(step, 0.0), float(y.abs().max())
-        )
-
-    with _layer_hooks(denoiser, layers, on_forward):
-        for call in calls:
-            current[0] = call.step
-            denoiser(*call.args, **call.kwargs)
-    return stats

@@ -28,26 +28,6 @@ digits data; any other model needs --prompts FILE (text-to-image) or --classes (
 """
 
 
-class Stages:
-    """A progress bar over the named stages of a command, on stderr."""
-
-    def __init__(self, total: int, title: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=title, file=sys.stderr, leave=True, dynamic_ncols=True)
-        self.started = False
-
-    def __call__(self, message: str) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.started = True
-        self.bar.set_postfix_str(message[:70])
-
-    def close(self) -> None:
-        self.bar.update(self.bar.total - self.bar.n)
-        self.bar.close()
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="pipeline folder or hub id")
     p.add_argument(
@@ -87,23 +67,49 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="multi-step: K steps spread over the schedule (default: every step)",
     )
-    p.add_argument(
-        "--calibration-prompts",
-        type=int,
-        default=32,
-        help="calibration prompts / labels (default 32)",
+    effort = p.add_argument_group(
+        "effort (default: the most thorough that fits --max-minutes, chosen from one timed call)"
     )
-    p.add_argument(
+    effort.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget for the whole run (default 20; quantize --analysis: 3); refused, with "
+        "what would fit, when nothing does",
+    )
+    effort.add_argument("--calibration-prompts", type=int, help="calibration prompts / labels")
+    effort.add_argument(
         "--trajectory-prompts",
         type=int,
-        help="prompts whose full FP trajectory SQNR is measured on (default: the recipe's, 8 "
-        "or 32)",
+        help="conditions of the recorded FP trajectory that sensitivity and checks measure on",
+    )
+    effort.add_argument(
+        "--recorded-steps", type=int, help="steps of that trajectory recorded, spread over it"
+    )
+    effort.add_argument(
+        "--unit", choices=("module", "block"), help="what the planner gives a level to"
+    )
+    effort.add_argument(
+        "--scope",
+        choices=("denoiser", "block"),
+        help="a unit's relative SQNR from the recording: at the denoiser output (the blocks "
+        "before it replayed) or at its block's output (cheapest)",
+    )
+    effort.add_argument("--checks", type=int, help="end-to-end samplings of the plan, at most")
+    effort.add_argument(
+        "--refine", type=int, help="units a check blames, measured end to end, per check"
+    )
+    effort.add_argument(
+        "--detail",
+        action=argparse.BooleanOptionalAction,
+        help="accumulated SQNR, per-layer SQNR and the treatments' gains",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="go on from the journal an interrupted run left"
     )
     p.add_argument(
         "--target-sqnr",
         type=float,
-        help="SQNR-driven recipes: predicted SQNR to reach, dB (at the denoiser output, or of "
-        "the final latents for scope end-to-end; default: the recipe's)",
+        help="SQNR-driven recipes: SQNR of the final latents to reach, dB (default: the recipe's)",
     )
     p.add_argument(
         "--budget-ratio",
@@ -137,17 +143,10 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         "token (dynamic, torchao); default: the recipe's",
     )
     p.add_argument(
-        "--scope",
-        choices=("denoiser", "block", "end-to-end"),
-        help="SQNR-driven recipes: measure a unit's relative SQNR at the denoiser output, at "
-        "its own output run alone (fast, for full-size models), or on the final latents of "
-        "sampling (default: the recipe's)",
-    )
-    p.add_argument(
-        "--guided",
+        "--raw-outputs",
         action="store_true",
-        help="scopes denoiser and block: compare the guided noise the sampler uses, "
-        "uncond + g (cond - uncond), rather than the raw output of both branches",
+        help="scope denoiser: compare the raw output of both guidance branches rather than "
+        "the guided noise uncond + g (cond - uncond) the sampler steps with",
     )
     p.add_argument(
         "--dtype",
@@ -176,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", default="w4a8-sqnr", help="base recipe of the analysis (default w4a8-sqnr)"
     )
     a.add_argument(
-        "--out", type=Path, required=True, help="folder for sensitivity.json, report.md and plots"
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the sensitivity table (quantize --analysis plans from it), its journal "
+        "(--resume), the frontier, sensitivity.json, plan.json and report.md",
     )
 
     q = sub.add_parser(
@@ -189,12 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--plan", type=Path, help="a plan.json (e.g. edited from an artifact) instead of a recipe"
     )
+    how.add_argument(
+        "--analysis",
+        type=Path,
+        metavar="DIR",
+        help="plan from a saved analysis (analyze --out DIR, or an SQNR artifact) to --target-sqnr "
+        "/ --budget-* / --point: nothing is measured again",
+    )
+    q.add_argument("--point", type=int, help="with --analysis: take this point of its frontier")
     q.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     q.add_argument(
         "--check-images",
         type=int,
-        default=8,
-        help="images sampled FP vs quantized for the manifest's end-to-end numbers (default 8)",
+        help="uniform recipes: images sampled FP vs quantized for the manifest's end-to-end "
+        "numbers (default: 8, fewer if --max-minutes needs)",
     )
 
     e = sub.add_parser("evaluate", help="compare FP and artifacts, same seeds")
@@ -250,26 +261,23 @@ def _evaluate(args) -> int:
     return 0
 
 
-def stage_count(args) -> int:
-    from quantization.types import get_recipe
-
-    mixed = args.command == "analyze" or (
-        getattr(args, "recipe", None) and get_recipe(args.recipe).mixed_precision
-    )
-    return 4 + (6 if mixed else 1) + (1 if args.command == "quantize" else 0)
-
-
-def settings_from_args(args, pipe):
-    from quantization.api import Settings
+def options_from_args(args, pipe):
     from quantization.calibration import resolve_conditions
+    from quantization.options import QuantizeOptions
 
-    return Settings(
+    return QuantizeOptions(
         backend=args.backend,
         granularity=args.granularity,
         calibration=args.calibration,
         calibration_steps=args.calibration_steps,
         calibration_prompts=args.calibration_prompts,
-        trajectory_prompts=args.trajectory_prompts,
+        prompts=args.trajectory_prompts,
+        recorded_steps=args.recorded_steps,
+        unit=args.unit,
+        scope=args.scope,
+        refine=args.refine,
+        checks=args.checks,
+        detail=args.detail,
         conditions=resolve_conditions(pipe, args.src, args.prompts, args.classes),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -278,59 +286,77 @@ def settings_from_args(args, pipe):
         budget_bytes=args.budget_bytes,
         smoothing=not args.no_smoothing,
         time_protection=not args.no_time_protection,
-        scope=args.scope,
-        guided=args.guided,
-        check_images=getattr(args, "check_images", 8),
+        guided=not args.raw_outputs,
+        check_images=getattr(args, "check_images", None),
+        max_minutes=args.max_minutes,
+        analysis_dir=args.out if args.command == "analyze" else args.out / "analysis",
+        resume=args.resume,
     )
 
 
 def _quantize_or_analyze(args) -> int:
     from quantization.artifact import DTYPES as TORCH_DTYPES
     from quantization.artifact import open_source
+    from quantization.progress import Bars
 
-    if args.command == "quantize" and args.out.exists() and any(args.out.iterdir()):
+    out_used = args.out.exists() and any(
+        p.name != "analysis" and p.name != "journal.jsonl" for p in args.out.iterdir()
+    )
+    if args.command == "quantize" and out_used and not args.resume:
         raise ValueError(f"{args.out} exists and is not empty; choose a new --out")
-    stages = Stages(stage_count(args), f"{args.command} {args.src}")
     start = time.perf_counter()
-    try:
-        stages("loading the FP pipeline")
-        pipe = open_source(args.src, torch_dtype=TORCH_DTYPES[args.dtype])
-        settings = settings_from_args(args, pipe)
-        if args.command == "analyze":
-            summary = _analyze(args, pipe, settings, stages)
-        else:
-            summary = _quantize(args, pipe, settings, stages)
-    finally:
-        stages.close()
+    print(f"loading {args.src}", file=sys.stderr, flush=True)
+    pipe = open_source(args.src, torch_dtype=TORCH_DTYPES[args.dtype])
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    options = options_from_args(args, pipe)
+    progress = Bars()
+    if args.command == "analyze":
+        summary = _analyze(args, pipe, options, progress)
+    else:
+        summary = _quantize(args, pipe, options, progress)
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - start, 1)}, indent=1))
     return 0
 
 
-def _analyze(args, pipe, settings, progress) -> dict:
-    """sensitivity.json, plan.json and report.md with plots, into --out."""
-    from quantization.api import analyze_pipeline, vs_step_series
+def _analyze(args, pipe, options, progress) -> dict:
+    """The sensitivity table and its journal, the frontier, sensitivity.json, plan.json and
+    report.md with plots, into --out."""
+    from quantization.api import analyze_pipeline
+    from quantization.artifact import save_analysis
     from quantization.plan import plan_to_json
-    from quantization.report import write_report
+    from quantization.report import analysis_markdown
 
-    analysis, plan, summary = analyze_pipeline(
-        pipe, args.recipe, settings=settings, source=args.src, progress=progress
-    )
+    done = analyze_pipeline(pipe, args.recipe, options=options, source=args.src, progress=progress)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sensitivity.json").write_text(json.dumps(analysis.raw, indent=1) + "\n")
-    (out / "plan.json").write_text(json.dumps(plan_to_json(plan), indent=1) + "\n")
-    series = vs_step_series(analysis.raw)
-    (out / "report.md").write_text(write_report(out, summary, analysis.raw, series))
-    return {"out": str(out), **analysis.raw["measured"]}
+    assert done.analysis is not None and done.table is not None
+    save_analysis(out, done.table, done.analysis, **done._saved)
+    (out / "plan.json").write_text(json.dumps(plan_to_json(done.plan), indent=1) + "\n")
+    (out / "report.md").write_text("\n".join(analysis_markdown(out, done.analysis)))
+    return {"out": str(out), **done.measured, "predicted_sqnr_db": done.analysis.predicted_sqnr_db}
 
 
-def _quantize(args, pipe, settings, progress) -> dict:
-    from quantization.api import quantize
+def _quantize(args, pipe, options, progress) -> dict:
+    from quantization.api import quantize, quantize_from_analysis
     from quantization.plan import plan_from_json
 
-    how = args.recipe if args.plan is None else plan_from_json(json.loads(args.plan.read_text()))
-    result = quantize(pipe, how, settings=settings, source=args.src, progress=progress)
-    result.plan_origin = f"plan from {args.plan}"
-    progress(f"writing {args.out}")
+    if args.analysis is not None:
+        result = quantize_from_analysis(
+            pipe,
+            args.analysis,
+            options=options,
+            source=args.src,
+            progress=progress,
+            point=args.point,
+        )
+    else:
+        if args.point is not None:
+            raise ValueError("--point takes a frontier point of --analysis DIR")
+        how = (
+            args.recipe if args.plan is None else plan_from_json(json.loads(args.plan.read_text()))
+        )
+        result = quantize(pipe, how, options=options, source=args.src, progress=progress)
+        if args.plan is not None:
+            result.plan_origin = f"plan from {args.plan}"
+    progress.note(f"writing {args.out}")
     manifest = result.save(args.out)
     return {"out": str(args.out), "backend": result.backend, **result.measured, **manifest["sizes"]}

@@ -133,6 +133,10 @@ def _noise(sqnr_db: float) -> float:
     return 0.0 if math.isinf(sqnr_db) else 10.0 ** (-sqnr_db / 10.0)
 
 
+def _db_of(noise: float) -> float:
+    return math.inf if noise <= 0 else -10.0 * math.log10(noise)
+
+
 def predicted_sqnr_db(options: dict[str, list[BlockOption]], chosen: dict[str, int]) -> float:
     """End-to-end SQNR predicted from the blocks' relative SQNRs at the chosen level indices."""
     total = sum(_noise(options[b][i].sqnr_db) for b, i in chosen.items())
@@ -144,6 +148,7 @@ def greedy_plan(
     *,
     target_sqnr_db: float | None = None,
     budget_bytes: int | None = None,
+    start: dict[str, str] | None = None,
 ) -> LevelChoice:
     """Promote blocks greedily by predicted SQNR gain per unit of cost (see the module doc).
 
@@ -151,14 +156,18 @@ def greedy_plan(
         options: per block, its levels from the base recipe (index 0) to the most precise.
         target_sqnr_db: stop as soon as the predicted end-to-end SQNR reaches this.
         budget_bytes: never exceed this total weight size.
+        start: levels to start from instead of the base (a plan already checked: promoting
+            further from it never takes back what it has).
     At least one of the two must be given; with both, whichever stops first wins.
     """
     if target_sqnr_db is None and budget_bytes is None:
         raise ValueError("give a target SQNR, a size budget, or both")
-    chosen = {b: 0 for b in options}
-    size = sum(opts[0].weight_bytes for opts in options.values())
+    index = {b: {o.level: i for i, o in enumerate(opts)} for b, opts in options.items()}
+    chosen = {b: index[b][start[b]] if start and b in start else 0 for b in options}
+    size = sum(options[b][i].weight_bytes for b, i in chosen.items())
     if budget_bytes is not None and size > budget_bytes:
         raise ValueError(f"the base recipe already needs {size} bytes > budget {budget_bytes}")
+    total = sum(_noise(options[b][i].sqnr_db) for b, i in chosen.items())
     current = predicted_sqnr_db(options, chosen)
     plan = LevelChoice({}, current, size)
     while target_sqnr_db is None or current < target_sqnr_db:
@@ -170,13 +179,16 @@ def greedy_plan(
                 extra = there.weight_bytes - here.weight_bytes
                 if budget_bytes is not None and size + extra > budget_bytes:
                     continue
-                gain = predicted_sqnr_db(options, {**chosen, block: j}) - current
+                after = total - _noise(here.sqnr_db) + _noise(there.sqnr_db)
+                gain = _db_of(after) - current
                 score = gain / here.cost_to(there)
                 if gain > 0 and (best is None or score > best[0]):
                     best = (score, block, j, extra)
         if best is None:
             break
         _, block, j, extra = best
+        total += _noise(options[block][j].sqnr_db) - _noise(options[block][chosen[block]].sqnr_db)
+        total = max(total, 0.0)
         chosen[block] = j
         size += extra
         current = predicted_sqnr_db(options, chosen)

@@ -122,11 +122,8 @@ class Recipe:
     group_size: int | None = None
     granularity: str = "tensor"
     levels: tuple[str, ...] = ()
-    unit: str = "block"  # what the planner gives a level to: a block, or each of its modules
-    scope: str = "denoiser"  # where a unit's relative SQNR is measured (ptq.SCOPES)
-    target_sqnr_db: float = 35.0  # the planner stops at this predicted SQNR (at the scope)
+    target_sqnr_db: float = 35.0  # the planner stops at this SQNR of the final latents
     budget_ratio: float = 1.2  # ... or at this many times the bytes of the uniform base
-    trajectory_prompts: int = 8  # conditions sampled to measure on
     smoothing: bool = False  # local treatment: SmoothQuant on quantization-sensitive layers
     protect_time_sensitive: bool = False  # local treatment: their activations stay float
     backend: str = "quanto"
@@ -146,6 +143,15 @@ class Recipe:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
         return replace(self, granularity=granularity)
 
+    @property
+    def static(self) -> bool:
+        """Whether some level calibrates activation scales (or smooths, which needs ranges)."""
+        specs = [level_spec(lv, self.group_size, self.granularity) for lv in self.levels]
+        specs = specs or [self.base_spec()]
+        return self.smoothing or any(
+            s is not None and s.activations is not None and s.granularity != "token" for s in specs
+        )
+
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -159,11 +165,8 @@ RECIPES: dict[str, Recipe] = {
             "int8",
             granularity="token",
             levels=("w8a8", "w8a16", "float"),
-            unit="module",
-            scope="end-to-end",
             target_sqnr_db=32.0,
             budget_ratio=1.08,
-            trajectory_prompts=32,
             backend="torchao",
         ),
         Recipe(
@@ -204,10 +207,7 @@ RECIPES: dict[str, Recipe] = {
             "int8",
             128,
             levels=LEVELS,
-            unit="module",
-            scope="end-to-end",
             target_sqnr_db=30.0,
-            trajectory_prompts=32,
             smoothing=True,
             protect_time_sensitive=True,
         ),

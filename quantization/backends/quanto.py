@@ -13,24 +13,23 @@ Pitfalls handled here (docs/quantization.md, "Backend pitfalls"): overlapping ``
 calls corrupt qtypes, so each layer is named exactly once; ``None`` entries of non-affine
 LayerNorms are dropped before saving; ``requantize`` loads with ``strict=False``, so we never
 use it and check the keys ourselves. Calibration is ours rather than quanto's ``Calibration``
-context: the same per-tensor absmax scales and moving average, but measured on the *smoothed*
-input (quanto's global hook runs before any module hook, so it would see the input before
-smoothing) and only on the layers being calibrated, with no ``streamline`` decision that a
-reload would lose.
+context (``quantization.activations``: the same per-tensor absmax scales and moving average,
+taken once on the FP inputs and divided by the smoothing scales), so no ``streamline``
+decision that a reload would lose, and no forward pass to quantize a copy of a unit.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import torch
 from optimum.quanto import QTensor, freeze, qtypes, quantize
-from optimum.quanto.calibrate import absmax_scale
 from optimum.quanto.nn import QModuleMixin
-from optimum.quanto.tensor.activations import ActivationQBytesTensor
+from optimum.quanto.tensor.core import dtype_info
 
-from quantization.capture import Call, replay, timestep_of
+from quantization.activations import SMOOTH_BUFFER, InputRange, install_smoothing
+from quantization.capture import timestep_of
 from quantization.plan import LayerPlan
 from quantization.types import TIME_RANGES, LayerSpec, effective_group_size
 
@@ -54,7 +53,6 @@ LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layer types it quantizes
 NAME = "quanto"
 QTYPES = {"int4": "qint4", "int8": "qint8", "fp8": "qfloat8_e4m3fn"}  # ours -> quanto's
 NAMES = {v: k for k, v in QTYPES.items()}
-MOMENTUM = 0.9
 
 
 def build_extensions() -> list[str]:
@@ -124,66 +122,10 @@ def _qtype(name: str | None):
     return None if name is None else qtypes[QTYPES[name]]
 
 
-SMOOTH_BUFFER = "smooth_scale"
-
-
-def _smooth_input(module: torch.nn.Module, args):
-    x = args[0]
-    if isinstance(x, QTensor):
-        x = x.dequantize()
-    shape = [1] * x.dim()
-    shape[1 if x.dim() == 4 else -1] = -1  # conv: NCHW, linear: (..., features)
-    return (x / getattr(module, SMOOTH_BUFFER).view(shape), *args[1:])
-
-
-def set_smoothing(module: torch.nn.Module, scale: torch.Tensor | None = None) -> None:
-    """SmoothQuant on one quanto layer, before freezing: input / s, weight columns * s.
-
-    The product is unchanged in float; the activation loses its outlier channels, the weight
-    takes them. ``scale=None`` installs the hook and a placeholder buffer only, for a model
-    whose smoothed weights and scales come from a saved state dict.
-    """
-    if not isinstance(module, QModuleMixin) or module.frozen:
-        raise ValueError("smoothing applies to a quantized, not yet frozen layer")
-    in_dim = module.weight.shape[1]
-    if scale is not None:
-        if scale.shape != (in_dim,):
-            raise ValueError(
-                f"smoothing scale of shape {tuple(scale.shape)}, layer has {in_dim} inputs"
-            )
-        shape = [1, in_dim] + [1] * (module.weight.dim() - 2)
-        with torch.no_grad():
-            module.weight.mul_(scale.view(shape).to(module.weight.dtype))
-    buffer = torch.ones(in_dim) if scale is None else scale.detach().clone()
-    module.register_buffer(SMOOTH_BUFFER, buffer.to(module.weight.dtype))
-    module.register_forward_pre_hook(_smooth_input, prepend=True)
-
-
 # granularity "timestep": a layer's scale for each range of timesteps, and the timesteps
 # between ranges (ascending); the range of a call is the number of edges below its t
 RANGE_SCALES, RANGE_EDGES = "range_scales", "range_edges"
 EXTRA_BUFFERS = (SMOOTH_BUFFER, RANGE_SCALES, RANGE_EDGES)  # ours: quanto does not save them
-
-
-def time_ranges(calls: list[Call], ranges: int) -> tuple[list[list[Call]], torch.Tensor]:
-    """The calls split into up to ``ranges`` contiguous ranges of their timesteps, about as many
-    distinct timesteps in each (calls keep their order: the moving average of the scales sees
-    them as sampling did), and the edges between the ranges (midpoints, ascending)."""
-    times = [timestep_of(c.args, c.kwargs) for c in calls]
-    if not times:
-        raise ValueError("scales per timestep range need calibration calls")
-    if None in times:
-        raise ValueError("scales per timestep range need the denoiser's timestep argument")
-    ts = sorted(set(times))
-    n = min(ranges, len(ts))
-    bounds = [round(i * len(ts) / n) for i in range(n + 1)]
-    chunks = [ts[bounds[i] : bounds[i + 1]] for i in range(n)]
-    edges = [(chunks[i][-1] + chunks[i + 1][0]) / 2 for i in range(n - 1)]
-    index = {t: i for i, chunk in enumerate(chunks) for t in chunk}
-    groups: list[list[Call]] = [[] for _ in chunks]
-    for c, t in zip(calls, times, strict=True):
-        groups[index[t]].append(c)
-    return groups, torch.tensor(edges, dtype=torch.float32)
 
 
 def _ranged(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -212,75 +154,34 @@ def install_ranges(model: torch.nn.Module) -> None:
     model._t2i_ranged = ranged
 
 
-def _update(scale: torch.Tensor, new: torch.Tensor, first: bool) -> torch.Tensor:
-    return new if first else MOMENTUM * scale + (1.0 - MOMENTUM) * new
-
-
-@torch.no_grad()
-def calibrate(model: torch.nn.Module, layers: list[str], run: Callable[[], None]) -> None:
-    """Set the activation scales of ``layers`` from the forward passes ``run()`` makes.
-
-    Per tensor absmax of the input (divided by the qtype's maximum) with a moving average over
-    the calls, as quanto does. Layers upstream that are already calibrated run quantized
-    meanwhile. Outputs are not quantized (see ``apply_specs``), so they need no scale.
-    """
-    seen: set[str] = set()
-    handles = []
-
-    def on_input(name):
-        def hook(module, args):
-            x = args[0]
-            if isinstance(x, ActivationQBytesTensor) and not hasattr(module, SMOOTH_BUFFER):
-                new = torch.max(x._scale)
-            else:
-                x = _smooth_input(module, args)[0] if hasattr(module, SMOOTH_BUFFER) else x
-                new = absmax_scale(x, module.activation_qtype)
-            module.input_scale = _update(module.input_scale, new, name not in seen)
-            seen.add(name)
-
-        return hook
-
-    for name in layers:
-        module = model.get_submodule(name)
-        if not isinstance(module, QModuleMixin) or module.activation_qtype is None:
-            continue
-        # prepend: before the smoothing hook and quanto's own input quantization
-        handles.append(module.register_forward_pre_hook(on_input(name), prepend=True))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def quantize_layers(
     model: torch.nn.Module,
     specs: dict[str, LayerSpec],
-    calls: list[Call],
-    smoothing: dict[str, torch.Tensor] | None = None,
+    ranges: Mapping[str, InputRange],
+    smoothing: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerSpec]:
-    """Quantize ``specs`` in ``model`` in place: swap, smooth, calibrate on ``calls``, freeze.
-
-    Layers of granularity "timestep" are calibrated once per range of the calls' timesteps
-    (the other layers run meanwhile with their scales over all calls).
-    """
+    """Quantize ``specs`` in ``model`` in place: swap, smooth, set the calibrated input scales
+    (``ranges``: absmax per layer, per tensor or per timestep range), freeze."""
     applied = apply_specs(model, specs)
     for name, scale in (smoothing or {}).items():
         if name in specs:
-            set_smoothing(model.get_submodule(name), scale)
-    calibrate(model, list(specs), lambda: replay(model, calls))
-    ranged = [n for n, s in specs.items() if s.granularity == "timestep"]
-    if ranged:
-        groups, edges = time_ranges(calls, TIME_RANGES)
-        scales: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for group in groups:
-            calibrate(model, ranged, lambda group=group: replay(model, group))
-            for n in ranged:
-                scales[n].append(model.get_submodule(n).input_scale.detach().clone())
-        for n in ranged:
-            module = model.get_submodule(n)
-            module.register_buffer(RANGE_SCALES, torch.stack(scales[n]).flatten())
-            module.register_buffer(RANGE_EDGES, edges.clone())
+            install_smoothing(model.get_submodule(name), scale)
+    with torch.no_grad():
+        for name, spec in specs.items():
+            if spec.activations is None:
+                continue
+            if name not in ranges:
+                raise ValueError(f"{name} has static activations but no calibrated range")
+            module = model.get_submodule(name)
+            r = ranges[name]
+            qmax = dtype_info(module.activation_qtype.dtype).max
+            scales = (r.absmax.float() / qmax).to(module.input_scale.dtype)
+            module.input_scale = scales.max().reshape(module.input_scale.shape).clone()
+            if spec.granularity == "timestep":
+                if r.edges is None:
+                    raise ValueError(f"{name} is calibrated per tensor, not per timestep range")
+                module.register_buffer(RANGE_SCALES, scales.clone())
+                module.register_buffer(RANGE_EDGES, r.edges.clone())
     freeze(model)
     install_ranges(model)
     return applied
@@ -292,7 +193,7 @@ def prepare(model: torch.nn.Module, plan: dict[str, LayerPlan]) -> dict[str, Lay
     for name, lp in plan.items():
         module = model.get_submodule(name)
         if lp.smoothing_alpha is not None:
-            set_smoothing(module)
+            install_smoothing(module, None)
         if lp.spec.granularity == "timestep":  # sizes come with the saved tensors
             module.register_buffer(RANGE_SCALES, torch.ones(TIME_RANGES))
             module.register_buffer(RANGE_EDGES, torch.zeros(TIME_RANGES - 1))

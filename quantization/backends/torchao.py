@@ -7,7 +7,7 @@ naming each layer exactly once:
   scale and zero point per token, found at run time; asymmetric because the inputs after GELU
   and SiLU are one-sided, and measured better: docs/quantization-results.md);
 - w8a8, per tensor: ``Int8StaticActivationInt8WeightConfig`` with *our* calibrated scale
-  (absmax over the calibration calls, the same moving average as the quanto backend);
+  (``quantization.activations``: absmax over the calibration calls, moving average);
 - w8a16: ``Int8WeightOnlyConfig``; w4a16 / w4a8 per token: ``IntxWeightOnlyConfig`` /
   ``Int8DynamicActivationIntxWeightConfig`` with int4 in groups. On a CPU torchao keeps int4
   values one per byte (its packed CPU kernels are not built for this machine), so int4 buys
@@ -15,8 +15,8 @@ naming each layer exactly once:
 - fp8 (e4m3), per token or weight-only: CUDA devices of compute capability 8.9 or above only.
 
 torchao swaps the weight tensor of the layer in place (the module stays an ``nn.Linear``), so
-SmoothQuant is applied before quantizing: the weight's columns are multiplied by s, and a
-forward pre-hook divides the input by s (a saved buffer). torchao quantizes Linear layers only;
+SmoothQuant is applied before quantizing (``quantization.activations.install_smoothing``:
+weight columns * s, a forward pre-hook dividing the input by s, a saved buffer). torchao quantizes Linear layers only;
 Conv2d layers of a plan are refused with an error that names the quanto backend.
 
 Saving flattens the tensor subclasses into plain tensors and JSON metadata (torchao's
@@ -27,11 +27,12 @@ assigns the tensors, with strict key checks.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from quantization.capture import Call, replay
+from quantization.activations import InputRange, install_smoothing
 from quantization.plan import LayerPlan
 from quantization.types import LayerSpec, effective_group_size
 
@@ -52,8 +53,6 @@ __all__ = [
 
 LAYERS = (nn.Linear,)  # the layer types it quantizes
 NAME = "torchao"
-MOMENTUM = 0.9
-SMOOTH_BUFFER = "smooth_scale"
 SPEC_ATTR = "_t2i_spec"  # the LayerSpec a layer was quantized by (torchao keeps no record)
 
 
@@ -141,59 +140,6 @@ def _applied(module: nn.Linear, spec: LayerSpec) -> LayerSpec:
     )
 
 
-def _smooth_input(module: nn.Module, args):
-    return (args[0] / getattr(module, SMOOTH_BUFFER), *args[1:])
-
-
-def _install_smoothing(module: nn.Linear, scale: torch.Tensor | None) -> None:
-    """SmoothQuant on a float Linear about to be quantized: weight columns * s, input / s.
-    ``scale=None``: the hook and a placeholder buffer only (the values come from a state dict)."""
-    if scale is not None:
-        if scale.shape != (module.in_features,):
-            raise ValueError(
-                f"smoothing scale of shape {tuple(scale.shape)}, "
-                f"layer has {module.in_features} inputs"
-            )
-        with torch.no_grad():
-            module.weight.mul_(scale.to(module.weight.dtype))
-    buffer = torch.ones(module.in_features) if scale is None else scale.detach().clone()
-    module.register_buffer(SMOOTH_BUFFER, buffer.to(module.weight.dtype))
-    module.register_forward_pre_hook(_smooth_input)
-
-
-@torch.no_grad()
-def _static_scales(
-    model: nn.Module, names: list[str], calls: list[Call]
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Per layer: absmax of its (smoothed) float input / 127, moving average over the calls,
-    and the number of dimensions of that input."""
-    scales: dict[str, torch.Tensor] = {}
-    ndims: dict[str, int] = {}
-
-    def hook(name):
-        def on_input(module, args):
-            x = args[0]
-            if hasattr(module, SMOOTH_BUFFER):
-                x = x / getattr(module, SMOOTH_BUFFER)
-            new = x.abs().amax().float().clamp(min=1e-8) / 127.0
-            old = scales.get(name)
-            scales[name] = new if old is None else MOMENTUM * old + (1.0 - MOMENTUM) * new
-            ndims[name] = x.dim()
-
-        return on_input
-
-    # prepend: before the smoothing hook, which would otherwise have divided the input already
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(hook(n), prepend=True) for n in names
-    ]
-    try:
-        replay(model, calls)
-    finally:
-        for h in handles:
-            h.remove()
-    return scales, ndims
-
-
 def _quantize(
     model: nn.Module,
     specs: dict[str, LayerSpec],
@@ -223,16 +169,21 @@ def _static_layers(specs: dict[str, LayerSpec]) -> list[str]:
 def quantize_layers(
     model: nn.Module,
     specs: dict[str, LayerSpec],
-    calls: list[Call],
-    smoothing: dict[str, torch.Tensor] | None = None,
+    ranges: Mapping[str, InputRange],
+    smoothing: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerSpec]:
-    """Quantize ``specs`` in ``model`` in place: smooth, calibrate static layers on ``calls``
-    (layers upstream still float), quantize."""
+    """Quantize ``specs`` in ``model`` in place: smooth, give static layers their calibrated
+    scale (``ranges``: input absmax per layer), quantize."""
     for name, scale in (smoothing or {}).items():
         if name in specs:
-            _install_smoothing(_linear(model, name), scale)
-    static = _static_layers(specs)
-    scales, ndims = _static_scales(model, static, calls) if static else ({}, {})
+            install_smoothing(_linear(model, name), scale)
+    scales, ndims = {}, {}
+    for name in _static_layers(specs):
+        if name not in ranges:
+            raise ValueError(f"{name} has static activations but no calibrated range")
+        r = ranges[name]
+        scales[name] = r.absmax.max().float().clamp(min=1e-8) / 127.0
+        ndims[name] = r.ndim
     return _quantize(model, specs, scales, ndims)
 
 
@@ -241,7 +192,7 @@ def prepare(model: nn.Module, plan: dict[str, LayerPlan]) -> dict[str, LayerSpec
     configs (static layers get placeholder scales, replaced by the saved ones)."""
     for name, lp in plan.items():
         if lp.smoothing_alpha is not None:
-            _install_smoothing(_linear(model, name), None)
+            install_smoothing(_linear(model, name), None)
     specs = {n: lp.spec for n, lp in plan.items()}
     static = _static_layers(specs)
     # a Linear's input has the dims its saved scale has: the placeholder is reshaped on load

@@ -1,0 +1,192 @@
+"""Activation ranges, static scales and the SmoothQuant hook: one place for both backends.
+
+The FP denoiser is replayed once on the calibration calls with a forward pre-hook on every
+quantizable layer; each call leaves, per layer, the absmax of each input channel
+(``ActivationStats``). Every static scale the method needs is then arithmetic on those:
+
+- per tensor: the moving average (momentum 0.9, as optimum-quanto's) over the calls of the
+  input's absmax. With SmoothQuant the layer's input is ``x / s``, whose absmax is
+  ``max_j(absmax_j / s_j)``: smoothing with any alpha needs no new pass;
+- per timestep range: the same over the calls whose timestep falls in each range;
+- smoothing itself: the channel absmax over all calls.
+
+A quantized copy of a unit is therefore made without running anything (the sensitivity
+analysis makes hundreds). Scales are taken on FP inputs, upstream layers unquantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantization.capture import Call, timestep_of
+
+__all__ = [
+    "MOMENTUM",
+    "SMOOTH_BUFFER",
+    "ActivationStats",
+    "InputRange",
+    "collect_stats",
+    "install_smoothing",
+    "time_ranges",
+]
+
+MOMENTUM = 0.9
+SMOOTH_BUFFER = "smooth_scale"
+
+
+def channel_dim(x: torch.Tensor) -> int:
+    """The channel dimension of a layer input: 1 for a conv's NCHW, the last for a linear's."""
+    return 1 if x.dim() == 4 else x.dim() - 1
+
+
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per input channel, float32."""
+    d = channel_dim(x)
+    return x.detach().abs().transpose(d, -1).reshape(-1, x.shape[d]).amax(0).float()
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """A layer's calibrated input absmax: one value (per tensor) or one per timestep range,
+    with the timesteps between the ranges (ascending). Backends divide by their qtype's max."""
+
+    absmax: torch.Tensor  # (ranges,)
+    edges: torch.Tensor | None = None  # (ranges - 1,) or None for a single range
+    ndim: int = 2  # dimensions of the layer's input (torchao shapes its static scale so)
+
+
+@dataclass
+class ActivationStats:
+    """Per layer, per recorded call: the input's absmax per channel; the calls' steps and
+    timesteps; each layer's input rank."""
+
+    steps: list[int] = field(default_factory=list)
+    timesteps: list[float | None] = field(default_factory=list)
+    channels: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    ndim: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        """Add a layer input seen during the current call (the last of ``steps``); a layer
+        that runs twice in one call (DiT's first adaLN embedding) keeps the larger range."""
+        values = self.channels.setdefault(layer, [])
+        c = channel_absmax(x)
+        if len(values) == len(self.steps):
+            values[-1] = torch.maximum(values[-1], c)
+        else:
+            values.append(c)
+        self.ndim[layer] = x.dim()
+
+    def channel_absmax(self, layer: str) -> torch.Tensor:
+        """Over every call: what SmoothQuant's scales are computed from."""
+        return torch.stack(self.channels[layer]).amax(0)
+
+    def absmax_by_step(self, layer: str) -> dict[int, float]:
+        """Per sampling step, the largest input absmax seen (for time drift)."""
+        out: dict[int, float] = {}
+        for step, c in zip(self.steps, self.channels[layer], strict=True):
+            out[step] = max(out.get(step, 0.0), float(c.max()))
+        return out
+
+    def _moving(self, layer: str, calls: list[int], smoothing: torch.Tensor | None) -> torch.Tensor:
+        value: torch.Tensor | None = None
+        for i in calls:
+            c = self.channels[layer][i]
+            new = (c if smoothing is None else c / smoothing.float()).max()
+            value = new if value is None else MOMENTUM * value + (1.0 - MOMENTUM) * new
+        if value is None:
+            raise ValueError(f"no calibration call reached {layer}")
+        return value.clamp(min=1e-8)
+
+    def input_range(
+        self, layer: str, smoothing: torch.Tensor | None = None, ranges: int = 1
+    ) -> InputRange:
+        """The layer's static input absmax: per tensor, or per ``ranges`` timestep ranges."""
+        every = list(range(len(self.steps)))
+        if ranges <= 1:
+            return InputRange(
+                self._moving(layer, every, smoothing).reshape(1), None, self.ndim[layer]
+            )
+        groups, edges = time_ranges(self.timesteps, ranges)
+        values = [self._moving(layer, g, smoothing) for g in groups]
+        return InputRange(torch.stack(values), edges, self.ndim[layer])
+
+
+def time_ranges(timesteps: list[float | None], ranges: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Call indices split into up to ``ranges`` contiguous ranges of their timesteps (about
+    as many distinct timesteps each; calls keep their order), and the edges between ranges
+    (midpoints, ascending)."""
+    if not timesteps:
+        raise ValueError("scales per timestep range need calibration calls")
+    if any(t is None for t in timesteps):
+        raise ValueError("scales per timestep range need the denoiser's timestep argument")
+    ts = sorted({float(t) for t in timesteps if t is not None})
+    n = min(ranges, len(ts))
+    bounds = [round(i * len(ts) / n) for i in range(n + 1)]
+    chunks = [ts[bounds[i] : bounds[i + 1]] for i in range(n)]
+    edges = [(chunks[i][-1] + chunks[i + 1][0]) / 2 for i in range(n - 1)]
+    index = {t: i for i, chunk in enumerate(chunks) for t in chunk}
+    groups: list[list[int]] = [[] for _ in chunks]
+    for i, t in enumerate(timesteps):
+        groups[index[float(t)]].append(i)  # type: ignore[arg-type]
+    return groups, torch.tensor(edges, dtype=torch.float32)
+
+
+@torch.no_grad()
+def collect_stats(
+    denoiser: nn.Module, layers: list[str], calls: list[Call], stats: ActivationStats | None = None
+) -> ActivationStats:
+    """Replay ``calls`` on the FP denoiser, keeping every named layer's channel absmax."""
+    stats = stats or ActivationStats()
+    handles = []
+
+    def hook(name: str):
+        def on_input(module, args) -> None:
+            stats.observe(name, args[0])
+
+        return on_input
+
+    for name in layers:
+        handles.append(denoiser.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        for call in calls:
+            stats.steps.append(call.step)
+            stats.timesteps.append(timestep_of(call.args, call.kwargs))
+            denoiser(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _smooth_input(module: nn.Module, args):
+    x = args[0]
+    s = getattr(module, SMOOTH_BUFFER)
+    shape = [1] * x.dim()
+    shape[channel_dim(x)] = -1
+    return (x / s.view(shape).to(x.dtype), *args[1:])
+
+
+def install_smoothing(module: nn.Module, scale: torch.Tensor | None) -> None:
+    """SmoothQuant on a layer whose weight is still float: weight columns * s, input / s.
+
+    The product is unchanged in float; the activation loses its outlier channels, the weight
+    takes them. ``scale=None`` installs the hook and a placeholder buffer only, for a layer
+    whose smoothed weight and scale come from a saved state dict. The hook goes first, before
+    any input quantization a backend hooks in.
+    """
+    weight = module.weight
+    in_dim = weight.shape[1]
+    if scale is not None:
+        if scale.shape != (in_dim,):
+            raise ValueError(
+                f"smoothing scale of shape {tuple(scale.shape)}, layer has {in_dim} inputs"
+            )
+        shape = [1, in_dim] + [1] * (weight.dim() - 2)
+        with torch.no_grad():
+            weight.mul_(scale.view(shape).to(weight.dtype))
+    buffer = torch.ones(in_dim) if scale is None else scale.detach().clone()
+    module.register_buffer(SMOOTH_BUFFER, buffer.to(weight.dtype))
+    module.register_forward_pre_hook(_smooth_input, prepend=True)

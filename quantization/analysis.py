@@ -1,0 +1,322 @@
+"""The SQNR-driven method on one denoiser, in three parts (docs/quantization.md, steps 2-4):
+
+- ``measure_sensitivity``: every unit x level from the recording (journaled: resumable);
+- ``choose`` (the greedy planner on the table) and ``check``: the plan sampled end to end, the
+  units it blames measured end to end too, the plan chosen again, until it meets its target,
+  its budget stops it, or the checks allowed are spent;
+- the report (``quantization.report.AnalysisReport``), written from what these return.
+
+Local treatments are chosen before measuring (time-sensitive layers keep float activations;
+SmoothQuant where a layer's own SQNR gains from it) and are part of every level's specs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantization.blocks import find_blocks
+from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
+from quantization.plan import LayerPlan, LevelChoice, greedy_plan, predicted_sqnr_db, specs_of
+from quantization.table import Check, Entry, Journal, SensitivityTable, Unit
+from quantization.types import LayerSpec, Recipe, level_spec
+
+__all__ = [
+    "Checked",
+    "Treatments",
+    "check",
+    "choose",
+    "find_units",
+    "frontier",
+    "fp_bytes",
+    "measure_sensitivity",
+    "plan_at_levels",
+    "uniform_plan",
+]
+
+
+def find_units(denoiser: nn.Module, layers: tuple[type[nn.Module], ...], unit: str) -> list[Unit]:
+    """The planner's units ("block" or "module"), each with the block it lies in."""
+    blocks = find_blocks(denoiser, layers, "block")
+    block_of = {layer: b.name for b in blocks for layer in b.layers}
+    return [
+        Unit(u.name, block_of[u.layers[0]], u.layers) for u in find_blocks(denoiser, layers, unit)
+    ]
+
+
+def fp_bytes(denoiser: nn.Module, layers: tuple[str, ...] | list[str]) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for n in layers
+        for p in denoiser.get_submodule(n).parameters(recurse=False)
+    )
+
+
+@dataclass
+class Treatments:
+    """The local treatments chosen for a recipe: time-sensitive layers (float activations)
+    and smoothed layers (alpha, scale and what it bought)."""
+
+    time_sensitive: set[str] = field(default_factory=set)
+    drifts: dict[str, float] = field(default_factory=dict)
+    smoothing: dict[str, dict] = field(default_factory=dict)
+
+    def scales(self, plan: Mapping[str, LayerPlan]) -> dict[str, torch.Tensor]:
+        return {
+            n: self.smoothing[n]["scale"]
+            for n, lp in plan.items()
+            if lp.smoothing_alpha is not None
+        }
+
+
+def plan_at_levels(
+    units: list[Unit], levels: Mapping[str, str], recipe: Recipe, treatments: Treatments
+) -> dict[str, LayerPlan]:
+    """Every layer of every unit at its unit's level, with the local treatments."""
+    plan = {}
+    for u in units:
+        spec = level_spec(levels[u.name], recipe.group_size, recipe.granularity)
+        if spec is None:
+            continue
+        for layer in u.layers:
+            protect = layer in treatments.time_sensitive
+            activations = None if protect else spec.activations
+            smoothed = treatments.smoothing.get(layer) if activations is not None else None
+            plan[layer] = LayerPlan(
+                spec.weights,
+                activations,
+                spec.group_size,
+                spec.granularity,
+                u.block,
+                None if smoothed is None else smoothed["alpha"],
+                protect,
+            )
+    return plan
+
+
+def uniform_plan(units: list[Unit], recipe: Recipe) -> dict[str, LayerPlan]:
+    """Every quantizable layer at the recipe's base spec."""
+    spec = recipe.base_spec()
+    return {
+        layer: LayerPlan(
+            spec.weights, spec.activations, spec.group_size, spec.granularity, block=u.block
+        )
+        for u in units
+        for layer in u.layers
+    }
+
+
+def choose_treatments(
+    measurer: Measurer, units: list[Unit], recipe: Recipe, smoothing: bool, time_protection: bool
+) -> Treatments:
+    """Time-sensitive layers from the recorded ranges; smoothing from the calibration inputs."""
+    layers = [layer for u in units for layer in u.layers]
+    treatments = Treatments(drifts=measurer.time_drifts(layers))
+    if time_protection:
+        treatments.time_sensitive = {
+            n for n, d in treatments.drifts.items() if d >= TIME_DRIFT_OCTAVES
+        }
+    if smoothing:
+        base = {u.name: recipe.levels[0] for u in units}
+        untreated = plan_at_levels(
+            units, base, recipe, Treatments(time_sensitive=treatments.time_sensitive)
+        )
+        treatments.smoothing = measurer.choose_smoothing(specs_of(untreated))
+    return treatments
+
+
+def _unit_specs(plan: Mapping[str, LayerPlan], unit: Unit) -> dict[str, LayerSpec]:
+    return {n: plan[n].spec for n in unit.layers if n in plan}
+
+
+def measure_sensitivity(
+    measurer: Measurer,
+    table: SensitivityTable,
+    units: list[Unit],
+    recipe: Recipe,
+    treatments: Treatments,
+    scope: str,
+    journal: Journal,
+    progress: Callable[[str], None] = lambda unit: None,
+) -> SensitivityTable:
+    """Fill ``table`` with every unit at every level (rows already in ``journal`` are taken
+    from it); ``progress`` is called after each measurement."""
+    denoiser = measurer.denoiser
+    for u in units:
+        for level in table.levels:
+            key = (u.name, level)
+            if key in journal.done:
+                table.entries[key] = journal.done[key]
+                progress(u.name)
+                continue
+            if level == "float":
+                nbytes = fp_bytes(denoiser, u.layers)
+                entry = Entry(u.name, level, None, nbytes, nbytes)
+            else:
+                levels = {x.name: recipe.levels[0] for x in units}
+                plan = plan_at_levels(units, {**levels, u.name: level}, recipe, treatments)
+                specs = _unit_specs(plan, u)
+                m = measurer.unit(u, u.block, specs, treatments.scales(plan), scope)
+                float_mm = fp_bytes(denoiser, [n for n in specs if specs[n].activations is None])
+                entry = Entry(
+                    u.name,
+                    level,
+                    None if math.isinf(m.sqnr_db) else m.sqnr_db,
+                    m.weight_bytes,
+                    float_mm,
+                )
+            journal.add(entry)
+            table.entries[key] = entry
+            progress(u.name)
+    return table
+
+
+def choose(
+    table: SensitivityTable,
+    target_sqnr_db: float | None,
+    budget_bytes: int | None,
+    start: dict[str, str] | None = None,
+) -> LevelChoice:
+    """The greedy plan on the table's end-to-end predictions (``budget_bytes``: the whole
+    denoiser, the float leftovers included), promoting from ``start`` if given."""
+    return greedy_plan(
+        table.options(),
+        target_sqnr_db=target_sqnr_db,
+        budget_bytes=None if budget_bytes is None else budget_bytes - table.fixed_bytes,
+        start=start,
+    )
+
+
+def frontier(table: SensitivityTable) -> list[dict]:
+    """Bytes of the whole denoiser against predicted end-to-end SQNR along the greedy path,
+    from the base to every unit in float: the points a target or a budget can pick."""
+    options = table.options()
+    full = sum(max(o.weight_bytes for o in opts) for opts in options.values())
+    path = greedy_plan(options, target_sqnr_db=None, budget_bytes=full)
+    base = predicted_sqnr_db(options, {u: 0 for u in options})
+    points: list[dict] = [
+        {
+            "point": 0,
+            "denoiser_bytes": table.base_layer_bytes() + table.fixed_bytes,
+            "predicted_sqnr_db": _db(base),
+            "promoted": None,
+        }
+    ]
+    for i, p in enumerate(path.promotions, 1):
+        points.append(
+            {
+                "point": i,
+                "denoiser_bytes": p.weight_bytes + table.fixed_bytes,
+                "predicted_sqnr_db": _db(p.predicted_sqnr_db),
+                "promoted": f"{p.block} -> {p.to_level}",
+            }
+        )
+    return points
+
+
+def _db(x: float) -> float | None:
+    return None if math.isinf(x) or math.isnan(x) else round(x, 3)
+
+
+@dataclass
+class Checked:
+    """The plan kept after the checks, its quantized denoiser and what measured it."""
+
+    choice: LevelChoice
+    plan: dict[str, LayerPlan]
+    model: nn.Module
+    latent_sqnr_db: float
+    latents: torch.Tensor
+    replayed_sqnr_db: float
+    by_step: dict[int, float]
+    refined: list[str]
+
+
+def check(
+    measurer: Measurer,
+    table: SensitivityTable,
+    units: list[Unit],
+    recipe: Recipe,
+    treatments: Treatments,
+    *,
+    target_sqnr_db: float | None,
+    budget_bytes: int | None,
+    checks: int,
+    refine: int,
+    journal: Journal,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Checked:
+    """Choose, sample the plan end to end, and while it misses its target (and checks are
+    left): measure end to end the ``refine`` units the check blames most (those with the most
+    predicted noise), fit the offset of the rest, and promote further from the checked plan
+    (a later plan never takes back a promotion, so it spends at least the bytes of the last)."""
+    for unit, levels in journal.end_to_end.items():
+        table.end_to_end.setdefault(unit, {}).update(levels)
+    by_name = {u.name: u for u in units}
+    best: Checked | None = None
+    previous: dict[str, str] | None = None
+    for round_ in range(max(checks, 1)):
+        choice = choose(table, target_sqnr_db, budget_bytes, previous)
+        if choice.levels == previous:
+            break
+        if best is not None:
+            choice.promotions = best.choice.promotions + choice.promotions
+        previous = dict(choice.levels)
+        plan = plan_at_levels(units, choice.levels, recipe, treatments)
+        progress(f"check {round_ + 1}: sampling the plan end to end")
+        model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
+        measured, latents = measurer.end_to_end(model)
+        replayed = measurer.replayed(model)
+        result = Checked(
+            choice, plan, model, measured, latents, replayed.sqnr_db, replayed.by_step, []
+        )
+        table.checks.append(
+            Check(
+                None
+                if math.isinf(choice.predicted_sqnr_db)
+                else round(choice.predicted_sqnr_db, 3),
+                None if math.isinf(measured) else round(measured, 3),
+                choice.weight_bytes,
+                dict(choice.levels),
+            )
+        )
+        if (
+            best is None
+            or measured >= best.latent_sqnr_db
+            or (target_sqnr_db is not None and measured >= target_sqnr_db)
+        ):
+            best = result
+        if target_sqnr_db is None or measured >= target_sqnr_db or round_ + 1 >= checks:
+            break
+        options = table.options()
+        noise = {
+            u: 10 ** (-options[u][[o.level for o in options[u]].index(lv)].sqnr_db / 10)
+            for u, lv in choice.levels.items()
+            if lv != "float"
+        }
+        blamed = [u for u in sorted(noise, key=lambda u: -noise[u]) if u not in table.end_to_end][
+            :refine
+        ]
+        for name in blamed:
+            progress(f"check {round_ + 1}: {name} end to end")
+            u = by_name[name]
+            specs = _unit_specs(plan, u)
+            db = measurer.unit_end_to_end(u, specs, treatments.scales(plan))
+            journal.add_end_to_end(name, choice.levels[name], db)
+            table.end_to_end.setdefault(name, {})[choice.levels[name]] = (
+                None if math.isinf(db) else db
+            )
+            result.refined.append(name)
+        options = table.options()
+        noise = {
+            u: 10 ** (-options[u][[o.level for o in options[u]].index(lv)].sqnr_db / 10)
+            for u, lv in choice.levels.items()
+            if lv != "float"
+        }
+        table.fit_offset(table.checks[-1], noise)
+    assert best is not None
+    return best
