@@ -27,12 +27,15 @@ import torch
 
 from bench.record import save
 from bench.reference import fp_reference
-from pipelines.generate import sample
+from pipelines.generate import final_latents, sample
 from quality.metrics import psnr_db, sqnr_db
-from quantization.blocks import denoiser_swapped, find_blocks
-from quantization.calibration import record_calibration, record_trajectory
-from quantization.ptq import quantize_denoiser, uniform_plan
-from quantization.sensitivity import Measurer
+from quantization import backends
+from quantization.analysis import find_units, uniform_plan
+from quantization.api import quantize_denoiser
+from quantization.blocks import denoiser_swapped
+from quantization.calibration import SEEDS, record_calibration
+from quantization.measure import Measurer
+from quantization.recording import record_trajectory
 from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,10 +52,12 @@ def rounded(denoiser: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def quantized(denoiser, recipe: str, calls, *, head_float: bool = False) -> torch.nn.Module:
-    plan = uniform_plan(find_blocks(denoiser), get_recipe(recipe))
+    plan = uniform_plan(
+        find_units(denoiser, backends.get("quanto").LAYERS, "block"), get_recipe(recipe)
+    )
     if head_float:
         plan = {n: lp for n, lp in plan.items() if lp.block not in HEAD}
-    return quantize_denoiser(denoiser, get_recipe(recipe), calls, plan=plan).model
+    return quantize_denoiser(denoiser, plan, calls, backend="quanto").model
 
 
 def noise_to_signal_at_t_max(scheduler) -> float:
@@ -67,8 +72,16 @@ def measure(model: str, n: int) -> dict:
     pipe, attr, kw, fp_denoiser = ref.pipe, ref.attr, ref.sampling, ref.denoiser
     given = ref.calibration
     calib = record_calibration(pipe, attr, given.pick(pipe, 32, "calibration"), **kw)
-    trajectory = record_trajectory(pipe, attr, given.pick(pipe, 8, "trajectory"), **kw)
-    measurer = Measurer(fp_denoiser, calib.calls, trajectory.calls)
+    measured_on = given.pick(pipe, 8, "trajectory")
+    seeds = [SEEDS["trajectory"] + i for i in range(len(measured_on))]
+    recording = record_trajectory(
+        fp_denoiser,
+        lambda: final_latents(pipe, measured_on, seeds, **kw),
+        keep=list(range(kw["num_inference_steps"])),
+        blocks=[],
+        layers=[],
+    )
+    measurer = Measurer(fp_denoiser, recording, backends.get("quanto"))
     variants = {
         "fp16 weights": lambda: rounded(fp_denoiser, torch.float16),
         "bf16 weights": lambda: rounded(fp_denoiser, torch.bfloat16),
@@ -82,7 +95,7 @@ def measure(model: str, n: int) -> dict:
     rows = []
     for name, build in variants.items():
         denoiser = build()
-        step = measurer.measure(denoiser).sqnr_db
+        step = measurer.replayed(denoiser).sqnr_db
         with denoiser_swapped(pipe, denoiser):
             q = sample(pipe, ref.conditions, seed=0, **kw)
         latent = sqnr_db(ref.fp.latents, q.latents)

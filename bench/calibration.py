@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from models.evaluator import Evaluator
 from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
+from quantization.api import quantize, quantize_denoiser
 from quantization.blocks import denoiser_swapped
-from quantization.calibration import record_calibration, record_trajectory, trajectory_sampler
-from quantization.ptq import analyze, quantize_denoiser
-from quantization.sensitivity import Measurer
+from quantization.calibration import record_calibration
+from quantization.options import QuantizeOptions
 from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,21 +78,14 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
         plan = None
         if r.mixed_precision:  # planned as shipped (per tensor), then calibrated as the variant
             r = r.with_granularity("tensor")
-            single = record_calibration(pipe, attr, calib_conditions, **kw)
-            measured_on = ref.calibration.pick(pipe, r.trajectory_prompts, "trajectory")
-            trajectory = record_trajectory(pipe, attr, measured_on, **kw)
-            plan = analyze(
-                Measurer(
-                    ref.denoiser,
-                    single.calls,
-                    trajectory.calls,
-                    backend,
-                    trajectory_sampler(pipe, measured_on, **kw),
-                    trajectory.latents,
-                ),
-                r,
-                detail=False,
-            ).plan
+            options = QuantizeOptions(
+                backend=backend,
+                calibration_prompts=prompts,
+                conditions=ref.calibration,
+                num_inference_steps=kw["num_inference_steps"],
+                guidance_scale=kw["guidance_scale"],
+            )
+            plan = quantize(pipe, r, options=options, source=model).plan
             if granularity:
                 plan = {
                     n: replace(lp, granularity=granularity) if lp.activations else lp
@@ -106,13 +100,11 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                 kind={"dynamic": "single-step", "per-range": "multi-step"}.get(kind, kind),
                 **kw,
             )
+            start = time.perf_counter()
             result = quantize_denoiser(
-                ref.denoiser,
-                r if plan is None else get_recipe("w8a8-static"),
-                calib.calls,
-                plan=plan,
-                backend=backend,
+                ref.denoiser, r if plan is None else plan, calib.calls, backend=backend
             )
+            quantize_seconds = time.perf_counter() - start
             with denoiser_swapped(pipe, result.model):
                 q = sample(pipe, ref.conditions, seed=0, **kw)
             seconds = 0.0 if kind == "dynamic" else calib.seconds
@@ -125,8 +117,8 @@ def compare(model: str, variants: list[str], n: int, prompts: int) -> list[dict]
                 "calibration_steps": 0 if kind == "dynamic" else len(calib.steps),
                 "calibration_prompts": 0 if kind == "dynamic" else prompts,
                 "record_seconds": round(seconds, 3),
-                "quantize_seconds": round(result.seconds, 3),
-                "calibration_seconds": round(seconds + result.seconds, 3),
+                "quantize_seconds": round(quantize_seconds, 3),
+                "calibration_seconds": round(seconds + quantize_seconds, 3),
                 "sqnr_latent_db": round(sqnr_db(fp.latents, q.latents), 3),
                 "psnr_db": round(psnr_db(fp.images, q.images), 3),
                 "prompt_accuracy": evaluator.prompt_accuracy(q.images, targets).prompt_accuracy,

@@ -37,10 +37,9 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 
 from quality.metrics import sqnr_db
 from quantization import backends
+from quantization.api import analyze_denoiser, quantize_denoiser
 from quantization.artifact import DTYPES
 from quantization.capture import Call, replay
-from quantization.ptq import analyze, quantize_denoiser
-from quantization.sensitivity import Measurer
 from quantization.types import get_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -212,22 +211,23 @@ def main(argv: list[str] | None = None) -> None:
                 budget = None
                 if args.budget_fp16_ratio is not None:
                     budget = int(args.budget_fp16_ratio * params * 2)
-                result = analyze(
-                    Measurer(fp, calibration, trajectory, backend),
+                # random weights, no pipeline: each unit measured on its block alone
+                result = analyze_denoiser(
+                    fp,
                     recipe,
+                    calibration,
+                    trajectory,
+                    backend=backend,
+                    scope="block",
                     budget_bytes=budget,
-                    detail=False,
-                    scope="block",  # random weights, no pipeline: each unit measured alone
-                    progress=lambda m: print(f"  {m}", flush=True),
                 )
                 model = result.model
-                g = result.analysis["global"]
                 extra = {
-                    "budget_bytes": g["budget_bytes"],
-                    "levels": dict(sorted(_counts(g["block_levels"]).items())),
-                    "predicted_sqnr_db": g["predicted_sqnr_db"],
-                    "time_sensitive_layers": len(result.analysis["time_sensitive"]["layers"]),
-                    "smoothed_layers": len(result.analysis["smoothing"]),
+                    "budget_bytes": budget,
+                    "levels": dict(sorted(_counts(result.choice.levels).items())),
+                    "predicted_sqnr_db": round(result.choice.predicted_sqnr_db, 3),
+                    "time_sensitive_layers": len(result.treatments.time_sensitive),
+                    "smoothed_layers": len(result.treatments.smoothing),
                 }
             else:
                 model = quantize_denoiser(fp, recipe, calibration, backend=backend).model

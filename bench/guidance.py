@@ -7,7 +7,7 @@ steps with ``uncond + g * (cond - uncond)``: quantization errors of the two bran
 multiplied by g and 1 - g, so where they differ the guided noise is noisier than either output.
 For each model, the w4a8-sqnr recipe is planned at the denoiser scope twice on the same
 calibration and trajectory: once comparing raw outputs (both branches), once comparing the
-guided noise (``--guided``). Reported per unit: relative SQNR at the base level both ways;
+guided noise (the default; ``--raw-outputs`` measures the raw one). Reported per unit: relative SQNR at the base level both ways;
 across units: the rank correlation of the two, how many units the two plans give different
 levels, and each plan's end-to-end quality on the same 64 seeded images as FP. Writes
 bench/results/guidance.json.
@@ -16,7 +16,6 @@ bench/results/guidance.json.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,12 @@ import torch
 from bench.record import save
 from bench.reference import fp_reference
 from models.evaluator import Evaluator
-from pipelines.generate import guided_prediction, sample
+from pipelines.generate import sample
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
+from quantization.api import analyze_pipeline
 from quantization.blocks import denoiser_swapped
-from quantization.calibration import record_calibration, record_trajectory, trajectory_sampler
-from quantization.ptq import analyze
-from quantization.sensitivity import Measurer
-from quantization.types import get_recipe
+from quantization.options import QuantizeOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,35 +49,38 @@ def spearman(a: list[float], b: list[float]) -> float:
 @torch.no_grad()
 def compare(model: str, n: int, prompts: int) -> dict:
     ref = fp_reference(model, n)
-    pipe, attr, kw = ref.pipe, ref.attr, ref.sampling
-    recipe = replace(get_recipe("w4a8-sqnr"), scope="denoiser")
-    calib = record_calibration(pipe, attr, ref.calibration.pick(pipe, prompts, "calibration"), **kw)
-    measured_on = ref.calibration.pick(pipe, recipe.trajectory_prompts, "trajectory")
-    traj = record_trajectory(pipe, attr, measured_on, **kw)
-    sampler = trajectory_sampler(pipe, measured_on, **kw)
+    pipe, kw = ref.pipe, ref.sampling
     evaluator = Evaluator.load()
     fp_acc = evaluator.prompt_accuracy(ref.fp.images, ref.targets).prompt_accuracy
     runs = {}
-    for label, guide in (("raw", None), ("guided", guided_prediction(pipe, kw["guidance_scale"]))):
-        measurer = Measurer(
-            ref.denoiser, calib.calls, traj.calls, "quanto", sampler, traj.latents, guide
+    for label in ("raw", "guided"):
+        options = QuantizeOptions(
+            backend="quanto",
+            scope="denoiser",
+            guided=label == "guided",
+            calibration_prompts=prompts,
+            conditions=ref.calibration,
+            num_inference_steps=kw["num_inference_steps"],
+            guidance_scale=kw["guidance_scale"],
+            detail=True,
         )
-        result = analyze(measurer, recipe, detail=False)
-        with denoiser_swapped(pipe, result.model):
+        result = analyze_pipeline(pipe, "w4a8-sqnr", options=options, source=model)
+        with denoiser_swapped(pipe, result.denoiser):
             q = sample(pipe, ref.conditions, seed=0, **kw)
         a = result.analysis
+        assert a is not None
+        base = a.levels[0]
         runs[label] = {
             "relative_sqnr_db": {
-                unit: levels[a["base_level"]]["sqnr_db"]
-                for unit, levels in a["relative_sqnr"].items()
+                unit: levels[base]["sqnr_db"] for unit, levels in a.relative_sqnr.items()
             },
-            "levels": a["global"]["block_levels"],
-            "uniform_base_sqnr_db": a["measured"]["uniform_base_sqnr_db"],
-            "plan_sqnr_db": a["measured"]["plan_sqnr_db"],
+            "levels": a.block_levels,
+            "uniform_base_sqnr_db": a.treatment_gains.get("uniform_base_sqnr_db"),
+            "plan_sqnr_db": a.measured["denoiser_sqnr_db"],
             "sqnr_latent_db": round(sqnr_db(ref.fp.latents, q.latents), 3),
             "psnr_db": round(psnr_db(ref.fp.images, q.images), 3),
             "prompt_accuracy": evaluator.prompt_accuracy(q.images, ref.targets).prompt_accuracy,
-            "denoiser_weight_bytes": backends.get("quanto").nbytes(result.model),
+            "denoiser_weight_bytes": backends.get("quanto").nbytes(result.denoiser),
         }
     units = list(runs["raw"]["relative_sqnr_db"])
     raw = [runs["raw"]["relative_sqnr_db"][u] for u in units]

@@ -16,12 +16,14 @@ analysis makes hundreds). Scales are taken on FP inputs, upstream layers unquant
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from quantization.capture import Call, timestep_of
+from quantization.types import TIME_RANGES, LayerSpec
 
 __all__ = [
     "MOMENTUM",
@@ -30,6 +32,7 @@ __all__ = [
     "InputRange",
     "collect_stats",
     "install_smoothing",
+    "ranges_for",
     "time_ranges",
 ]
 
@@ -178,7 +181,9 @@ def install_smoothing(module: nn.Module, scale: torch.Tensor | None) -> None:
     any input quantization a backend hooks in.
     """
     weight = module.weight
-    in_dim = weight.shape[1]
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"smoothing applies to a layer with a weight, not {type(module).__name__}")
+    in_dim = int(weight.shape[1])
     if scale is not None:
         if scale.shape != (in_dim,):
             raise ValueError(
@@ -190,3 +195,21 @@ def install_smoothing(module: nn.Module, scale: torch.Tensor | None) -> None:
     buffer = torch.ones(in_dim) if scale is None else scale.detach().clone()
     module.register_buffer(SMOOTH_BUFFER, buffer.to(weight.dtype))
     module.register_forward_pre_hook(_smooth_input, prepend=True)
+
+
+def ranges_for(
+    stats: ActivationStats | None,
+    specs: Mapping[str, LayerSpec],
+    smoothing: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, InputRange]:
+    """The calibrated input ranges the static layers of ``specs`` need (smoothed inputs where
+    ``smoothing`` has a layer's scales; one per timestep range for granularity "timestep")."""
+    out = {}
+    for name, spec in specs.items():
+        if spec.activations is None or spec.granularity == "token":
+            continue
+        if stats is None or name not in stats.channels:
+            raise ValueError(f"{name} has static activations and no calibration ranges")
+        count = TIME_RANGES if spec.granularity == "timestep" else 1
+        out[name] = stats.input_range(name, (smoothing or {}).get(name), count)
+    return out

@@ -31,8 +31,8 @@ __all__ = [
     "check",
     "choose",
     "find_units",
-    "frontier",
     "fp_bytes",
+    "frontier",
     "measure_sensitivity",
     "plan_at_levels",
     "uniform_plan",
@@ -222,6 +222,9 @@ def _db(x: float) -> float | None:
     return None if math.isinf(x) or math.isnan(x) else round(x, 3)
 
 
+CHECK_TIE_DB = 0.5  # end-to-end checks closer than this are a tie: the later plan is kept
+
+
 @dataclass
 class Checked:
     """The plan kept after the checks, its quantized denoiser and what measured it."""
@@ -259,12 +262,12 @@ def check(
     by_name = {u.name: u for u in units}
     best: Checked | None = None
     previous: dict[str, str] | None = None
+    promotions: list = []
     for round_ in range(max(checks, 1)):
         choice = choose(table, target_sqnr_db, budget_bytes, previous)
         if choice.levels == previous:
             break
-        if best is not None:
-            choice.promotions = best.choice.promotions + choice.promotions
+        choice.promotions = promotions = promotions + choice.promotions
         previous = dict(choice.levels)
         plan = plan_at_levels(units, choice.levels, recipe, treatments)
         progress(f"check {round_ + 1}: sampling the plan end to end")
@@ -284,9 +287,10 @@ def check(
                 dict(choice.levels),
             )
         )
+        # a later plan only adds precision: within the check's noise it is the one kept
         if (
             best is None
-            or measured >= best.latent_sqnr_db
+            or measured >= best.latent_sqnr_db - CHECK_TIE_DB
             or (target_sqnr_db is not None and measured >= target_sqnr_db)
         ):
             best = result

@@ -33,7 +33,7 @@ from pipelines.generate import decode, final_latents, guided_prediction, sample
 from pipelines.loader import DEFAULTS_FILE, sampling_settings
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
-from quantization.activations import ActivationStats, collect_stats
+from quantization.activations import ActivationStats, collect_stats, ranges_for
 from quantization.analysis import (
     Treatments,
     check,
@@ -59,20 +59,24 @@ from quantization.calibration import SEEDS, Conditions, record_calibration, reso
 from quantization.cost import Effort, Shape, Timings, WorkPlan, choose_effort, estimate
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.options import QuantizeOptions, Resolved, resolve
-from quantization.plan import LayerPlan, specs_of
+from quantization.plan import LayerPlan, LevelChoice, specs_of
 from quantization.probe import probe
 from quantization.progress import Progress, Silent
-from quantization.recording import record_trajectory, recorded_steps
+from quantization.recording import record_calls_replayed, record_trajectory, recorded_steps
 from quantization.report import AnalysisReport, rounded, write_report
 from quantization.table import Journal, SensitivityTable, Unit
 from quantization.types import RECIPES, Recipe, get_recipe, level_spec
 
 __all__ = [
+    "AnalyzedDenoiser",
     "Quantized",
+    "QuantizedDenoiser",
+    "analyze_denoiser",
     "analyze_pipeline",
     "load_quantized",
     "open_source",
     "quantize",
+    "quantize_denoiser",
 ]
 
 
@@ -136,6 +140,115 @@ class Quantized:
         return written
 
 
+@dataclass
+class QuantizedDenoiser:
+    """A quantized copy of a bare denoiser and the plan it was quantized by."""
+
+    model: nn.Module
+    plan: dict[str, LayerPlan]
+
+
+def quantize_denoiser(
+    denoiser: nn.Module,
+    recipe_or_plan: str | Recipe | dict[str, LayerPlan],
+    calls: list,
+    *,
+    backend: str | None = None,
+    smoothing: dict[str, torch.Tensor] | None = None,
+) -> QuantizedDenoiser:
+    """A quantized copy of ``denoiser`` by a uniform recipe or a plan, its static activations
+    calibrated on ``calls`` (the FP denoiser is left as it was). A plan's smoothed layers get
+    ``smoothing`` scales, or scales from the calls' ranges and the plan's alphas."""
+    from quantization.smoothing import smoothing_scales, weight_channel_absmax
+
+    if isinstance(recipe_or_plan, dict):
+        plan = recipe_or_plan
+        impl = backends.get(backend or "quanto")
+    else:
+        recipe = get_recipe(recipe_or_plan) if isinstance(recipe_or_plan, str) else recipe_or_plan
+        if recipe.mixed_precision:
+            raise ValueError(f"recipe {recipe.name} is planned: quantize() its pipeline")
+        impl = backends.get(backend or recipe.backend)
+        plan = uniform_plan(find_units(denoiser, impl.LAYERS, "block"), recipe)
+    stats = collect_stats(denoiser, list(plan), calls) if calls else None
+    smoothing = dict(smoothing or {})
+    for name, lp in plan.items():
+        if lp.smoothing_alpha is not None and name not in smoothing:
+            if stats is None:
+                raise ValueError("smoothed layers need calibration calls")
+            w = weight_channel_absmax(denoiser.get_submodule(name).weight)
+            smoothing[name] = smoothing_scales(stats.channel_absmax(name), w, lp.smoothing_alpha)
+    model = copy.deepcopy(denoiser).eval()
+    ranges = ranges_for(stats, specs_of(plan), smoothing)
+    impl.quantize_layers(model, specs_of(plan), ranges, smoothing)
+    return QuantizedDenoiser(model, _as_applied(plan, model, impl))
+
+
+@dataclass
+class AnalyzedDenoiser:
+    """A bare denoiser's plan, measured on given calls with no sampler (so never checked
+    end to end): the quantized copy, the plan, the choice, the treatments and the table."""
+
+    model: nn.Module
+    plan: dict[str, LayerPlan]
+    choice: LevelChoice
+    treatments: Treatments
+    table: SensitivityTable
+
+
+def analyze_denoiser(
+    denoiser: nn.Module,
+    recipe: str | Recipe,
+    calibration_calls: list,
+    trajectory_calls: list,
+    *,
+    backend: str | None = None,
+    unit: str = "module",
+    scope: str = "denoiser",
+    target_sqnr_db: float | None = None,
+    budget_bytes: int | None = None,
+    budget_ratio: float | None = None,
+) -> AnalyzedDenoiser:
+    """The SQNR-driven plan of a denoiser on its own (synthetic inputs, a full-size shape with
+    random weights): every unit measured on ``trajectory_calls``, planned to the recipe's
+    target (or the one given) within the budget, no end-to-end check."""
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    impl = backends.get(backend or r.backend)
+    blocks = find_units(denoiser, impl.LAYERS, "block")
+    layers = [layer for b in blocks for layer in b.layers]
+    stats = collect_stats(denoiser, layers, calibration_calls) if r.static else None
+    recording = record_calls_replayed(
+        denoiser, trajectory_calls, blocks=[b.name for b in blocks], layers=layers
+    )
+    measurer = Measurer(
+        denoiser, recording, impl, calibration=stats, calibration_calls=calibration_calls
+    )
+    units = find_units(denoiser, impl.LAYERS, unit)
+    treatments = choose_treatments(measurer, units, r, r.smoothing, r.protect_time_sensitive)
+    table = SensitivityTable(
+        measured_on={"recipe": r.name, "scope": scope, "unit": unit},
+        units=units,
+        levels=list(r.levels),
+    )
+    state = {k: v for k, v in denoiser.state_dict().items() if v is not None}
+    table.fixed_bytes = backends.tensor_bytes(state) - fp_bytes(denoiser, layers)
+    measure_sensitivity(measurer, table, units, r, treatments, scope, Journal(None, {}, False))
+    base = table.base_layer_bytes() + table.fixed_bytes
+    if budget_bytes is None:
+        ratio = r.budget_ratio if budget_ratio is None else budget_ratio
+        budget_bytes = int(base * ratio)
+    if budget_bytes < base:
+        raise ValueError(
+            f"budget of {budget_bytes} bytes is below the {base} bytes the base recipe already "
+            f"makes the denoiser ({table.fixed_bytes} of them stay float whatever the plan)"
+        )
+    target = r.target_sqnr_db if target_sqnr_db is None else target_sqnr_db
+    choice = choose(table, target, budget_bytes)
+    plan = plan_at_levels(units, choice.levels, r, treatments)
+    model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
+    return AnalyzedDenoiser(model, _as_applied(plan, model, impl), choice, treatments, table)
+
+
 def _dtype_name(module: nn.Module) -> str:
     names = {dtype: name for name, dtype in DTYPES.items()}
     floats = [p.dtype for p in module.parameters() if p.dtype in names]
@@ -176,6 +289,46 @@ class _Run:
         if not self.layers:
             raise ValueError(f"{source}: no layer the {r.backend} backend quantizes")
         self.guided = r.guidance > 1.0
+        self._handles: list = []
+        self._timings: Timings | None = None
+
+    def __enter__(self) -> _Run:
+        """Counts denoiser calls, and block calls outside them, per stage (the FP denoiser's
+        hooks are removed on exit)."""
+        inside = [False]
+
+        def enter(module, args):
+            inside[0] = True
+            self.progress.count("denoiser")
+
+        def leave(module, args, out):
+            inside[0] = False
+
+        def block(module, args):
+            if not inside[0]:
+                self.progress.count("blocks")
+
+        self._handles = [
+            self.denoiser.register_forward_pre_hook(enter),
+            self.denoiser.register_forward_hook(leave),
+        ]
+        for u in self.units["block"]:
+            self._handles.append(
+                self.denoiser.get_submodule(u.name).register_forward_pre_hook(block)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def work(self, estimate: WorkPlan) -> dict:
+        return {
+            "estimate": estimate.to_json(),
+            "actual": self.progress.done(),
+            "calls": self.progress.calls(),
+        }
 
     def seeds(self, use: str, n: int) -> list[int]:
         return [SEEDS[use] + i for i in range(n)]
@@ -211,6 +364,7 @@ class _Run:
         return t
 
     def shape(self, levels: int, planned: bool, check_images: int) -> Shape:
+        assert self._timings is not None, "probe first"
         order = list(self._timings.block_seconds)
         return Shape(
             steps=self.r.steps,
@@ -259,15 +413,20 @@ def _check_images(run: _Run, model: nn.Module, n: int) -> dict:
         return {}
     stage = run.progress.stage("check images", 2, "sampling")
     conditions = run.r.conditions.pick(run.pipe, n, "check")
-    kw = {
-        "seed": SEEDS["check"],
-        "num_inference_steps": run.r.steps,
-        "guidance_scale": run.r.guidance,
-    }
-    fp = sample(run.pipe, conditions, **kw)
+
+    def images(pipe):
+        return sample(
+            pipe,
+            conditions,
+            seed=SEEDS["check"],
+            num_inference_steps=run.r.steps,
+            guidance_scale=run.r.guidance,
+        )
+
+    fp = images(run.pipe)
     stage.update()
     with denoiser_swapped(run.pipe, model):
-        q = sample(run.pipe, conditions, **kw)
+        q = images(run.pipe)
     stage.update()
     return {
         "check_images": n,
@@ -304,7 +463,7 @@ def quantize(
     pipeline,
     recipe_or_plan: str | Recipe | dict[str, LayerPlan],
     *,
-    options: QuantizeOptions = QuantizeOptions(),
+    options: QuantizeOptions | None = None,
     source: str | None = None,
     progress: Progress | None = None,
 ) -> Quantized:
@@ -315,6 +474,7 @@ def quantize(
     settings, and an embedded model's digits data the calibration conditions.
     """
     start = time.perf_counter()
+    options = options or QuantizeOptions()
     progress = progress or Silent()
     if isinstance(recipe_or_plan, dict):
         return _by_plan(pipeline, recipe_or_plan, options, source, progress, start)
@@ -324,51 +484,45 @@ def quantize(
         options = replace(options, detail=bool(options.detail))
         return _analyzed(pipeline, recipe, options, source, progress, start)
     source, r = _prepare(pipeline, source, recipe, options)
-    run = _Run(pipeline, source, r, progress)
-    base = r.recipe.base_spec()
-    run._timings = run.timings({base.level: lambda layer: base})
-    n, work = _uniform_check_images(run, run._timings, r.check_images)
-    progress.plan(work)
-    stats, calls, calibration = (None, [], {"kind": "none: per-token activations"})
-    if r.recipe.static:
-        stats, calls, calibration = run.calibrate(32)
-    stage = progress.stage("quantize", 1, "model")
-    units = run.units["block"]
-    plan = uniform_plan(units, r.recipe)
-    model = _quantized_copy(run, stats, specs_of(plan), {})
-    stage.update()
-    measured = _check_images(run, model, n)
-    return Quantized(
-        pipeline=_with_denoiser(pipeline, run.attr, model),
-        denoiser=model,
-        plan=_as_applied(plan, model, run.backend),
-        backend=r.backend,
-        recipe=r.recipe,
-        analysis=None,
-        calibration={**calibration, "conditions": r.conditions.summary()},
-        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
-        measured=measured,
-        source=str(source),
-        seconds=time.perf_counter() - start,
-        work={
-            "estimate": work.to_json(),
-            "actual": progress.done() if hasattr(progress, "done") else {},
-        },
-        _fp=pipeline,
-    )
+    with _Run(pipeline, source, r, progress) as run:
+        base = r.recipe.base_spec()
+        timings = run._timings = run.timings({base.level: lambda layer: base})
+        n, work = _uniform_check_images(run, timings, r.check_images)
+        progress.plan(work)
+        stats: ActivationStats | None = None
+        calibration: dict = {"kind": "none: per-token activations"}
+        if r.recipe.static:
+            stats, _, calibration = run.calibrate(r.calibration_prompts)
+        stage = progress.stage("quantize", 1, "model")
+        units = run.units["block"]
+        plan = uniform_plan(units, r.recipe)
+        model = _quantized_copy(run, stats, specs_of(plan), {})
+        stage.update()
+        measured = _check_images(run, model, n)
+        return Quantized(
+            pipeline=_with_denoiser(pipeline, run.attr, model),
+            denoiser=model,
+            plan=_as_applied(plan, model, run.backend),
+            backend=r.backend,
+            recipe=r.recipe,
+            analysis=None,
+            calibration={**calibration, "conditions": r.conditions.summary()},
+            sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+            measured=measured,
+            source=str(source),
+            seconds=time.perf_counter() - start,
+            work={
+                "estimate": work.to_json(),
+                "actual": progress.done(),
+                "calls": progress.calls(),
+            },
+            _fp=pipeline,
+        )
 
 
 def _quantized_copy(run: _Run, stats: ActivationStats | None, specs, smoothing) -> nn.Module:
     model = copy.deepcopy(run.denoiser).eval()
-    ranges = {}
-    for name, spec in specs.items():
-        if spec.activations is not None and spec.granularity != "token":
-            if stats is None:
-                raise ValueError("static activations need calibration")
-            ranges[name] = stats.input_range(
-                name, smoothing.get(name), 4 if spec.granularity == "timestep" else 1
-            )
-    run.backend.quantize_layers(model, specs, ranges, smoothing)
+    run.backend.quantize_layers(model, specs, ranges_for(stats, specs, smoothing), smoothing)
     return model
 
 
@@ -379,40 +533,41 @@ def _by_plan(pipeline, plan: dict[str, LayerPlan], options, source, progress, st
     backend = options.backend or ("torchao" if "token" in grain else "quanto")
     base = get_recipe("w8a8-static").with_granularity("timestep" if "timestep" in grain else None)
     source, r = _prepare(pipeline, source, base, replace(options, backend=backend))
-    run = _Run(pipeline, source, r, progress)
-    stats, calls, calibration = (None, [], {"kind": "none: per-token activations"})
-    if grain - {"token"}:
-        stats, calls, calibration = run.calibrate(options.calibration_prompts or 32)
-    smoothed = [n for n, lp in plan.items() if lp.smoothing_alpha is not None]
-    smoothing = {}
-    if smoothed:
-        from quantization.smoothing import smoothing_scales, weight_channel_absmax
+    with _Run(pipeline, source, r, progress) as run:
+        stats: ActivationStats | None = None
+        calibration: dict = {"kind": "none: per-token activations"}
+        if grain - {"token"}:
+            stats, _, calibration = run.calibrate(r.calibration_prompts)
+        smoothed = [n for n, lp in plan.items() if lp.smoothing_alpha is not None]
+        smoothing = {}
+        if smoothed:
+            from quantization.smoothing import smoothing_scales, weight_channel_absmax
 
-        assert stats is not None
-        smoothing = {
-            n: smoothing_scales(
-                stats.channel_absmax(n),
-                weight_channel_absmax(run.denoiser.get_submodule(n).weight),
-                plan[n].smoothing_alpha or 0.5,
-            )
-            for n in smoothed
-        }
-    model = _quantized_copy(run, stats, specs_of(plan), smoothing)
-    measured = _check_images(run, model, 8 if r.check_images is None else r.check_images)
-    return Quantized(
-        pipeline=_with_denoiser(pipeline, run.attr, model),
-        denoiser=model,
-        plan=_as_applied(plan, model, run.backend),
-        backend=backend,
-        recipe=None,
-        analysis=None,
-        calibration={**calibration, "conditions": r.conditions.summary()},
-        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
-        measured=measured,
-        source=str(source),
-        seconds=time.perf_counter() - start,
-        _fp=pipeline,
-    )
+            assert stats is not None
+            smoothing = {
+                n: smoothing_scales(
+                    stats.channel_absmax(n),
+                    weight_channel_absmax(run.denoiser.get_submodule(n).weight),
+                    plan[n].smoothing_alpha or 0.5,
+                )
+                for n in smoothed
+            }
+        model = _quantized_copy(run, stats, specs_of(plan), smoothing)
+        measured = _check_images(run, model, 8 if r.check_images is None else r.check_images)
+        return Quantized(
+            pipeline=_with_denoiser(pipeline, run.attr, model),
+            denoiser=model,
+            plan=_as_applied(plan, model, run.backend),
+            backend=backend,
+            recipe=None,
+            analysis=None,
+            calibration={**calibration, "conditions": r.conditions.summary()},
+            sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+            measured=measured,
+            source=str(source),
+            seconds=time.perf_counter() - start,
+            _fp=pipeline,
+        )
 
 
 def _measured_levels(recipe: Recipe) -> list[str]:
@@ -446,124 +601,136 @@ def _analyzed(
 ) -> Quantized:
     """The SQNR-driven recipes: probe, plan of work, calibrate, record, measure, check."""
     source, r = _prepare(pipeline, source, recipe, options)
-    run = _Run(pipeline, source, r, progress)
-    levels = _measured_levels(r.recipe)
-    spec_at = {
-        lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
-        for lv in levels
-    }
-    run._timings = run.timings(spec_at)
-    shape = run.shape(len(levels), True, 0)
-    work, _ = choose_effort(shape, run._timings, r.max_minutes, r.forced)
-    effort = work.effort
-    assert effort is not None
-    progress.plan(work)
+    with _Run(pipeline, source, r, progress) as run:
+        levels = _measured_levels(r.recipe)
+        spec_at = {
+            lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
+            for lv in levels
+        }
+        timings = run._timings = run.timings(spec_at)
+        shape = run.shape(len(levels), True, 0)
+        work, _ = choose_effort(shape, timings, r.max_minutes, r.forced)
+        effort = work.effort
+        assert effort is not None
+        progress.plan(work)
 
-    stats, calls, calibration = None, [], {"kind": "none: per-token activations"}
-    if shape.static:
-        stats, calls, calibration = run.calibrate(effort.calibration_prompts)
-    trajectory = r.conditions.pick(run.pipe, effort.prompts, "trajectory")
-    keep = recorded_steps(r.steps, effort.recorded_steps)
-    stage = progress.stage("trajectory", r.steps, "step")
-    recording = record_trajectory(
-        run.denoiser,
-        lambda: run.latents(run.denoiser, trajectory, "trajectory"),
-        keep=keep,
-        blocks=[u.name for u in run.units["block"]],
-        layers=run.layers,
-        progress=lambda step: stage.update(),
-    )
-    guide = guided_prediction(run.pipe, r.guidance) if r.guided else None
-    measurer = Measurer(
-        run.denoiser,
-        recording,
-        run.backend,
-        calibration=stats,
-        calibration_calls=calls,
-        guide=guide,
-        sampler=lambda model: run.latents(model, trajectory, "trajectory"),
-    )
-    units = run.units[effort.unit]
-    stage = progress.stage("treatments", 1, "pass")
-    treatments = choose_treatments(measurer, units, r.recipe, r.smoothing, r.time_protection)
-    stage.update()
+        stats: ActivationStats | None = None
+        calls: list = []
+        calibration: dict = {"kind": "none: per-token activations"}
+        if shape.static:
+            stats, calls, calibration = run.calibrate(effort.calibration_prompts)
+        trajectory = r.conditions.pick(run.pipe, effort.prompts, "trajectory")
+        keep = recorded_steps(r.steps, effort.recorded_steps)
+        stage = progress.stage("trajectory", r.steps, "step")
+        recording = record_trajectory(
+            run.denoiser,
+            lambda: run.latents(run.denoiser, trajectory, "trajectory"),
+            keep=keep,
+            blocks=[u.name for u in run.units["block"]],
+            layers=run.layers,
+            progress=lambda step: stage.update(),
+        )
+        guide = guided_prediction(run.pipe, r.guidance) if r.guided else None
+        measurer = Measurer(
+            run.denoiser,
+            recording,
+            run.backend,
+            calibration=stats,
+            calibration_calls=calls,
+            guide=guide,
+            sampler=lambda model: run.latents(model, trajectory, "trajectory"),
+        )
+        units = run.units[effort.unit]
+        stage = progress.stage("treatments", 1, "pass")
+        treatments = choose_treatments(measurer, units, r.recipe, r.smoothing, r.time_protection)
+        stage.update()
 
-    header = _header(run, effort, trajectory, calibration)
-    journal = Journal(r.analysis_dir, header, r.resume)
-    table = SensitivityTable(
-        measured_on={**header, "sampling_seconds": round(recording.seconds, 2)},
-        units=units,
-        levels=list(r.recipe.levels),
-    )
-    table.fixed_bytes = backends.tensor_bytes(
-        {k: v for k, v in run.denoiser.state_dict().items() if v is not None}
-    ) - fp_bytes(run.denoiser, run.layers)
-    done_before = len(journal.done)
-    stage = progress.stage("sensitivity", len(units) * len(table.levels), "unit x level")
-    if done_before:
-        progress.note(f"resuming: {done_before} unit x level rows from {journal.path}")
-    measure_sensitivity(
-        measurer,
-        table,
-        units,
-        r.recipe,
-        treatments,
-        effort.scope,
-        journal,
-        progress=lambda unit: stage.update(detail=unit),
-    )
-    budget = _budget(table, r)
-    stage = progress.stage("checks", effort.checks, "check")
-    checked = check(
-        measurer,
-        table,
-        units,
-        r.recipe,
-        treatments,
-        target_sqnr_db=r.target_sqnr_db,
-        budget_bytes=budget,
-        checks=effort.checks,
-        refine=effort.refine,
-        journal=journal,
-        progress=lambda message: stage.update(0, message),
-    )
-    stage.update(len(table.checks))
-    extra = _detail(measurer, run, units, table, treatments, progress) if effort.detail else {}
-    images = decode(run.pipe, recording.latents), decode(run.pipe, checked.latents)
-    measured = {
-        "check_images": len(trajectory),
-        "check_conditions": "trajectory",
-        "sqnr_latent_db": rounded(checked.latent_sqnr_db),
-        "psnr_db": rounded(psnr_db(*images)),
-        "denoiser_sqnr_db": rounded(checked.replayed_sqnr_db),
-    }
-    timesteps = [rounded(t) for t in recording.timesteps]
-    series = {"plan": [rounded(x) for x in checked.by_step.values()]}
-    if "uniform_base_by_step" in extra:
-        series["uniform base"] = extra.pop("uniform_base_by_step")
-    report = _report(
-        run, effort, table, treatments, checked, budget, measured, work, extra, timesteps, series
-    )
-    report.work["actual"] = progress.done() if hasattr(progress, "done") else {}
-    model = checked.model
-    return Quantized(
-        pipeline=_with_denoiser(pipeline, run.attr, model),
-        denoiser=model,
-        plan=_as_applied(checked.plan, model, run.backend),
-        backend=r.backend,
-        recipe=r.recipe,
-        analysis=report,
-        calibration={**calibration, "conditions": r.conditions.summary()},
-        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
-        measured=measured,
-        source=str(source),
-        seconds=time.perf_counter() - start,
-        work=report.work,
-        trajectory_series={"timesteps": timesteps, "series": series},
-        table=table,
-        _fp=pipeline,
-        _saved={"stats": stats, "treatments": treatments, "latents": recording.latents},
-    )
+        header = _header(run, effort, trajectory, calibration)
+        journal = Journal(r.analysis_dir, header, r.resume)
+        table = SensitivityTable(
+            measured_on={**header, "sampling_seconds": round(recording.seconds, 2)},
+            units=units,
+            levels=list(r.recipe.levels),
+        )
+        table.fixed_bytes = backends.tensor_bytes(
+            {k: v for k, v in run.denoiser.state_dict().items() if v is not None}
+        ) - fp_bytes(run.denoiser, run.layers)
+        done_before = len(journal.done)
+        stage = progress.stage("sensitivity", len(units) * len(table.levels), "unit x level")
+        if done_before:
+            progress.note(f"resuming: {done_before} unit x level rows from {journal.path}")
+        measure_sensitivity(
+            measurer,
+            table,
+            units,
+            r.recipe,
+            treatments,
+            effort.scope,
+            journal,
+            progress=lambda unit: stage.update(detail=unit),
+        )
+        budget = _budget(table, r)
+        stage = progress.stage("checks", effort.checks, "check")
+        checked = check(
+            measurer,
+            table,
+            units,
+            r.recipe,
+            treatments,
+            target_sqnr_db=r.target_sqnr_db,
+            budget_bytes=budget,
+            checks=effort.checks,
+            refine=effort.refine,
+            journal=journal,
+            progress=lambda message: stage.update(0, message),
+        )
+        stage.update(len(table.checks))
+        extra = _detail(measurer, run, units, table, treatments, progress) if effort.detail else {}
+        images = decode(run.pipe, recording.latents), decode(run.pipe, checked.latents)
+        measured = {
+            "check_images": len(trajectory),
+            "check_conditions": "trajectory",
+            "sqnr_latent_db": rounded(checked.latent_sqnr_db),
+            "psnr_db": rounded(psnr_db(*images)),
+            "denoiser_sqnr_db": rounded(checked.replayed_sqnr_db),
+        }
+        timesteps = [rounded(t) for t in recording.timesteps]
+        series = {"plan": [rounded(x) for x in checked.by_step.values()]}
+        if "uniform_base_by_step" in extra:
+            series["uniform base"] = extra.pop("uniform_base_by_step")
+        report = _report(
+            run,
+            effort,
+            table,
+            treatments,
+            checked,
+            budget,
+            measured,
+            work,
+            extra,
+            timesteps,
+            series,
+        )
+        report.work.update(actual=progress.done(), calls=progress.calls())
+        model = checked.model
+        return Quantized(
+            pipeline=_with_denoiser(pipeline, run.attr, model),
+            denoiser=model,
+            plan=_as_applied(checked.plan, model, run.backend),
+            backend=r.backend,
+            recipe=r.recipe,
+            analysis=report,
+            calibration={**calibration, "conditions": r.conditions.summary()},
+            sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+            measured=measured,
+            source=str(source),
+            seconds=time.perf_counter() - start,
+            work=report.work,
+            trajectory_series={"timesteps": timesteps, "series": series},
+            table=table,
+            _fp=pipeline,
+            _saved={"stats": stats, "treatments": treatments, "latents": recording.latents},
+        )
 
 
 def _budget(table: SensitivityTable, r: Resolved) -> int | None:
@@ -711,7 +878,7 @@ def analyze_pipeline(
     pipeline,
     recipe: str | Recipe = "w4a8-sqnr",
     *,
-    options: QuantizeOptions = QuantizeOptions(),
+    options: QuantizeOptions | None = None,
     source: str | None = None,
     progress: Progress | None = None,
 ) -> Quantized:
@@ -730,7 +897,7 @@ def quantize_from_analysis(
     pipeline,
     folder: str | Path,
     *,
-    options: QuantizeOptions = QuantizeOptions(),
+    options: QuantizeOptions | None = None,
     source: str | None = None,
     progress: Progress | None = None,
     point: int | None = None,
@@ -738,6 +905,7 @@ def quantize_from_analysis(
     """Plan again from a saved analysis (``analyze --out``, or an artifact's ``analysis/``)
     to another target or budget, or to a frontier ``point``: no sensitivity is measured."""
     start = time.perf_counter()
+    options = options or QuantizeOptions()
     progress = progress or Silent()
     saved = read_analysis(Path(folder))
     table: SensitivityTable = saved["table"]
@@ -760,70 +928,73 @@ def quantize_from_analysis(
     source, r = _prepare(pipeline, source, recipe, options, from_analysis=True)
     if r.backend != on["backend"]:
         raise ValueError(f"the analysis was measured on {on['backend']}, not {r.backend}")
-    run = _Run(pipeline, source, r, progress)
-    progress.note(
-        f"planning from {folder}: no new sensitivity measurement (measured on {len(table.units)} {on['unit']}s x {len(table.levels)} levels)"
-    )
-    units = table.units
-    treatments: Treatments = saved["treatments"]
-    points = frontier(table)
-    if point is not None:
-        if not 0 <= point < len(points):
-            raise ValueError(f"--point must lie in 0..{len(points) - 1}")
-        budget, target = points[point]["denoiser_bytes"], None
-    else:
-        budget, target = _budget(table, r), r.target_sqnr_db
-    choice = choose(table, target, budget)
-    took = max(
-        (p for p in points if p["denoiser_bytes"] <= choice.weight_bytes + table.fixed_bytes),
-        key=lambda p: p["point"],
-    )
-    progress.note(
-        f"took the frontier's point {took['point']}: {choice.weight_bytes + table.fixed_bytes} bytes, "
-        f"predicted {rounded(choice.predicted_sqnr_db)} dB"
-    )
-    plan = plan_at_levels(units, choice.levels, recipe, treatments)
-    stage = progress.stage("quantize", 1, "model")
-    model = _quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
-    stage.update()
-    measured: dict = {
-        "predicted_sqnr_db": rounded(choice.predicted_sqnr_db),
-        "frontier_point": took["point"],
-    }
-    seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
-    fp_latents = saved["latents"]
-    per_sampling = on.get("sampling_seconds")
-    if fp_latents is not None and (per_sampling is None or per_sampling < seconds_left):
-        stage = progress.stage("check", 1, "sampling")
-        conditions = list(on["conditions"])
-        q = run.latents(model, conditions, "trajectory")
-        stage.update()
-        measured.update(
-            {
-                "check_images": len(conditions),
-                "check_conditions": "trajectory",
-                "sqnr_latent_db": rounded(sqnr_db(fp_latents, q)),
-                "psnr_db": rounded(psnr_db(decode(run.pipe, fp_latents), decode(run.pipe, q))),
-            }
+    with _Run(pipeline, source, r, progress) as run:
+        progress.note(
+            f"planning from {folder}: no new sensitivity measurement (the table holds "
+            f"{len(table.units)} {on['unit']}s x {len(table.levels)} levels)"
         )
-    else:
-        progress.note("end-to-end check skipped: it does not fit --max-minutes")
-    return Quantized(
-        pipeline=_with_denoiser(pipeline, run.attr, model),
-        denoiser=model,
-        plan=_as_applied(plan, model, run.backend),
-        backend=r.backend,
-        recipe=recipe,
-        analysis=None,
-        calibration={**on["calibration"], "conditions": r.conditions.summary()},
-        sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
-        measured=measured,
-        source=str(source),
-        seconds=time.perf_counter() - start,
-        plan_origin=f"planned from {folder}",
-        work={"actual": progress.done() if hasattr(progress, "done") else {}},
-        _fp=pipeline,
-    )
+        units = table.units
+        treatments: Treatments = saved["treatments"]
+        points = frontier(table)
+        if point is not None:
+            if not 0 <= point < len(points):
+                raise ValueError(f"--point must lie in 0..{len(points) - 1}")
+            budget, target = points[point]["denoiser_bytes"], None
+        else:
+            budget, target = _budget(table, r), r.target_sqnr_db
+        choice = choose(table, target, budget)
+        k = len(choice.promotions)
+        on_path = k < len(points) and all(
+            points[i + 1]["promoted"] == f"{p.block} -> {p.to_level}"
+            for i, p in enumerate(choice.promotions)
+        )
+        where = f"the frontier's point {k}" if on_path else "a plan off the frontier's path"
+        progress.note(
+            f"took {where}: {choice.weight_bytes + table.fixed_bytes} bytes, "
+            f"predicted {rounded(choice.predicted_sqnr_db)} dB"
+        )
+        plan = plan_at_levels(units, choice.levels, recipe, treatments)
+        stage = progress.stage("quantize", 1, "model")
+        model = _quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
+        stage.update()
+        measured: dict = {
+            "predicted_sqnr_db": rounded(choice.predicted_sqnr_db),
+            "frontier_point": k if on_path else None,
+        }
+        seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
+        fp_latents = saved["latents"]
+        per_sampling = on.get("sampling_seconds")
+        if fp_latents is not None and (per_sampling is None or per_sampling < seconds_left):
+            stage = progress.stage("check", 1, "sampling")
+            conditions = list(on["conditions"])
+            q = run.latents(model, conditions, "trajectory")
+            stage.update()
+            measured.update(
+                {
+                    "check_images": len(conditions),
+                    "check_conditions": "trajectory",
+                    "sqnr_latent_db": rounded(sqnr_db(fp_latents, q)),
+                    "psnr_db": rounded(psnr_db(decode(run.pipe, fp_latents), decode(run.pipe, q))),
+                }
+            )
+        else:
+            progress.note("end-to-end check skipped: it does not fit --max-minutes")
+        return Quantized(
+            pipeline=_with_denoiser(pipeline, run.attr, model),
+            denoiser=model,
+            plan=_as_applied(plan, model, run.backend),
+            backend=r.backend,
+            recipe=recipe,
+            analysis=None,
+            calibration={**on["calibration"], "conditions": r.conditions.summary()},
+            sampling={"num_inference_steps": r.steps, "guidance_scale": r.guidance},
+            measured=measured,
+            source=str(source),
+            seconds=time.perf_counter() - start,
+            plan_origin=f"planned from {folder}",
+            work={"actual": progress.done(), "calls": progress.calls()},
+            _fp=pipeline,
+        )
 
 
 def _finite_or_inf(x: float | None) -> float:

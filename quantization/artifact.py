@@ -283,9 +283,8 @@ def load_quantized(path: str | Path):
     if set(plan) != set(manifest["layers"]):
         raise ArtifactError(f"{path}: plan.json and manifest.json list different layers")
     model = build_quantized_denoiser(path, manifest, plan)
-    pipe = load_pipeline(
-        path, torch_dtype=DTYPES[manifest["dtype"]], **{manifest["denoiser"]: model}
-    )
+    components: dict = {manifest["denoiser"]: model}
+    pipe = load_pipeline(path, torch_dtype=DTYPES[manifest["dtype"]], **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

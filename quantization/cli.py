@@ -154,6 +154,11 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="dtype the denoiser is quantized in (float parts keep it)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to calibrate, measure and quantize: cpu (default) or cuda[:N]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +312,8 @@ def _quantize_or_analyze(args) -> int:
     start = time.perf_counter()
     print(f"loading {args.src}", file=sys.stderr, flush=True)
     pipe = open_source(args.src, torch_dtype=TORCH_DTYPES[args.dtype])
+    if args.device != "cpu":
+        pipe.to(args.device)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     options = options_from_args(args, pipe)
     progress = Bars()

@@ -255,7 +255,8 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
     stages.append(
         Stage(
             "checks",
-            f"{effort.checks} quantized sampling(s), {effort.checks * effort.refine} unit(s) refined",
+            f"{effort.checks} quantized sampling(s), "
+            f"{effort.checks * effort.refine} unit(s) refined",
             checks + refine + 2 * effort.prompts * t.decode_seconds,
         )
     )
@@ -291,8 +292,9 @@ def choose_effort(
             return plan, tried
     cheapest = min(tried, key=lambda p: p.seconds)
     need = math.ceil(cheapest.seconds / 60)
+    what = cheapest.effort.describe() if cheapest.effort else "uniform"
     raise ValueError(
-        f"no effort fits {max_minutes:g} minutes: the cheapest ({cheapest.effort.describe() if cheapest.effort else ''}) "
-        f"is estimated at {_clock(cheapest.seconds)}; pass --max-minutes {need} or more, "
-        "fewer --steps, or a uniform recipe\n" + cheapest.render()
+        f"no effort fits {max_minutes:g} minutes: the cheapest ({what}) is estimated at "
+        f"{_clock(cheapest.seconds)}; pass --max-minutes {need} or more, fewer --steps, or a "
+        "uniform recipe\n" + cheapest.render()
     )

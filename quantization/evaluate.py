@@ -148,7 +148,7 @@ def evaluate(
             **{k: run[k] for k in ("denoiser_weight_bytes", "peak_rss_bytes", "load_seconds")},
             "step_latency_ms": round(run["step_latency_ms"], 3),
         }
-        if evaluator is not None:
+        if evaluator is not None and targets is not None and heldout is not None:
             row["prompt_accuracy"] = evaluator.prompt_accuracy(
                 run["images"], targets
             ).prompt_accuracy
@@ -159,6 +159,7 @@ def evaluate(
             f"accuracy {row['prompt_accuracy']}, {row['denoiser_weight_bytes']} B, "
             f"{row['step_latency_ms']} ms/step"
         )
+    assert fp is not None
     return {
         "source": str(source),
         "images": settings.n,

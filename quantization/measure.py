@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from quality.metrics import sqnr_db
-from quantization.activations import ActivationStats, InputRange, channel_absmax
+from quantization.activations import ActivationStats, InputRange, ranges_for
 from quantization.backends import Backend
-from quantization.blocks import Block
 from quantization.capture import Call, replay
 from quantization.recording import Recording
 from quantization.smoothing import ALPHAS, outlier_ratio, smoothing_scales, weight_channel_absmax
-from quantization.types import TIME_RANGES, LayerSpec
+from quantization.table import Unit
+from quantization.types import LayerSpec
 
 __all__ = ["SCOPES", "Measured", "Measurer", "time_drift"]
 
@@ -105,13 +105,20 @@ def time_drift(input_absmax_by_step: dict[int, float], calibration_step: int = 0
     return max(drifts, default=0.0)
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{type(layer).__name__} has no weight tensor")
+    return weight
+
+
 def _drop_range_hook(model: nn.Module) -> None:
     """Once quantized copies are swapped out, no hook may switch scales of layers gone."""
     hook = getattr(model, "_t2i_range_hook", None)
     if hook is not None:
         hook.remove()
-        del model._t2i_range_hook
-        model._t2i_ranged = []
+        object.__delattr__(model, "_t2i_range_hook")
+        object.__setattr__(model, "_t2i_ranged", [])
 
 
 class Measurer:
@@ -158,16 +165,7 @@ class Measurer:
         self, specs: Mapping[str, LayerSpec], smoothing: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, InputRange]:
         """The calibrated input ranges the static layers of ``specs`` need."""
-        out = {}
-        for name, spec in specs.items():
-            if spec.activations is None or spec.granularity == "token":
-                continue
-            if self.calibration is None or name not in self.calibration.channels:
-                raise ValueError(f"{name} has static activations and no calibration ranges")
-            ranges = TIME_RANGES if spec.granularity == "timestep" else 1
-            scale = None if smoothing is None else smoothing.get(name)
-            out[name] = self.calibration.input_range(name, scale, ranges)
-        return out
+        return ranges_for(self.calibration, specs, smoothing)
 
     def quantize(
         self,
@@ -252,7 +250,7 @@ class Measurer:
 
     def unit(
         self,
-        unit: Block,
+        unit: Unit,
         block: str,
         specs: dict[str, LayerSpec],
         smoothing: Mapping[str, torch.Tensor] | None = None,
@@ -289,7 +287,7 @@ class Measurer:
 
     def unit_end_to_end(
         self,
-        unit: Block,
+        unit: Unit,
         specs: dict[str, LayerSpec],
         smoothing: Mapping[str, torch.Tensor] | None = None,
     ) -> float:
@@ -386,7 +384,7 @@ class Measurer:
             layer = self.denoiser.get_submodule(name)
             xs = inputs[name]
             reference = [layer(x) for x in xs]
-            w = weight_channel_absmax(layer.weight)
+            w = weight_channel_absmax(_weight(layer))
             base = self._alone_sqnr(name, layer, specs[name], xs, reference, None)
             best: tuple[float, float | None, torch.Tensor | None] = (base, None, None)
             for alpha in ALPHAS:
@@ -443,7 +441,3 @@ class Measurer:
             for h in handles:
                 h.remove()
         return inputs
-
-
-def _unused(x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-    return channel_absmax(x)

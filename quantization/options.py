@@ -68,6 +68,7 @@ class Resolved:
     time_protection: bool
     guided: bool
     check_images: int | None
+    calibration_prompts: int  # uniform recipes and plans (SQNR recipes: the effort's)
     max_minutes: float
     forced: dict = field(default_factory=dict)
     analysis_dir: Path | None = None
@@ -139,6 +140,7 @@ def resolve(
         time_protection=options.time_protection and r.protect_time_sensitive,
         guided=options.guided,
         check_images=options.check_images,
+        calibration_prompts=options.calibration_prompts or 32,
         max_minutes=minutes,
         forced=forced,
         analysis_dir=options.analysis_dir,

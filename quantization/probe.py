@@ -45,10 +45,14 @@ def _timed(fn: Callable[[], object], repeats: int = 2) -> float:
     return best
 
 
+def _runner(module: nn.Module, call: Call) -> Callable[[], object]:
+    return lambda: module(*call.args, **call.kwargs)
+
+
 @torch.no_grad()
 def probe(
     denoiser: nn.Module,
-    first_call: Callable[[], None],
+    first_call: Callable[[], object],
     blocks: list[str],
     backend: Backend,
     level_specs: dict[str, Callable[[str], LayerSpec | None]],
@@ -133,10 +137,9 @@ def probe(
         q = copy.deepcopy(module)
         backend.quantize_layers(q, specs, ranges)
         copy_rate.append((time.perf_counter() - begin) / max(gb, 1e-9))
-        factor[level] = _timed(lambda q=q: q(*inputs.args, **inputs.kwargs)) / max(fp_seconds, 1e-9)
+        factor[level] = _timed(_runner(q, inputs)) / max(fp_seconds, 1e-9)
         if small:
-            seconds = _timed(lambda q=q: q(*large_inputs.args, **large_inputs.kwargs))
-            factor_large[level] = seconds / max(fp_large, 1e-9)
+            factor_large[level] = _timed(_runner(q, large_inputs)) / max(fp_large, 1e-9)
     x = call.args[0] if call.args else call.kwargs["hidden_states"]
     latent = x[:1, : x.shape[1]].float()
     decode_seconds = _timed(lambda: decode(latent), repeats=1)

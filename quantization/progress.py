@@ -27,6 +27,17 @@ class Progress(Protocol):
 
     def note(self, message: str) -> None: ...
 
+    def count(self, kind: str) -> None:
+        """One call of ``kind`` ("denoiser", or "blocks": a block run outside a denoiser call)
+        during the stage under way."""
+        ...
+
+    def done(self) -> dict[str, float]:
+        """The seconds each stage took (the last one closed)."""
+        ...
+
+    def calls(self) -> dict[str, dict[str, int]]: ...
+
 
 class _Quiet:
     def update(self, n: int = 1, detail: str = "") -> None:
@@ -42,6 +53,15 @@ class Silent:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._open: tuple[str, float] | None = None
+        self._calls: dict[str, dict[str, int]] = {}
+
+    def count(self, kind: str) -> None:
+        stage = "setup" if self._open is None else self._open[0]
+        per = self._calls.setdefault(stage, {})
+        per[kind] = per.get(kind, 0) + 1
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self._calls.items()}
 
     def _finish(self) -> None:
         if self._open is not None:

@@ -27,7 +27,13 @@ from torch import nn
 from quantization.activations import ActivationStats
 from quantization.capture import Call, denoiser_output, timestep_of
 
-__all__ = ["Recording", "record_trajectory", "recorded_steps", "tensor_nbytes"]
+__all__ = [
+    "Recording",
+    "record_calls_replayed",
+    "record_trajectory",
+    "recorded_steps",
+    "tensor_nbytes",
+]
 
 
 def recorded_steps(num_inference_steps: int, count: int | None) -> list[int]:
@@ -212,4 +218,20 @@ def record_trajectory(
         stats=stats,
         seconds=seconds,
         nbytes=nbytes,
+    )
+
+
+def record_calls_replayed(
+    denoiser: nn.Module, calls: list[Call], *, blocks: list[str], layers: list[str]
+) -> Recording:
+    """A recording of given denoiser inputs (synthetic ones, or recorded elsewhere), each call
+    a step; no sampler ran, so there are no final latents to check against."""
+
+    def run() -> torch.Tensor:
+        for c in calls:
+            denoiser(*c.args, **c.kwargs)
+        return torch.empty(0)
+
+    return record_trajectory(
+        denoiser, run, keep=list(range(len(calls))), blocks=blocks, layers=layers
     )

@@ -237,8 +237,9 @@ def analysis_markdown(out: Path, report: AnalysisReport) -> list[str]:
     budget = "no size budget" if report.budget_bytes is None else f"budget {report.budget_bytes} B"
     md += [
         "## Global treatment: mixed precision\n",
-        f"Target {report.target_sqnr_db} dB of latent SQNR, {budget}; {report.fixed_bytes} B of the "
-        f"denoiser stay float whatever the plan. Predicted {report.predicted_sqnr_db} dB at "
+        f"Target {report.target_sqnr_db} dB of latent SQNR, {budget}; "
+        f"{report.fixed_bytes} B of the denoiser stay float whatever the plan. "
+        f"Predicted {report.predicted_sqnr_db} dB at "
         f"{report.plan_denoiser_bytes} B; offset from recorded to end to end "
         f"{round(report.offset_db, 2)} dB.\n\n",
         _table(

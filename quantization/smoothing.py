@@ -16,8 +16,10 @@ ALPHAS = (0.5, 0.65, 0.8)  # the migration strengths tried per layer
 EPS = 1e-5
 
 
-def weight_channel_absmax(weight: torch.Tensor) -> torch.Tensor:
+def weight_channel_absmax(weight: torch.Tensor | torch.nn.Module) -> torch.Tensor:
     """max |W| per input channel: dim 1 of a Linear (out, in) or Conv2d (out, in, kh, kw) weight."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"not a weight tensor: {type(weight).__name__}")
     w = weight.detach().abs().transpose(0, 1)
     return w.reshape(w.shape[0], -1).amax(1)
 

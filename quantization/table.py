@@ -196,8 +196,9 @@ class Journal:
                     k for k in set(first) | set(header) if first.get(k) != header.get(k)
                 )
                 raise ValueError(
-                    f"--resume: {self.path} was measured with other settings ({', '.join(changed)}); "
-                    "give the same flags, or analyze anew into another --out"
+                    f"--resume: {self.path} was measured with other settings "
+                    f"({', '.join(changed)}); give the same flags, or analyze anew into "
+                    "another --out"
                 )
             for row in rows:
                 if row["kind"] == "entry":

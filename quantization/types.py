@@ -165,7 +165,7 @@ RECIPES: dict[str, Recipe] = {
             "int8",
             granularity="token",
             levels=("w8a8", "w8a16", "float"),
-            target_sqnr_db=32.0,
+            target_sqnr_db=34.0,
             budget_ratio=1.08,
             backend="torchao",
         ),

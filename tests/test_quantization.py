@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantization.ptq import analyze, quantize_denoiser, uniform_plan
+from quantization.sensitivity import Measurer, time_drift
 from safetensors.torch import load_file, save_file
 
 from pipelines.generate import guided_prediction, sample
@@ -18,8 +20,6 @@ from quantization.blocks import find_blocks
 from quantization.calibration import SEEDS, Conditions
 from quantization.capture import Call, denoiser_output, replay
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
-from quantization.ptq import analyze, quantize_denoiser, uniform_plan
-from quantization.sensitivity import Measurer, time_drift
 from quantization.smoothing import outlier_ratio, smoothing_scales
 from quantization.types import RECIPES, LayerSpec, get_recipe
 from tests import tiny

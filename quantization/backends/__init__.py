@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # the type checker holds each backend module to the contract
     from quantization.backends import quanto as _quanto
     from quantization.backends import torchao as _torchao
 
-    _checked: tuple[Backend, Backend] = (_quanto, _torchao)
+    _quanto_is_a_backend: Backend = _quanto
+    _torchao_is_a_backend: Backend = _torchao
 
 
 def get(name: str) -> Backend:

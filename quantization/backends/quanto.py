@@ -49,7 +49,7 @@ __all__ = [
     "versions",
 ]
 
-LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layer types it quantizes
+LAYERS: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, torch.nn.Conv2d)
 NAME = "quanto"
 QTYPES = {"int4": "qint4", "int8": "qint8", "fp8": "qfloat8_e4m3fn"}  # ours -> quanto's
 NAMES = {v: k for k, v in QTYPES.items()}
@@ -91,7 +91,9 @@ def apply_specs(model: torch.nn.Module, specs: dict[str, LayerSpec]) -> dict[str
     """
     activation_kinds = {s.activations for s in specs.values()} - {None}
     if len(activation_kinds) > 1:
-        raise ValueError(f"one activation qtype per model, got {sorted(activation_kinds)}")
+        raise ValueError(
+            f"one activation qtype per model, got {sorted(map(str, activation_kinds))}"
+        )
     groups: dict[tuple[str, str | None], list[str]] = defaultdict(list)
     for name, spec in specs.items():
         check(spec)
@@ -135,7 +137,7 @@ def _ranged(model: torch.nn.Module) -> list[torch.nn.Module]:
 def _select_range(model: torch.nn.Module, args, kwargs) -> None:
     """Denoiser pre-hook: each ranged layer's input scale := its scale for this call's t."""
     t = timestep_of(args, kwargs)
-    for m in model._t2i_ranged:
+    for m in getattr(model, "_t2i_ranged", []):
         edges = getattr(m, RANGE_EDGES)
         i = int((edges < t).sum()) if t is not None else 0
         m.input_scale.copy_(getattr(m, RANGE_SCALES)[i].to(m.input_scale.dtype))
@@ -147,11 +149,12 @@ def install_ranges(model: torch.nn.Module) -> None:
     ranged = _ranged(model)
     hook = getattr(model, "_t2i_range_hook", None)
     if ranged and hook is None:
-        model._t2i_range_hook = model.register_forward_pre_hook(_select_range, with_kwargs=True)
+        handle = model.register_forward_pre_hook(_select_range, with_kwargs=True)
+        object.__setattr__(model, "_t2i_range_hook", handle)
     elif not ranged and hook is not None:
         hook.remove()
-        del model._t2i_range_hook
-    model._t2i_ranged = ranged
+        object.__delattr__(model, "_t2i_range_hook")
+    object.__setattr__(model, "_t2i_ranged", ranged)
 
 
 def quantize_layers(

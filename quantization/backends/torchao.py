@@ -16,8 +16,9 @@ naming each layer exactly once:
 
 torchao swaps the weight tensor of the layer in place (the module stays an ``nn.Linear``), so
 SmoothQuant is applied before quantizing (``quantization.activations.install_smoothing``:
-weight columns * s, a forward pre-hook dividing the input by s, a saved buffer). torchao quantizes Linear layers only;
-Conv2d layers of a plan are refused with an error that names the quanto backend.
+weight columns * s, a forward pre-hook dividing the input by s, a saved buffer). torchao
+quantizes Linear layers only; Conv2d layers of a plan are refused with an error that names
+the quanto backend.
 
 Saving flattens the tensor subclasses into plain tensors and JSON metadata (torchao's
 safetensors support), never pickle; loading rebuilds the same configs on a fresh model and
@@ -51,7 +52,7 @@ __all__ = [
     "versions",
 ]
 
-LAYERS = (nn.Linear,)  # the layer types it quantizes
+LAYERS: tuple[type[nn.Module], ...] = (nn.Linear,)  # the layer types it quantizes
 NAME = "torchao"
 SPEC_ATTR = "_t2i_spec"  # the LayerSpec a layer was quantized by (torchao keeps no record)
 
@@ -113,11 +114,10 @@ def _config(spec: LayerSpec, act_scale: torch.Tensor | None, input_ndim: int | N
         )
     if spec.weights == "int4":
         groups = g.PerGroup(spec.group_size) if spec.group_size else g.PerAxis(0)
+        int4 = torch.int4  # type: ignore[attr-defined]  # torch's sub-byte dtypes are untyped
         if spec.activations is None:
-            return q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups)
-        return q.Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=groups
-        )
+            return q.IntxWeightOnlyConfig(weight_dtype=int4, granularity=groups)
+        return q.Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=groups)
     if spec.activations is None:
         return q.Float8WeightOnlyConfig()
     return q.Float8DynamicActivationFloat8WeightConfig(granularity=g.PerRow())
