@@ -8,18 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from quantization.ptq import analyze, quantize_denoiser, uniform_plan
-from quantization.sensitivity import Measurer, time_drift
 from safetensors.torch import load_file, save_file
 
 from pipelines.generate import guided_prediction, sample
 from quality.metrics import sqnr_db
-from quantization import Settings, backends, load_quantized, quantize
+from quantization import QuantizeOptions, backends, load_quantized, quantize
+from quantization.activations import collect_stats, ranges_for
+from quantization.analysis import find_units, uniform_plan
+from quantization.api import analyze_denoiser, quantize_denoiser
 from quantization.artifact import ArtifactError, open_source, save_artifact, sha256_of
 from quantization.blocks import find_blocks
 from quantization.calibration import SEEDS, Conditions
 from quantization.capture import Call, denoiser_output, replay
+from quantization.measure import Measurer, time_drift
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
+from quantization.recording import record_calls_replayed
 from quantization.smoothing import outlier_ratio, smoothing_scales
 from quantization.types import RECIPES, LayerSpec, get_recipe
 from tests import tiny
@@ -27,11 +30,11 @@ from tests import tiny
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dit": tiny.dit, "pixart": tiny.pixart, "unet": tiny.sd_unet}
 CLASSES = Conditions("classes", (0, 1, 2, 3, 4, 5, 6, 7), "--classes")
-FAST = Settings(
+FAST = QuantizeOptions(
     num_inference_steps=3,
     guidance_scale=2.0,
     calibration_prompts=4,
-    trajectory_prompts=2,
+    prompts=2,
     check_images=2,
     conditions=CLASSES,
 )
@@ -51,6 +54,23 @@ UNIFORM = {
 def _uniform(name: str, granularity: str | None):
     r = get_recipe(name).with_granularity(granularity)
     return replace(r, levels=())
+
+
+def _quantize_layers(impl, model, specs, calls, smoothing=None):
+    """What the method does for a copy: ranges from the FP inputs of ``calls``, then quantize."""
+    stats = collect_stats(model, list(specs), calls) if calls else None
+    impl.quantize_layers(model, specs, ranges_for(stats, specs, smoothing), smoothing)
+
+
+def _recording(model, calls, layers_of=None):
+    impl = layers_of or backends.get("quanto")
+    blocks = find_blocks(model, impl.LAYERS)
+    return record_calls_replayed(
+        model,
+        calls,
+        blocks=[b.name for b in blocks],
+        layers=[n for b in blocks for n in b.layers],
+    )
 
 
 def test_smoothing_scales_follow_the_smoothquant_formula():
@@ -75,8 +95,8 @@ def test_smoothing_recovers_sqnr_lost_to_an_outlier_channel(backend):
         model = torch.nn.Sequential(torch.nn.Linear(64, 32))
         model.load_state_dict(layer.state_dict())
         smoothing = None if scale is None else {"0": scale}
-        impl.quantize_layers(
-            model, {"0": LayerSpec("int8", "int8")}, [Call(0, (x,), {})], smoothing
+        _quantize_layers(
+            impl, model, {"0": LayerSpec("int8", "int8")}, [Call(0, (x,), {})], smoothing
         )
         return impl.plain(model(x))
 
@@ -97,7 +117,7 @@ def test_per_token_activations_keep_what_one_static_scale_loses():
         model = torch.nn.Sequential(torch.nn.Linear(64, 32))
         model.load_state_dict(layer.state_dict())
         spec = LayerSpec("int8", "int8", None, granularity)
-        impl.quantize_layers(model, {"0": spec}, [Call(0, (x,), {})])
+        _quantize_layers(impl, model, {"0": spec}, [Call(0, (x,), {})])
         out[granularity] = sqnr_db(ref, model(x))
     assert out["token"] > out["tensor"] + 10.0
 
@@ -127,7 +147,7 @@ def test_scales_per_timestep_range_follow_the_drift_and_switch_with_t():
         model = _Drifting()
         model.load_state_dict(fp.state_dict())
         spec = {"proj": LayerSpec("int8", "int8", None, granularity)}
-        impl.quantize_layers(model, spec, calls)
+        _quantize_layers(impl, model, spec, calls)
         db[granularity] = min(
             sqnr_db(r, impl.plain(y)) for r, y in zip(ref, replay(model, calls), strict=True)
         )
@@ -231,8 +251,8 @@ def test_uniform_recipes_quantize_every_layer_and_stay_close_to_fp(
     impl = backends.get(backend)
     assert impl.layer_specs(result.model) == {n: lp.spec for n, lp in result.plan.items()}
     assert set(result.plan) == {n for b in find_blocks(model, impl.LAYERS) for n in b.layers}
-    m = Measurer(model, calls, calls, backend)
-    v = m.measure(result.model, layers=list(result.plan))
+    m = Measurer(model, _recording(model, calls, impl), impl)
+    v = m.replayed(result.model)
     assert 10.0 < v.sqnr_db < math.inf  # quantized, not broken
     fp_bytes = sum(
         p.numel() * p.element_size()
@@ -248,7 +268,7 @@ def test_torchao_refuses_what_it_cannot_do_with_the_flag_that_can():
     conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
     impl = backends.get("torchao")
     with pytest.raises(ValueError, match=r"Linear layers only.*quanto"):
-        impl.quantize_layers(model, {conv: LayerSpec("int8")}, [])
+        impl.quantize_layers(model, {conv: LayerSpec("int8")}, {})
     with pytest.raises(ValueError, match=r"static int8.*quanto"):
         impl.check(LayerSpec("int4", "int8", 32, "tensor"))
     with pytest.raises(ValueError, match="CUDA"):
@@ -261,93 +281,150 @@ def test_torchao_refuses_what_it_cannot_do_with_the_flag_that_can():
 @pytest.mark.parametrize(("backend", "recipe"), [("quanto", "w4a8-sqnr"), ("torchao", "w8a8")])
 def test_sqnr_driven_plan_beats_the_uniform_base_it_starts_from(kind, backend, recipe):
     model, calls = TINY[kind](), tiny.calls(kind)
-    measurer = Measurer(model, calls[:1], calls, backend)
     r = get_recipe(recipe)
-    result = analyze(measurer, r, target_sqnr_db=60.0, budget_ratio=1.5, scope="denoiser")
-    a = result.analysis
+    done = analyze_denoiser(model, r, calls[:1], calls, target_sqnr_db=60.0, budget_ratio=1.5)
     impl = backends.get(backend)
-    units = find_blocks(model, impl.LAYERS, r.unit)
-    assert set(result.plan) <= {layer for b in units for layer in b.layers}
-    assert a["measured"]["plan_sqnr_db"] > a["measured"]["uniform_base_sqnr_db"]
-    assert a["backend"] == backend and a["unit"] == r.unit
-    g = a["global"]
+    units = find_units(model, impl.LAYERS, "module")
+    assert set(done.plan) <= {layer for u in units for layer in u.layers}
+    measurer = Measurer(model, _recording(model, calls, impl), impl)
+    base = quantize_denoiser(model, _uniform(recipe, None), calls[:1], backend=backend).model
+    assert measurer.replayed(done.model).sqnr_db > measurer.replayed(base).sqnr_db
+    table = done.table
     # the budget is on the whole denoiser: quantized layers plus what stays float
-    assert g["plan_denoiser_bytes"] == g["plan_layer_bytes"] + g["fixed_bytes"]
-    assert g["plan_denoiser_bytes"] <= g["budget_bytes"] == int(1.5 * g["base_denoiser_bytes"])
-    assert g["fixed_bytes"] == backends.tensor_bytes(model.state_dict()) - sum(
+    base_bytes = table.base_layer_bytes() + table.fixed_bytes
+    assert done.choice.weight_bytes + table.fixed_bytes <= int(1.5 * base_bytes)
+    assert table.fixed_bytes == backends.tensor_bytes(model.state_dict()) - sum(
         p.numel() * p.element_size()
-        for layer in (n for b in units for n in b.layers)
+        for layer in (n for u in units for n in u.layers)
         for p in model.get_submodule(layer).parameters(recurse=False)
     )
     # the first promotion goes to a unit whose base-level SQNR is among the lowest
-    base = r.levels[0]
-    relative = {b: x[base]["sqnr_db"] for b, x in a["relative_sqnr"].items()}
-    first = a["global"]["promotions"][0]["block"]
+    level = r.levels[0]
+    relative = {u.name: table.entries[(u.name, level)].sqnr_db for u in units}
+    first = done.choice.promotions[0].block
     assert relative[first] <= sorted(relative.values())[len(relative) // 2]
-    assert list(a["accumulated_sqnr_db"]) == a["blocks"]
+    assert not any(impl.is_quantized(x) for x in model.modules())  # the FP model is untouched
 
 
 def test_a_byte_budget_caps_the_whole_denoiser_and_one_below_the_base_is_refused():
     model, calls = tiny.dit(), tiny.calls("dit")
-    measurer = Measurer(model, calls[:1], calls)
-    recipe = replace(get_recipe("w4a8-sqnr"), scope="denoiser")
-    free = analyze(measurer, recipe, target_sqnr_db=80.0, budget_ratio=None, detail=False)
-    assert free.analysis["scope"] == "denoiser"
-    base = free.analysis["global"]["base_denoiser_bytes"]
-    assert free.analysis["global"]["plan_denoiser_bytes"] > base  # unbounded: it promotes
-    budget = base + (free.analysis["global"]["plan_denoiser_bytes"] - base) // 2
-    capped = analyze(measurer, recipe, target_sqnr_db=80.0, budget_bytes=budget, detail=False)
-    g = capped.analysis["global"]
-    assert g["budget_bytes"] == budget and g["budget_ratio"] is None
-    assert base < g["plan_denoiser_bytes"] <= budget
-    with pytest.raises(ValueError, match=r"below the \d+ bytes the base recipe"):
-        analyze(measurer, recipe, budget_bytes=base - 1, detail=False)
-
-
-def test_end_to_end_scope_measures_on_sampled_latents():
-    pipe = tiny.dit_pipeline()
-    result = quantize(pipe, "w8a8", settings=replace(FAST, target_sqnr_db=80.0), source="tiny")
-    a = result.analysis.raw
-    assert a["scope"] == "end-to-end" and a["unit"] == "module"
-    # each unit's relative SQNR is that of the final latents with only it quantized
-    assert all(v["w8a8"]["block_output_sqnr_db"] is None for v in a["relative_sqnr"].values())
-    assert result.analysis.plan_sqnr_db > result.analysis.uniform_base_sqnr_db
-    assert result.backend == "torchao"
-    from quantization.calibration import record_trajectory, trajectory_sampler
-
-    on = CLASSES.pick(pipe, 2, "trajectory")
-    traj = record_trajectory(pipe, "transformer", on, num_inference_steps=3, guidance_scale=2.0)
-    again = trajectory_sampler(pipe, on, num_inference_steps=3, guidance_scale=2.0)(
-        pipe.transformer
+    free = analyze_denoiser(
+        model, "w4a8-sqnr", calls[:1], calls, target_sqnr_db=80.0, budget_ratio=10
     )
-    assert torch.equal(traj.latents, again)  # so the measurer need not sample FP again
+    base = free.table.base_layer_bytes() + free.table.fixed_bytes
+    spent = free.choice.weight_bytes + free.table.fixed_bytes
+    assert spent > base  # unbounded: it promotes
+    budget = base + (spent - base) // 2
+    capped = analyze_denoiser(
+        model, "w4a8-sqnr", calls[:1], calls, target_sqnr_db=80.0, budget_bytes=budget
+    )
+    assert base < capped.choice.weight_bytes + capped.table.fixed_bytes <= budget
+    with pytest.raises(ValueError, match=r"below the \d+ bytes the base recipe"):
+        analyze_denoiser(model, "w4a8-sqnr", calls[:1], calls, budget_bytes=base - 1)
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_a_unit_measured_from_the_recording_is_measured_exactly(kind):
+    """Scope denoiser (the blocks before the unit replayed from the recording) gives what a
+    full run of the denoiser with only that unit quantized gives; scope block, what that
+    block's output is in the full run."""
+    model, calls = TINY[kind](), tiny.calls(kind)
+    impl = backends.get("quanto")
+    measurer = Measurer(
+        model,
+        _recording(model, calls, impl),
+        impl,
+        calibration=collect_stats(
+            model, [n for b in find_blocks(model) for n in b.layers], calls[:1]
+        ),
+    )
+    units = find_units(model, impl.LAYERS, "module")
+    unit = units[len(units) // 2]
+    specs = {n: LayerSpec("int4", "int8", 32) for n in unit.layers}
+    at_denoiser = measurer.unit(unit, unit.block, specs, scope="denoiser")
+    at_block = measurer.unit(unit, unit.block, specs, scope="block")
+    fp_block = [o for o in _outputs(model, unit.block, calls)]
+    with measurer.swapped([unit.name], specs) as swapped:
+        full = [denoiser_output(swapped(*c.args, **c.kwargs)) for c in calls]
+        q_block = _outputs(swapped, unit.block, calls)
+    fp = [denoiser_output(model(*c.args, **c.kwargs)) for c in calls]
+    assert at_denoiser.sqnr_db == pytest.approx(
+        sqnr_db(torch.cat([f.flatten() for f in fp]), torch.cat([f.flatten() for f in full])),
+        abs=1e-4,
+    )
+    assert at_block.sqnr_db == pytest.approx(
+        sqnr_db(torch.cat(fp_block), torch.cat(q_block)), abs=1e-4
+    )
+    assert not any(impl.is_quantized(x) for x in model.modules())
+
+
+def _outputs(model, block, calls):
+    out = []
+
+    def keep(module, args, output):
+        first = output if isinstance(output, torch.Tensor) else output[0]
+        out.append(first.detach().flatten().clone())
+
+    handle = model.get_submodule(block).register_forward_hook(keep)
+    with torch.no_grad():
+        for c in calls:
+            model(*c.args, **c.kwargs)
+    handle.remove()
+    return out
+
+
+def test_the_trajectory_is_recorded_once_and_the_plan_checked_end_to_end():
+    from pipelines.generate import final_latents
+
+    pipe = tiny.dit_pipeline()
+    options = replace(FAST, target_sqnr_db=80.0, checks=2, refine=1)
+    result = quantize(pipe, "w8a8", options=options, source="tiny")
+    report = result.analysis
+    assert report is not None and result.backend == "torchao"
+    assert report.unit == "module" and report.scope in ("denoiser", "block")
+    assert 1 <= len(report.checks) <= 2 and report.checks[0]["measured_db"] is not None
+    # the check's latents are the pipeline's: FP and quantized sampled from the same seeds
+    on = CLASSES.pick(pipe, 2, "trajectory")
+    seeds = [SEEDS["trajectory"] + i for i in range(2)]
+    fp = final_latents(pipe, on, seeds, num_inference_steps=3, guidance_scale=2.0)
+    q = final_latents(result.pipeline, on, seeds, num_inference_steps=3, guidance_scale=2.0)
+    assert round(sqnr_db(fp, q), 3) == result.measured["sqnr_latent_db"]
+    # FP's trajectory was sampled once, every unit measured from it
+    calls = result.work["calls"]
+    assert calls["trajectory"]["denoiser"] == 3
+    assert calls["sensitivity"].get("denoiser", 0) + calls["sensitivity"].get("blocks", 0) > 0
     # the result's pipeline has the quantized denoiser; the FP pipeline keeps its own
     assert result.pipeline.transformer is result.denoiser is not pipe.transformer
     assert result.pipeline.vae is pipe.vae
-    images = sample(result.pipeline, [3], num_inference_steps=2, guidance_scale=2.0).images
-    assert images.shape == (1, 32, 32, 3)
     assert not any(backends.get("torchao").is_quantized(m) for m in pipe.transformer.modules())
+    assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks
 
 
 def test_guided_measuring_compares_the_guided_noise_and_lowers_sqnr():
     pipe = tiny.dit_pipeline()
     runs = {}
     for guided in (False, True):
-        settings = replace(FAST, scope="denoiser", guided=guided, check_images=0)
-        runs[guided] = quantize(pipe, "w4a8-sqnr", settings=settings, source="tiny").analysis
-    assert runs[True].raw["guided"] and not runs[False].raw["guided"]
-    # the same uniform base, measured on what guidance makes of its outputs: noisier
-    assert runs[True].uniform_base_sqnr_db < runs[False].uniform_base_sqnr_db
+        options = replace(FAST, scope="denoiser", guided=guided, checks=1)
+        runs[guided] = quantize(pipe, "w4a8-sqnr", options=options, source="tiny").analysis
+    assert runs[True].guided and not runs[False].guided
+    # the same units, measured on what guidance makes of their outputs: noisier
+    level = runs[True].levels[0]
+
+    def mean(report):
+        values = [v[level]["sqnr_db"] for v in report.relative_sqnr.values()]
+        return sum(values) / len(values)
+
+    assert mean(runs[True]) < mean(runs[False])
 
 
 def test_group_size_is_recorded_and_reapplied_at_load(tmp_path):
     pipe = tiny.dit_pipeline()
-    blocks = find_blocks(pipe.transformer)
+    units = find_units(pipe.transformer, backends.get("quanto").LAYERS, "block")
     plan = {
         n: LayerPlan("int4", None, 32, None, lp.block)
-        for n, lp in uniform_plan(blocks, get_recipe("w4a16-g128")).items()
+        for n, lp in uniform_plan(units, get_recipe("w4a16-g128")).items()
     }
-    result = quantize(pipe, plan, settings=FAST, source="tiny")
+    result = quantize(pipe, plan, options=FAST, source="tiny")
     assert result.backend == "quanto"
     result.save(tmp_path / "art")
     saved = plan_from_json(json.loads((tmp_path / "art" / "plan.json").read_text()))
@@ -369,7 +446,7 @@ def artifacts(tmp_path_factory):
     pipe = tiny.dit_pipeline()
     made = {}
     for name, backend in MADE:
-        result = quantize(pipe, name, settings=replace(FAST, backend=backend), source="tiny")
+        result = quantize(pipe, name, options=replace(FAST, backend=backend), source="tiny")
         out = root / f"{name}-{result.backend}"
         result.save(out)
         made[(name, backend)] = out
@@ -387,15 +464,20 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
     library = {"quanto": "optimum-quanto", "torchao": "torchao"}[manifest["backend"]]
     assert set(manifest["versions"]) >= {"torch", "diffusers", library}
     assert manifest["calibration"]["conditions"]["origin"] == "--classes"
-    assert (out / "report.md").is_file() and (out / "sqnr_vs_t.png").is_file()
+    assert (out / "report.md").is_file()
+    # a planned recipe recorded FP's trajectory: its plan's SQNR against t is plotted
+    assert (out / "sqnr_vs_t.png").is_file() == get_recipe(recipe).mixed_precision
     assert not list((out / "transformer").glob("diffusion_pytorch_model*"))
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     # the loaded pipeline gives what the in-memory quantized one gave at quantize time
     pipe = load_quantized(out)
-    conditions = CLASSES.pick(fp, FAST.check_images, "check")
-    kw = {"seed": SEEDS["check"], "num_inference_steps": 3, "guidance_scale": 2.0}
+    measured = manifest["measured"]
+    use = measured["check_conditions"]  # planned recipes check on the measuring conditions
+    assert use == ("trajectory" if get_recipe(recipe).mixed_precision else "check")
+    conditions = CLASSES.pick(fp, measured["check_images"], use)
+    kw = {"seed": SEEDS[use], "num_inference_steps": 3, "guidance_scale": 2.0}
     q, ref = sample(pipe, conditions, **kw), sample(fp, conditions, **kw)
-    assert round(sqnr_db(ref.latents, q.latents), 3) == manifest["measured"]["sqnr_latent_db"]
+    assert round(sqnr_db(ref.latents, q.latents), 3) == measured["sqnr_latent_db"]
 
 
 @pytest.mark.parametrize(
@@ -418,9 +500,9 @@ def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, backe
     base = get_recipe("w4a8-g128" if backend == "quanto" else "w8a8-static")
     if recipe == "smoothed":  # every layer smoothed: the scales must travel with the weights
         impl = backends.get(backend)
-        uniform = uniform_plan(find_blocks(pipe.transformer, impl.LAYERS), base)
+        uniform = uniform_plan(find_units(pipe.transformer, impl.LAYERS, "block"), base)
         plan = {n: replace(lp, smoothing_alpha=0.5) for n, lp in uniform.items()}
-        result = quantize_denoiser(pipe.transformer, base, calls[:1], plan=plan, backend=backend)
+        result = quantize_denoiser(pipe.transformer, plan, calls[:1], backend=backend)
         smooth = result.model.get_submodule("transformer_blocks.0.ff.net.2").smooth_scale
         assert not torch.equal(smooth, torch.ones_like(smooth))
     elif recipe == "timestep":  # scales per range of t: the ranges must travel too
@@ -428,9 +510,9 @@ def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, backe
         result = quantize_denoiser(pipe.transformer, r, calls, backend=backend)
         assert result.plan["proj_out_2"].spec.granularity == "timestep"
     elif get_recipe(recipe).mixed_precision:
-        r = replace(get_recipe(recipe), scope="denoiser")
-        measurer = Measurer(pipe.transformer, calls[:1], calls, backend)
-        result = analyze(measurer, r, target_sqnr_db=60.0)
+        result = analyze_denoiser(
+            pipe.transformer, recipe, calls[:1], calls, backend=backend, target_sqnr_db=60.0
+        )
     else:
         result = quantize_denoiser(pipe.transformer, get_recipe(recipe), calls[:1], backend=backend)
     manifest = {"source": "tiny", "recipe": {"name": recipe}}
@@ -503,25 +585,3 @@ def test_plan_files_are_validated():
     plan = plan_from_json({"a": {"weights": "int4", "activations": "none", "group_size": 64}})
     assert plan["a"].spec == LayerSpec("int4", None, 64)
     assert plan_from_json(plan_to_json(plan)) == plan
-
-
-@pytest.mark.parametrize("kind", list(TINY))
-def test_block_scope_measures_each_block_alone_and_still_plans(kind):
-    model, calls = TINY[kind](), tiny.calls(kind)
-    measurer = Measurer(model, calls[:1], calls)
-    block = find_blocks(model)[-1]
-    spec = get_recipe("w4a8-g128").base_spec()
-    inside = measurer.relative(block.name, {n: spec for n in block.layers})
-    alone = measurer.relative_alone(block.name, {n: spec for n in block.layers})
-    # the same quantized block: alone, on the inputs it saw in the FP model, it gives the same
-    # block-output SQNR as inside the model (its inputs are FP there too)
-    assert math.isfinite(alone.sqnr_db)
-    assert alone.sqnr_db == pytest.approx(inside.local_sqnr_db, abs=1e-3)
-    result = analyze(
-        measurer, get_recipe("w4a8-sqnr"), target_sqnr_db=60.0, detail=False, scope="block"
-    )
-    assert result.analysis["scope"] == "block"
-    assert (
-        result.analysis["measured"]["plan_sqnr_db"]
-        > result.analysis["measured"]["uniform_base_sqnr_db"]
-    )
