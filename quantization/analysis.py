@@ -180,14 +180,17 @@ def choose(
     target_sqnr_db: float | None,
     budget_bytes: int | None,
     start: dict[str, str] | None = None,
+    promotions: int | None = None,
 ) -> LevelChoice:
     """The greedy plan on the table's end-to-end predictions (``budget_bytes``: the whole
-    denoiser, the float leftovers included), promoting from ``start`` if given."""
+    denoiser, the float leftovers included), promoting from ``start`` if given, at most
+    ``promotions`` times (a point of the frontier)."""
     return greedy_plan(
         table.options(),
         target_sqnr_db=target_sqnr_db,
         budget_bytes=None if budget_bytes is None else budget_bytes - table.fixed_bytes,
         start=start,
+        promotions=promotions,
     )
 
 

@@ -75,8 +75,10 @@ __all__ = [
     "analyze_pipeline",
     "load_quantized",
     "open_source",
+    "plan_of_work",
     "quantize",
     "quantize_denoiser",
+    "quantize_from_analysis",
 ]
 
 
@@ -485,9 +487,7 @@ def quantize(
         return _analyzed(pipeline, recipe, options, source, progress, start)
     source, r = _prepare(pipeline, source, recipe, options)
     with _Run(pipeline, source, r, progress) as run:
-        base = r.recipe.base_spec()
-        timings = run._timings = run.timings({base.level: lambda layer: base})
-        n, work = _uniform_check_images(run, timings, r.check_images)
+        n, work = _uniform_work(run)
         progress.plan(work)
         stats: ActivationStats | None = None
         calibration: dict = {"kind": "none: per-token activations"}
@@ -589,11 +589,53 @@ def _header(run: _Run, effort: Effort, trajectory: list, calibration: dict) -> d
         "steps": r.steps,
         "guidance": r.guidance,
         "conditions": [str(c) if not isinstance(c, int) else c for c in trajectory],
-        "calibration": calibration,
+        # what was calibrated, not how long it took: a resumed run compares this header
+        "calibration": {k: v for k, v in calibration.items() if k != "record_seconds"},
         "smoothing": r.smoothing,
         "time_protection": r.time_protection,
         "dtype": _dtype_name(run.denoiser),
     }
+
+
+def _planned_work(run: _Run) -> tuple[WorkPlan, Shape]:
+    """Probe, then the most thorough effort that fits the time budget."""
+    r = run.r
+    levels = _measured_levels(r.recipe)
+    spec_at = {
+        lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
+        for lv in levels
+    }
+    timings = run._timings = run.timings(spec_at)
+    shape = run.shape(len(levels), True, 0)
+    work, _ = choose_effort(shape, timings, r.max_minutes, r.forced)
+    return work, shape
+
+
+def _uniform_work(run: _Run) -> tuple[int, WorkPlan]:
+    """Probe, then as many check images as fit the time budget (or as given)."""
+    base = run.r.recipe.base_spec()
+    timings = run._timings = run.timings({base.level: lambda layer: base})
+    return _uniform_check_images(run, timings, run.r.check_images)
+
+
+def plan_of_work(
+    pipeline,
+    recipe: str | Recipe,
+    *,
+    options: QuantizeOptions | None = None,
+    source: str | None = None,
+    progress: Progress | None = None,
+) -> WorkPlan:
+    """What ``quantize`` would do and how long each stage would take, from one timed call:
+    nothing is calibrated or measured (the CLI's ``--dry-run``)."""
+    progress = progress or Silent()
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    options = options or QuantizeOptions()
+    if r.mixed_precision and options.detail is None:
+        options = replace(options, detail=False)
+    source, resolved = _prepare(pipeline, source, r, options)
+    with _Run(pipeline, source, resolved, progress) as run:
+        return _planned_work(run)[0] if r.mixed_precision else _uniform_work(run)[1]
 
 
 def _analyzed(
@@ -602,14 +644,7 @@ def _analyzed(
     """The SQNR-driven recipes: probe, plan of work, calibrate, record, measure, check."""
     source, r = _prepare(pipeline, source, recipe, options)
     with _Run(pipeline, source, r, progress) as run:
-        levels = _measured_levels(r.recipe)
-        spec_at = {
-            lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
-            for lv in levels
-        }
-        timings = run._timings = run.timings(spec_at)
-        shape = run.shape(len(levels), True, 0)
-        work, _ = choose_effort(shape, timings, r.max_minutes, r.forced)
+        work, shape = _planned_work(run)
         effort = work.effort
         assert effort is not None
         progress.plan(work)
@@ -890,6 +925,8 @@ def analyze_pipeline(
         raise ValueError(
             f"analyze studies an SQNR-driven recipe ({', '.join(mixed)}), not {r.name}"
         )
+    options = options or QuantizeOptions()
+    options = replace(options, detail=True if options.detail is None else options.detail)
     return quantize(pipeline, r, options=options, source=source, progress=progress)
 
 
@@ -939,10 +976,9 @@ def quantize_from_analysis(
         if point is not None:
             if not 0 <= point < len(points):
                 raise ValueError(f"--point must lie in 0..{len(points) - 1}")
-            budget, target = points[point]["denoiser_bytes"], None
+            choice = choose(table, None, None, promotions=point)
         else:
-            budget, target = _budget(table, r), r.target_sqnr_db
-        choice = choose(table, target, budget)
+            choice = choose(table, r.target_sqnr_db, _budget(table, r))
         k = len(choice.promotions)
         on_path = k < len(points) and all(
             points[i + 1]["promoted"] == f"{p.block} -> {p.to_level}"

@@ -107,6 +107,11 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="go on from the journal an interrupted run left"
     )
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="time one denoiser call, print the plan of work and its estimate, and stop",
+    )
+    p.add_argument(
         "--target-sqnr",
         type=float,
         help="SQNR-driven recipes: SQNR of the final latents to reach, dB (default: the recipe's)",
@@ -236,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None)
+        if args.command != "evaluate" and where is not None:
+            print(
+                f"\ninterrupted: what was measured is in {where}'s journal; run the same "
+                "command with --resume to go on from it",
+                file=sys.stderr,
+            )
+        return 130
 
 
 def _evaluate(args) -> int:
@@ -317,6 +331,15 @@ def _quantize_or_analyze(args) -> int:
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     options = options_from_args(args, pipe)
     progress = Bars()
+    if args.dry_run:
+        from quantization.api import plan_of_work
+
+        if getattr(args, "recipe", None) is None:
+            raise ValueError("--dry-run estimates a --recipe")
+        work = plan_of_work(pipe, args.recipe, options=options, source=args.src, progress=progress)
+        progress.done()
+        print(json.dumps(work.to_json(), indent=1))
+        return 0
     if args.command == "analyze":
         summary = _analyze(args, pipe, options, progress)
     else:

@@ -149,6 +149,7 @@ def greedy_plan(
     target_sqnr_db: float | None = None,
     budget_bytes: int | None = None,
     start: dict[str, str] | None = None,
+    promotions: int | None = None,
 ) -> LevelChoice:
     """Promote blocks greedily by predicted SQNR gain per unit of cost (see the module doc).
 
@@ -158,9 +159,10 @@ def greedy_plan(
         budget_bytes: never exceed this total weight size.
         start: levels to start from instead of the base (a plan already checked: promoting
             further from it never takes back what it has).
+        promotions: stop after this many (a point of the frontier's path).
     At least one of the two must be given; with both, whichever stops first wins.
     """
-    if target_sqnr_db is None and budget_bytes is None:
+    if target_sqnr_db is None and budget_bytes is None and promotions is None:
         raise ValueError("give a target SQNR, a size budget, or both")
     index = {b: {o.level: i for i, o in enumerate(opts)} for b, opts in options.items()}
     chosen = {b: index[b][start[b]] if start and b in start else 0 for b in options}
@@ -171,6 +173,8 @@ def greedy_plan(
     current = predicted_sqnr_db(options, chosen)
     plan = LevelChoice({}, current, size)
     while target_sqnr_db is None or current < target_sqnr_db:
+        if promotions is not None and len(plan.promotions) >= promotions:
+            break
         best = None
         for block, i in chosen.items():
             here = options[block][i]

@@ -1,0 +1,163 @@
+"""Analyze once, plan many; resume; the plan of work: on the tiny DiT pipeline and in numbers."""
+
+from dataclasses import replace
+
+import pytest
+
+from quantization import QuantizeOptions, quantize
+from quantization.api import analyze_pipeline, quantize_from_analysis
+from quantization.artifact import save_analysis
+from quantization.calibration import Conditions
+from quantization.cost import LADDER, Effort, Shape, Timings, choose_effort, estimate
+from quantization.measure import Measurer
+from tests import tiny
+
+CLASSES = Conditions("classes", (0, 1, 2, 3, 4, 5, 6, 7), "--classes")
+FAST = QuantizeOptions(
+    num_inference_steps=3,
+    guidance_scale=2.0,
+    calibration_prompts=4,
+    prompts=2,
+    conditions=CLASSES,
+    checks=1,
+    detail=False,
+)
+
+
+def _measured_rows(table) -> int:
+    return sum(1 for (_, level) in table.entries if level != "float")
+
+
+def test_an_interrupted_analysis_resumes_and_gives_the_same_plan(tmp_path, monkeypatch):
+    pipe = tiny.dit_pipeline()
+    whole = analyze_pipeline(
+        pipe, "w4a8-sqnr", options=replace(FAST, analysis_dir=tmp_path / "whole"), source="t"
+    )
+    rows = _measured_rows(whole.table)
+    original = Measurer.unit
+    measured: list[str] = []
+
+    def interrupted_half_way(self, unit, *args, **kwargs):
+        if len(measured) == rows // 2:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        measured.append(unit.name)
+        return original(self, unit, *args, **kwargs)
+
+    options = replace(FAST, analysis_dir=tmp_path / "a")
+    monkeypatch.setattr(Measurer, "unit", interrupted_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
+    assert len(measured) == rows // 2
+    with pytest.raises(ValueError, match="--resume"):  # a journal is never overwritten
+        analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
+
+    def counted(self, unit, *args, **kwargs):
+        measured.append(unit.name)
+        return original(self, unit, *args, **kwargs)
+
+    measured.clear()
+    monkeypatch.setattr(Measurer, "unit", counted)
+    again = analyze_pipeline(pipe, "w4a8-sqnr", options=replace(options, resume=True), source="t")
+    assert len(measured) == rows - rows // 2  # only what was not measured before
+    assert again.plan == whole.plan
+    assert again.table.to_json()["entries"] == whole.table.to_json()["entries"]
+    with pytest.raises(ValueError, match="other settings.*prompts"):
+        analyze_pipeline(
+            pipe, "w4a8-sqnr", options=replace(options, resume=True, prompts=3), source="t"
+        )
+
+
+def test_a_saved_analysis_plans_to_any_target_without_measuring(tmp_path, monkeypatch):
+    pipe = tiny.dit_pipeline()
+    done = analyze_pipeline(pipe, "w8a8", options=FAST, source="t")
+    assert done.analysis is not None and done.table is not None
+    save_analysis(tmp_path, done.table, done.analysis, **done._saved)
+    assert (tmp_path / "frontier.md").is_file() and (tmp_path / "frontier.png").is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("a saved analysis is planned from, not measured again")
+
+    monkeypatch.setattr(Measurer, "unit", never)
+    monkeypatch.setattr(Measurer, "unit_end_to_end", never)
+    notes: list[str] = []
+
+    class Notes:
+        def __getattr__(self, name):
+            from quantization.progress import Silent
+
+            return getattr(self.__dict__.setdefault("silent", Silent()), name)
+
+        def note(self, message):
+            notes.append(message)
+
+    plans = {}
+    for target in (10.0, 60.0):
+        options = replace(FAST, target_sqnr_db=target, budget_ratio=2.0)
+        result = quantize_from_analysis(pipe, tmp_path, options=options, progress=Notes())
+        plans[target] = result
+        assert result.measured["sqnr_latent_db"] is not None  # checked end to end
+    assert any("no new sensitivity measurement" in n for n in notes)
+    low, high = plans[10.0], plans[60.0]
+    assert low.measured["predicted_sqnr_db"] < high.measured["predicted_sqnr_db"]
+    frontier = done.analysis.frontier
+    bytes_ = [p["denoiser_bytes"] for p in frontier]
+    assert bytes_ == sorted(bytes_) and len(frontier) > 2  # the greedy path only adds bytes
+    point = quantize_from_analysis(pipe, tmp_path, options=FAST, point=2)
+    assert point.measured["frontier_point"] == 2
+    with pytest.raises(ValueError, match="--point"):
+        quantize_from_analysis(pipe, tmp_path, options=FAST, point=len(frontier))
+
+
+def _timings(call: float = 2.0) -> Timings:
+    blocks = {f"b{i}": call / 5 for i in range(4)}
+    return Timings(2, call, 0.0, blocks, {"w8a8": 0.5, "w8a16": 1.2}, 0.5, 1.0)
+
+
+def _shape(steps: int = 50) -> Shape:
+    return Shape(
+        steps=steps,
+        guided=True,
+        units={
+            "module": [f"b{i}" for i in range(4) for _ in range(5)],
+            "block": ["b0", "b1", "b2", "b3"],
+        },
+        levels=2,
+        static=False,
+        multi_step_calibration=False,
+        planned=True,
+        denoiser_gb=3.0,
+        check_images=0,
+    )
+
+
+def test_the_ladder_takes_the_most_thorough_effort_that_fits_and_refuses_what_cannot():
+    shape, t = _shape(), _timings()
+    costs = [estimate(rung, shape, t).seconds for rung in LADDER]
+    assert costs == sorted(costs, reverse=True)  # each rung cheaper than the one above
+    work, tried = choose_effort(shape, t, max_minutes=costs[3] / 60 + 0.01)
+    assert work.effort == LADDER[3] and len(tried) == 4
+    forced, _ = choose_effort(shape, t, 1e6, forced={"scope": "block", "prompts": 1})
+    assert forced.effort is not None and forced.effort.scope == "block"
+    with pytest.raises(ValueError, match=r"no effort fits 0.01 minutes.*--max-minutes \d+"):
+        choose_effort(shape, t, 0.01)
+
+
+def test_the_estimate_counts_calls_per_stage():
+    effort = Effort(2, 8, "block", "block", 4, 0, 1, False)
+    t = _timings(call=2.0)
+    work = {s.name: s.seconds for s in estimate(effort, _shape(), t).stages}
+    # 50 FP calls at batch 4 (2 prompts, guided): twice the probe's batch of 2
+    assert work["trajectory"] == pytest.approx(50 * 4.0)
+    # 4 blocks x 2 levels, 8 recorded steps at batch 4, the worst level's factor, plus copies
+    assert work["sensitivity"] == pytest.approx(2 * (4 * 0.8 * 8 * 1.2 + 3.0), rel=1e-6)
+    assert set(work) == {"trajectory", "sensitivity", "checks", "quantize"}
+
+
+def test_quantize_needs_no_detail_but_analyze_has_it():
+    pipe = tiny.dit_pipeline()
+    options = replace(FAST, detail=None)
+    q = quantize(pipe, "w8a8", options=options, source="t")
+    a = analyze_pipeline(pipe, "w8a8", options=options, source="t")
+    assert q.analysis is not None and not q.analysis.accumulated_sqnr_db
+    assert a.analysis is not None and a.analysis.accumulated_sqnr_db
+    assert a.analysis.treatment_gains["uniform_base_sqnr_db"] is not None
