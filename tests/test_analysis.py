@@ -61,7 +61,7 @@ def test_an_interrupted_analysis_resumes_and_gives_the_same_plan(tmp_path, monke
     assert len(measured) == rows - rows // 2  # only what was not measured before
     assert again.plan == whole.plan
     assert again.table.to_json()["entries"] == whole.table.to_json()["entries"]
-    with pytest.raises(ValueError, match="other settings.*prompts"):
+    with pytest.raises(ValueError, match=r"other settings.*prompts"):
         analyze_pipeline(
             pipe, "w4a8-sqnr", options=replace(options, resume=True, prompts=3), source="t"
         )
