@@ -8,8 +8,8 @@ multiplied by g and 1 - g, so where they differ the guided noise is noisier than
 For each model, the w4a8-sqnr recipe is planned at the denoiser scope twice on the same
 calibration and trajectory: once comparing raw outputs (both branches), once comparing the
 guided noise (the default; ``--raw-outputs`` measures the raw one). Reported per unit:
-relative SQNR at the base level both ways; across units: the rank correlation of the two, how many units the two plans give different
-levels, and each plan's end-to-end quality on the same 64 seeded images as FP. Writes
+relative SQNR at the base level both ways; across units: the rank correlation of the two,
+how many units the two plans give different levels, and each plan's end-to-end quality on the same 64 seeded images as FP. Writes
 bench/results/guidance.json.
 """
 
