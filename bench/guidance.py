@@ -9,8 +9,8 @@ For each model, the w4a8-sqnr recipe is planned at the denoiser scope twice on t
 calibration and trajectory: once comparing raw outputs (both branches), once comparing the
 guided noise (the default; ``--raw-outputs`` measures the raw one). Reported per unit:
 relative SQNR at the base level both ways; across units: the rank correlation of the two,
-how many units the two plans give different levels, and each plan's end-to-end quality on the same 64 seeded images as FP. Writes
-bench/results/guidance.json.
+how many units the two plans give different levels, and each plan's end-to-end quality on
+the same 64 seeded images as FP. Writes bench/results/guidance.json.
 """
 
 from __future__ import annotations
