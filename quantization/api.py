@@ -380,6 +380,13 @@ class _Run:
             planned=planned,
             denoiser_gb=fp_bytes(self.denoiser, self.layers) / 1e9,
             check_images=check_images,
+            pipeline_gb=sum(
+                p.numel() * p.element_size()
+                for c in self.pipe.components.values()
+                if isinstance(c, nn.Module)
+                for p in c.parameters()
+            )
+            / 1e9,
         )
 
     def calibrate(self, prompts: int) -> tuple[ActivationStats, list, dict]:

@@ -20,6 +20,7 @@ estimate fits ``--max-minutes``; when none does, it refuses and says what would.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -100,6 +101,7 @@ class Timings:
     factor: dict[str, float]
     decode_seconds: float
     copy_seconds_per_gb: float
+    write_seconds_per_gb: float = 0.0  # writing and hashing files, as an artifact is saved
     large_batch: int | None = None  # where a short call was timed again: its factors there
     factor_large: dict[str, float] | None = None
 
@@ -151,6 +153,7 @@ class Shape:
     planned: bool  # an SQNR-driven recipe (else: uniform, calibrate + quantize + check)
     denoiser_gb: float
     check_images: int  # uniform recipes: images sampled FP and quantized to check
+    pipeline_gb: float = 0.0  # every component, as the artifact writes them
 
     def batch(self, prompts: int) -> int:
         return prompts * (2 if self.guided else 1)
@@ -213,6 +216,7 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
         b = shape.batch(n)
         base_factor = t.base_factor(b)
         stages.append(Stage("quantize", f"{shape.denoiser_gb:.2f} GB of weights", copy))
+        stages.append(_save(shape, t))
         if n:
             stages.append(
                 Stage(
@@ -235,13 +239,15 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
             shape.steps * t.call(b),
         )
     )
-    blocks = shape.units[effort.unit]
-    per_unit = []
+    blocks = shape.units[effort.unit]  # the block of each unit
+    in_block = Counter(blocks)
+    seconds = shape.levels * copy  # a copy of every unit at every level: the denoiser's bytes
     for block in blocks:
-        run = t.from_block(block) if effort.scope == "denoiser" else t.block_seconds.get(block, 0.0)
-        per_unit.append(run * scale * recorded)
-    unit_copy = copy / max(len(blocks), 1)
-    seconds = shape.levels * (sum(per_unit) * q + len(blocks) * unit_copy)
+        own = t.block_seconds.get(block, 0.0)
+        after = t.from_block(block) - own if effort.scope == "denoiser" else 0.0
+        for level in t.factor:  # the unit quantized, the rest of its block float
+            quantized = own * (1.0 + (t.factor_at(level, b) - 1.0) / in_block[block])
+            seconds += (after + quantized) * scale * recorded
     stages.append(
         Stage(
             "sensitivity",
@@ -269,8 +275,15 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
                 (n_blocks + 3) * recorded * t.call(b) * q,
             )
         )
-    stages.append(Stage("quantize", f"{shape.denoiser_gb:.2f} GB of weights", copy))
+    stages.append(_save(shape, t))
     return WorkPlan(effort, tuple(stages))
+
+
+def _save(shape: Shape, t: Timings) -> Stage:
+    gb = shape.pipeline_gb or shape.denoiser_gb
+    return Stage(
+        "save", f"the artifact: {gb:.2f} GB written and hashed", gb * t.write_seconds_per_gb
+    )
 
 
 def choose_effort(

@@ -6,6 +6,9 @@ each level timed against FP, and one VAE decoding."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -43,6 +46,21 @@ def _timed(fn: Callable[[], object], repeats: int = 2) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _write_rate(megabytes: int = 64) -> float:
+    """Seconds per GB to write a file, sync it and read it back for its sha256 (an artifact's
+    save), on the temporary folder's disk."""
+    data = os.urandom(megabytes * 2**20)
+    with tempfile.NamedTemporaryFile() as f:
+        start = time.perf_counter()
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        hashlib.sha256(f.read()).hexdigest()
+        seconds = time.perf_counter() - start
+    return seconds / (megabytes * 2**20 / 1e9)
 
 
 def _runner(module: nn.Module, call: Call) -> Callable[[], object]:
@@ -140,6 +158,7 @@ def probe(
         factor[level] = _timed(_runner(q, inputs)) / max(fp_seconds, 1e-9)
         if small:
             factor_large[level] = _timed(_runner(q, large_inputs)) / max(fp_large, 1e-9)
+    write_seconds_per_gb = _write_rate()
     x = call.args[0] if call.args else call.kwargs["hidden_states"]
     latent = x[:1, : x.shape[1]].float()
     decode_seconds = _timed(lambda: decode(latent), repeats=1)
@@ -151,6 +170,7 @@ def probe(
         factor=factor,
         decode_seconds=decode_seconds,
         copy_seconds_per_gb=max(copy_rate, default=1.0),
+        write_seconds_per_gb=write_seconds_per_gb,
         large_batch=batch * times if small else None,
         factor_large=factor_large if small else None,
     )

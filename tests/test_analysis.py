@@ -148,9 +148,10 @@ def test_the_estimate_counts_calls_per_stage():
     work = {s.name: s.seconds for s in estimate(effort, _shape(), t).stages}
     # 50 FP calls at batch 4 (2 prompts, guided): twice the probe's batch of 2
     assert work["trajectory"] == pytest.approx(50 * 4.0)
-    # 4 blocks x 2 levels, 8 recorded steps at batch 4, the worst level's factor, plus copies
-    assert work["sensitivity"] == pytest.approx(2 * (4 * 0.8 * 8 * 1.2 + 3.0), rel=1e-6)
-    assert set(work) == {"trajectory", "sensitivity", "checks", "quantize"}
+    # 4 blocks (0.4 s each at batch 2, twice that at 4) at each level's factor (0.5, 1.2), on
+    # 8 recorded steps, plus a copy of the whole denoiser per level (3 GB at 1 s/GB)
+    assert work["sensitivity"] == pytest.approx(4 * 0.4 * 2 * (0.5 + 1.2) * 8 + 2 * 3.0)
+    assert set(work) == {"trajectory", "sensitivity", "checks", "save"}
 
 
 def test_quantize_needs_no_detail_but_analyze_has_it():
