@@ -73,8 +73,8 @@ class Effort:
 
 # From the most thorough down; each rung costs less than the one above on any model.
 LADDER: tuple[Effort, ...] = (
-    Effort(32, None, "module", "denoiser", 32, 8, 3, True),
-    Effort(32, None, "module", "denoiser", 32, 8, 3, False),
+    Effort(32, 10, "module", "denoiser", 32, 8, 3, True),
+    Effort(32, 10, "module", "denoiser", 32, 8, 3, False),
     Effort(16, 10, "module", "denoiser", 16, 4, 2, False),
     Effort(8, 8, "module", "denoiser", 8, 2, 2, False),
     Effort(4, 8, "module", "block", 8, 1, 2, False),
