@@ -604,6 +604,18 @@ def _header(run: _Run, effort: Effort, trajectory: list, calibration: dict) -> d
     }
 
 
+def _memory_for_recording() -> int | None:
+    """Half the memory available now: the recording shares it with the model, its copies and
+    the sampler (Linux; elsewhere unbounded)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        return None
+    return None
+
+
 def _planned_work(run: _Run) -> tuple[WorkPlan, Shape]:
     """Probe, then the most thorough effort that fits the time budget."""
     r = run.r
@@ -614,7 +626,7 @@ def _planned_work(run: _Run) -> tuple[WorkPlan, Shape]:
     }
     timings = run._timings = run.timings(spec_at)
     shape = run.shape(len(levels), True, 0)
-    work, _ = choose_effort(shape, timings, r.max_minutes, r.forced)
+    work, _ = choose_effort(shape, timings, r.max_minutes, r.forced, _memory_for_recording())
     return work, shape
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "WorkPlan",
     "choose_effort",
     "estimate",
+    "recording_bytes",
 ]
 
 DEFAULT_MAX_MINUTES = 20.0  # any model, unless --max-minutes says otherwise
@@ -102,6 +103,7 @@ class Timings:
     decode_seconds: float
     copy_seconds_per_gb: float
     write_seconds_per_gb: float = 0.0  # writing and hashing files, as an artifact is saved
+    record_bytes_per_call: int = 0  # every block's inputs and outputs in one call at ``batch``
     large_batch: int | None = None  # where a short call was timed again: its factors there
     factor_large: dict[str, float] | None = None
 
@@ -197,6 +199,15 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
+def recording_bytes(effort: Effort, shape: Shape, t: Timings) -> int:
+    """Memory the recording of the trajectory takes: every block's inputs and outputs at each
+    recorded step, at the measuring batch."""
+    recorded = (
+        shape.steps if effort.recorded_steps is None else min(effort.recorded_steps, shape.steps)
+    )
+    return int(t.record_bytes_per_call * shape.batch(effort.prompts) / t.batch * recorded)
+
+
 def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
     """The stages and their estimated seconds (``effort`` None: a uniform recipe)."""
     stages = []
@@ -220,7 +231,7 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
         if n:
             stages.append(
                 Stage(
-                    "check",
+                    "check images",
                     f"{n} image(s) FP and quantized: 2 x {shape.steps} calls at batch {b}",
                     shape.steps * t.call(b) * (1 + base_factor) + 2 * n * t.decode_seconds,
                 )
@@ -232,10 +243,11 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
     recorded = (
         shape.steps if effort.recorded_steps is None else min(effort.recorded_steps, shape.steps)
     )
+    memory = recording_bytes(effort, shape, t) / 2**30
     stages.append(
         Stage(
             "trajectory",
-            f"{shape.steps} FP denoiser calls at batch {b}, {recorded} recorded",
+            f"{shape.steps} FP calls at batch {b}, {recorded} kept ({memory:.1f} GiB)",
             shape.steps * t.call(b),
         )
     )
@@ -287,10 +299,15 @@ def _save(shape: Shape, t: Timings) -> Stage:
 
 
 def choose_effort(
-    shape: Shape, t: Timings, max_minutes: float, forced: dict | None = None
+    shape: Shape,
+    t: Timings,
+    max_minutes: float,
+    forced: dict | None = None,
+    memory_bytes: int | None = None,
 ) -> tuple[WorkPlan, list[WorkPlan]]:
-    """The most thorough effort whose estimate fits ``max_minutes`` (with ``forced`` fields,
-    the user's flags, applied to every rung), and every rung's plan tried.
+    """The most thorough effort whose estimate fits ``max_minutes`` and whose recording fits
+    ``memory_bytes`` (with ``forced`` fields, the user's flags, applied to every rung), and
+    every rung's plan tried.
 
     Raises ValueError, saying what the cheapest rung needs, when none fits.
     """
@@ -301,7 +318,8 @@ def choose_effort(
             continue
         plan = estimate(effort, shape, t)
         tried.append(plan)
-        if plan.seconds <= max_minutes * 60:
+        fits_memory = memory_bytes is None or recording_bytes(effort, shape, t) <= memory_bytes
+        if plan.seconds <= max_minutes * 60 and fits_memory:
             return plan, tried
     cheapest = min(tried, key=lambda p: p.seconds)
     need = math.ceil(cheapest.seconds / 60)

@@ -19,6 +19,7 @@ from quantization.activations import collect_stats
 from quantization.backends import Backend
 from quantization.capture import Call, record_calls
 from quantization.cost import Timings
+from quantization.recording import tensor_nbytes
 from quantization.types import LayerSpec
 
 __all__ = ["probe"]
@@ -88,17 +89,21 @@ def probe(
     starts: dict[str, float] = {}
     spent: dict[str, float] = {b: 0.0 for b in blocks}
     captured: dict[str, Call] = {}
+    kept: list[int] = [0]  # what a recording keeps of a call: every block's inputs, outputs
+    seen: set[int] = set()
 
     def pre(name):
         def hook(module, args, kwargs):
             starts[name] = time.perf_counter()
             captured.setdefault(name, Call(0, args, kwargs))
+            kept[0] += tensor_nbytes([args, kwargs], seen)
 
         return hook
 
     def post(name):
         def hook(module, args, kwargs, out):
             spent[name] += time.perf_counter() - starts[name]
+            kept[0] += tensor_nbytes(out, seen)
 
         return hook
 
@@ -171,6 +176,7 @@ def probe(
         decode_seconds=decode_seconds,
         copy_seconds_per_gb=max(copy_rate, default=1.0),
         write_seconds_per_gb=write_seconds_per_gb,
+        record_bytes_per_call=kept[0],
         large_batch=batch * times if small else None,
         factor_large=factor_large if small else None,
     )
