@@ -967,6 +967,13 @@ def quantize_from_analysis(
     table: SensitivityTable = saved["table"]
     on = table.measured_on
     recipe = get_recipe(on["recipe"]).with_granularity(on["granularity"])
+    for given, saved_as, flag in (
+        (options.num_inference_steps, on["steps"], "--steps"),
+        (options.guidance_scale, on["guidance"], "--guidance"),
+        (options.backend, on["backend"], "--backend"),
+    ):
+        if given is not None and given != saved_as:
+            raise ValueError(f"the analysis was measured with {flag} {saved_as}, not {given}")
     options = replace(
         options,
         backend=options.backend or on["backend"],

@@ -297,7 +297,10 @@ def options_from_args(args, pipe):
         refine=args.refine,
         checks=args.checks,
         detail=args.detail,
-        conditions=resolve_conditions(pipe, args.src, args.prompts, args.classes),
+        # planning from a saved analysis asks what it was measured on, flags or not
+        conditions=None
+        if getattr(args, "analysis", None) is not None and not (args.prompts or args.classes)
+        else resolve_conditions(pipe, args.src, args.prompts, args.classes),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         target_sqnr_db=args.target_sqnr,
