@@ -341,6 +341,7 @@ def _quantize_or_analyze(args) -> int:
             raise ValueError("--dry-run estimates a --recipe")
         work = plan_of_work(pipe, args.recipe, options=options, source=args.src, progress=progress)
         progress.done()
+        progress.plan(work)
         print(json.dumps(work.to_json(), indent=1))
         return 0
     if args.command == "analyze":
