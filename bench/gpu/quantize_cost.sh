@@ -3,8 +3,9 @@
 # printed estimate is: bench.quantize_cost for DiT-XL/2 (256 px) and SD 1.5 (512 px), random
 # weights, recipes w8a8 and w4a8-sqnr, --device cuda --dtype bf16, 50 steps.
 #
-#     bash bench/gpu/quantize_cost.sh                          # the 4 combinations
-#     MODELS=dit-xl-2 RECIPES=w8a8 MAX_MINUTES=5 bash bench/gpu/quantize_cost.sh   # one, shorter
+#     bash bench/gpu/quantize_cost.sh        # DiT-XL/2 w8a8 within 6 minutes: fits one call of
+#                                            # the device tool (10 min a command, 15 a session)
+#     MODELS="dit-xl-2 sd15" RECIPES="w8a8 w4a8-sqnr" MAX_MINUTES=20 bash bench/gpu/quantize_cost.sh
 #
 # Writes bench/results/quantize-cost-<model>-<recipe>-cuda.json (under $OUT instead when set),
 # and each run's log beside its work folder (/tmp/t2i-quantize-cost/<model>/<recipe>.log).
@@ -21,8 +22,9 @@ cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
-MODELS=${MODELS:-"dit-xl-2 sd15"}
-RECIPES=${RECIPES:-"w8a8 w4a8-sqnr"}
+MODELS=${MODELS:-"dit-xl-2"}
+RECIPES=${RECIPES:-"w8a8"}
+MAX_MINUTES=${MAX_MINUTES:-6}
 STEPS=${STEPS:-50}
 RESULTS=${OUT:-bench/results}
 mkdir -p "$RESULTS"
