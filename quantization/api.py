@@ -20,26 +20,23 @@ through here.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from pipelines.generate import decode, final_latents, guided_prediction, sample
-from pipelines.loader import DEFAULTS_FILE, sampling_settings
+from pipelines.generate import decode, guided_prediction
+from pipelines.loader import DEFAULTS_FILE
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
-from quantization.activations import ActivationStats, collect_stats, ranges_for
+from quantization.activations import ActivationStats
 from quantization.analysis import (
     Treatments,
     check,
     choose,
     choose_treatments,
-    find_units,
     fp_bytes,
     frontier,
     measure_sensitivity,
@@ -47,25 +44,41 @@ from quantization.analysis import (
     uniform_plan,
 )
 from quantization.artifact import (
-    DTYPES,
     load_quantized,
     open_source,
     read_analysis,
     save_analysis,
     save_artifact,
 )
-from quantization.blocks import denoiser_attr, denoiser_swapped
-from quantization.calibration import SEEDS, Conditions, record_calibration, resolve_conditions
-from quantization.cost import Effort, Shape, Timings, WorkPlan, choose_effort, estimate
+from quantization.calibration import Conditions
+from quantization.cost import WorkPlan
+from quantization.denoiser import (
+    AnalyzedDenoiser,
+    QuantizedDenoiser,
+    analyze_denoiser,
+    quantize_denoiser,
+)
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
-from quantization.options import QuantizeOptions, Resolved, resolve
-from quantization.plan import LayerPlan, LevelChoice, specs_of
-from quantization.probe import probe
+from quantization.options import QuantizeOptions
+from quantization.plan import LayerPlan, specs_of
 from quantization.progress import Progress, Silent
-from quantization.recording import record_calls_replayed, record_trajectory, recorded_steps
+from quantization.recording import record_trajectory, recorded_steps
 from quantization.report import AnalysisReport, rounded, write_report
+from quantization.session import (
+    Run,
+    as_applied,
+    budget_bytes_of,
+    dtype_name,
+    journal_header,
+    planned_work,
+    prepare,
+    quantized_copy,
+    sample_check_images,
+    uniform_work,
+    with_denoiser,
+)
 from quantization.table import Journal, SensitivityTable, Unit
-from quantization.types import RECIPES, Recipe, get_recipe, level_spec
+from quantization.types import RECIPES, Recipe, get_recipe
 
 __all__ = [
     "AnalyzedDenoiser",
@@ -131,7 +144,7 @@ class Quantized:
             self.plan,
             self.manifest(),
             backend=self.backend,
-            dtype=_dtype_name(self.denoiser),
+            dtype=dtype_name(self.denoiser),
         )
         src = Path(self.source)
         if src.is_dir() and (src / DEFAULTS_FILE).is_file():
@@ -140,332 +153,6 @@ class Quantized:
             write_report(out, written, self.analysis, self.trajectory_series)
         )
         return written
-
-
-@dataclass
-class QuantizedDenoiser:
-    """A quantized copy of a bare denoiser and the plan it was quantized by."""
-
-    model: nn.Module
-    plan: dict[str, LayerPlan]
-
-
-def quantize_denoiser(
-    denoiser: nn.Module,
-    recipe_or_plan: str | Recipe | dict[str, LayerPlan],
-    calls: list,
-    *,
-    backend: str | None = None,
-    smoothing: dict[str, torch.Tensor] | None = None,
-) -> QuantizedDenoiser:
-    """A quantized copy of ``denoiser`` by a uniform recipe or a plan, its static activations
-    calibrated on ``calls`` (the FP denoiser is left as it was). A plan's smoothed layers get
-    ``smoothing`` scales, or scales from the calls' ranges and the plan's alphas."""
-    from quantization.smoothing import smoothing_scales, weight_channel_absmax
-
-    if isinstance(recipe_or_plan, dict):
-        plan = recipe_or_plan
-        impl = backends.get(backend or "quanto")
-    else:
-        recipe = get_recipe(recipe_or_plan) if isinstance(recipe_or_plan, str) else recipe_or_plan
-        if recipe.mixed_precision:
-            raise ValueError(f"recipe {recipe.name} is planned: quantize() its pipeline")
-        impl = backends.get(backend or recipe.backend)
-        plan = uniform_plan(find_units(denoiser, impl.LAYERS, "block"), recipe)
-    stats = collect_stats(denoiser, list(plan), calls) if calls else None
-    smoothing = dict(smoothing or {})
-    for name, lp in plan.items():
-        if lp.smoothing_alpha is not None and name not in smoothing:
-            if stats is None:
-                raise ValueError("smoothed layers need calibration calls")
-            w = weight_channel_absmax(denoiser.get_submodule(name).weight)
-            smoothing[name] = smoothing_scales(stats.channel_absmax(name), w, lp.smoothing_alpha)
-    model = copy.deepcopy(denoiser).eval()
-    ranges = ranges_for(stats, specs_of(plan), smoothing)
-    impl.quantize_layers(model, specs_of(plan), ranges, smoothing)
-    return QuantizedDenoiser(model, _as_applied(plan, model, impl))
-
-
-@dataclass
-class AnalyzedDenoiser:
-    """A bare denoiser's plan, measured on given calls with no sampler (so never checked
-    end to end): the quantized copy, the plan, the choice, the treatments and the table."""
-
-    model: nn.Module
-    plan: dict[str, LayerPlan]
-    choice: LevelChoice
-    treatments: Treatments
-    table: SensitivityTable
-
-
-def analyze_denoiser(
-    denoiser: nn.Module,
-    recipe: str | Recipe,
-    calibration_calls: list,
-    trajectory_calls: list,
-    *,
-    backend: str | None = None,
-    unit: str = "module",
-    scope: str = "denoiser",
-    target_sqnr_db: float | None = None,
-    budget_bytes: int | None = None,
-    budget_ratio: float | None = None,
-) -> AnalyzedDenoiser:
-    """The SQNR-driven plan of a denoiser on its own (synthetic inputs, a full-size shape with
-    random weights): every unit measured on ``trajectory_calls``, planned to the recipe's
-    target (or the one given) within the budget, no end-to-end check."""
-    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    impl = backends.get(backend or r.backend)
-    blocks = find_units(denoiser, impl.LAYERS, "block")
-    layers = [layer for b in blocks for layer in b.layers]
-    stats = collect_stats(denoiser, layers, calibration_calls) if r.static else None
-    recording = record_calls_replayed(
-        denoiser, trajectory_calls, blocks=[b.name for b in blocks], layers=layers
-    )
-    measurer = Measurer(
-        denoiser, recording, impl, calibration=stats, calibration_calls=calibration_calls
-    )
-    units = find_units(denoiser, impl.LAYERS, unit)
-    treatments = choose_treatments(measurer, units, r, r.smoothing, r.protect_time_sensitive)
-    table = SensitivityTable(
-        measured_on={"recipe": r.name, "scope": scope, "unit": unit},
-        units=units,
-        levels=list(r.levels),
-    )
-    state = {k: v for k, v in denoiser.state_dict().items() if v is not None}
-    table.fixed_bytes = backends.tensor_bytes(state) - fp_bytes(denoiser, layers)
-    measure_sensitivity(measurer, table, units, r, treatments, scope, Journal(None, {}, False))
-    base = table.base_layer_bytes() + table.fixed_bytes
-    if budget_bytes is None:
-        ratio = r.budget_ratio if budget_ratio is None else budget_ratio
-        budget_bytes = int(base * ratio)
-    if budget_bytes < base:
-        raise ValueError(
-            f"budget of {budget_bytes} bytes is below the {base} bytes the base recipe already "
-            f"makes the denoiser ({table.fixed_bytes} of them stay float whatever the plan)"
-        )
-    target = r.target_sqnr_db if target_sqnr_db is None else target_sqnr_db
-    choice = choose(table, target, budget_bytes)
-    plan = plan_at_levels(units, choice.levels, r, treatments)
-    model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
-    return AnalyzedDenoiser(model, _as_applied(plan, model, impl), choice, treatments, table)
-
-
-def _dtype_name(module: nn.Module) -> str:
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    floats = [p.dtype for p in module.parameters() if p.dtype in names]
-    floats += [b.dtype for b in module.buffers() if b.dtype in names]
-    return names[floats[0]] if floats else "fp32"
-
-
-def _source_of(pipe) -> str:
-    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
-
-
-def _with_denoiser(pipe, attr: str, denoiser: nn.Module):
-    """A pipeline sharing ``pipe``'s other components, with ``denoiser`` in place."""
-    new = copy.copy(pipe)
-    new.register_modules(**{attr: denoiser})
-    return new
-
-
-def _as_applied(plan: dict[str, LayerPlan], model: nn.Module, backend) -> dict[str, LayerPlan]:
-    """The plan with the group sizes the layers really got (a group wider than a row: per row)."""
-    applied = backend.layer_specs(model)
-    return {n: replace(lp, group_size=applied[n].group_size) for n, lp in plan.items()}
-
-
-class _Run:
-    """One quantization or analysis of one pipeline: resolved settings, the denoiser, its
-    units, the probe's timings, and the stages in the order they run."""
-
-    def __init__(self, pipe, source: str, r: Resolved, progress: Progress) -> None:
-        self.pipe, self.source, self.r, self.progress = pipe, source, r, progress
-        self.attr = denoiser_attr(pipe)
-        self.denoiser: nn.Module = getattr(pipe, self.attr).eval()
-        self.backend = backends.get(r.backend)
-        self.units = {
-            k: find_units(self.denoiser, self.backend.LAYERS, k) for k in ("block", "module")
-        }
-        self.layers = [layer for u in self.units["block"] for layer in u.layers]
-        if not self.layers:
-            raise ValueError(f"{source}: no layer the {r.backend} backend quantizes")
-        self.guided = r.guidance > 1.0
-        self._handles: list = []
-        self._timings: Timings | None = None
-
-    def __enter__(self) -> _Run:
-        """Counts denoiser calls, and block calls outside them, per stage (the FP denoiser's
-        hooks are removed on exit)."""
-        inside = [False]
-
-        def enter(module, args):
-            inside[0] = True
-            self.progress.count("denoiser")
-
-        def leave(module, args, out):
-            inside[0] = False
-
-        def block(module, args):
-            if not inside[0]:
-                self.progress.count("blocks")
-
-        self._handles = [
-            self.denoiser.register_forward_pre_hook(enter),
-            self.denoiser.register_forward_hook(leave),
-        ]
-        for u in self.units["block"]:
-            self._handles.append(
-                self.denoiser.get_submodule(u.name).register_forward_pre_hook(block)
-            )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def work(self, estimate: WorkPlan) -> dict:
-        return {
-            "estimate": estimate.to_json(),
-            "actual": self.progress.done(),
-            "calls": self.progress.calls(),
-        }
-
-    def seeds(self, use: str, n: int) -> list[int]:
-        return [SEEDS[use] + i for i in range(n)]
-
-    def latents(self, model: nn.Module, conditions: list, use: str) -> torch.Tensor:
-        with denoiser_swapped(self.pipe, model):
-            return final_latents(
-                self.pipe,
-                conditions,
-                self.seeds(use, len(conditions)),
-                num_inference_steps=self.r.steps,
-                guidance_scale=self.r.guidance,
-            )
-
-    def timings(self, levels: dict) -> Timings:
-        one = self.r.conditions.pick(self.pipe, 1, "trajectory")
-        stage = self.progress.stage("probe", 1, "call")
-        t, _ = probe(
-            self.denoiser,
-            lambda: final_latents(
-                self.pipe,
-                one,
-                self.seeds("trajectory", 1),
-                num_inference_steps=self.r.steps,
-                guidance_scale=self.r.guidance,
-            ),
-            [u.name for u in self.units["block"]],
-            self.backend,
-            levels,
-            lambda z: decode(self.pipe, z),
-        )
-        stage.update()
-        return t
-
-    def shape(self, levels: int, planned: bool, check_images: int) -> Shape:
-        assert self._timings is not None, "probe first"
-        order = list(self._timings.block_seconds)
-        return Shape(
-            steps=self.r.steps,
-            guided=self.guided,
-            units={
-                k: sorted((u.block for u in us), key=order.index) for k, us in self.units.items()
-            },
-            levels=levels,
-            static=self.r.recipe.static or self.r.smoothing,
-            multi_step_calibration=self.r.calibration == "multi-step",
-            planned=planned,
-            denoiser_gb=fp_bytes(self.denoiser, self.layers) / 1e9,
-            check_images=check_images,
-            pipeline_gb=sum(
-                p.numel() * p.element_size()
-                for c in self.pipe.components.values()
-                if isinstance(c, nn.Module)
-                for p in c.parameters()
-            )
-            / 1e9,
-        )
-
-    def calibrate(self, prompts: int) -> tuple[ActivationStats, list, dict]:
-        """The calibration calls (single- or multi-step) and every layer's ranges on them."""
-        stage = self.progress.stage("calibration", 2, "pass")
-        conditions = self.r.conditions.pick(self.pipe, prompts, "calibration")
-        calib = record_calibration(
-            self.pipe,
-            self.attr,
-            conditions,
-            kind=self.r.calibration,
-            k=self.r.calibration_steps,
-            num_inference_steps=self.r.steps,
-            guidance_scale=self.r.guidance,
-        )
-        stage.update(detail=f"{len(calib.calls)} calls")
-        stats = collect_stats(self.denoiser, self.layers, calib.calls)
-        stage.update()
-        return stats, calib.calls, calib.summary()
-
-
-def _uniform_check_images(run: _Run, t: Timings, given: int | None) -> tuple[int, WorkPlan]:
-    for n in [given] if given is not None else [8, 4, 2, 1, 0]:
-        work = estimate(None, run.shape(1, False, n), t)
-        if given is not None or work.seconds <= run.r.max_minutes * 60:
-            return n, work
-    return 0, estimate(None, run.shape(1, False, 0), t)
-
-
-def _check_images(run: _Run, model: nn.Module, n: int) -> dict:
-    """A few images, FP and quantized, same seeds: latent SQNR and image PSNR."""
-    if n <= 0:
-        return {}
-    stage = run.progress.stage("check images", 2, "sampling")
-    conditions = run.r.conditions.pick(run.pipe, n, "check")
-
-    def images(pipe):
-        return sample(
-            pipe,
-            conditions,
-            seed=SEEDS["check"],
-            num_inference_steps=run.r.steps,
-            guidance_scale=run.r.guidance,
-        )
-
-    fp = images(run.pipe)
-    stage.update()
-    with denoiser_swapped(run.pipe, model):
-        q = images(run.pipe)
-    stage.update()
-    return {
-        "check_images": n,
-        "check_conditions": "check",
-        "sqnr_latent_db": rounded(sqnr_db(fp.latents, q.latents)),
-        "psnr_db": rounded(psnr_db(fp.images, q.images)),
-    }
-
-
-def _prepare(
-    pipeline,
-    source: str | None,
-    recipe: str | Recipe,
-    options: QuantizeOptions,
-    from_analysis: bool = False,
-):
-    source = source or _source_of(pipeline)
-    steps, guidance = sampling_settings(
-        source, options.num_inference_steps, options.guidance_scale, pipeline
-    )
-    conditions = options.conditions or resolve_conditions(pipeline, source)
-    r = resolve(
-        options,
-        recipe,
-        steps=steps,
-        guidance=guidance,
-        conditions=conditions,
-        from_analysis=from_analysis,
-    )
-    return source, r
 
 
 def quantize(
@@ -492,9 +179,9 @@ def quantize(
         # quantize needs no detail pass; analyze has one unless told otherwise
         options = replace(options, detail=bool(options.detail))
         return _analyzed(pipeline, recipe, options, source, progress, start)
-    source, r = _prepare(pipeline, source, recipe, options)
-    with _Run(pipeline, source, r, progress) as run:
-        n, work = _uniform_work(run)
+    source, r = prepare(pipeline, source, recipe, options)
+    with Run(pipeline, source, r, progress) as run:
+        n, work = uniform_work(run)
         progress.plan(work)
         stats: ActivationStats | None = None
         calibration: dict = {"kind": "none: per-token activations"}
@@ -503,13 +190,13 @@ def quantize(
         stage = progress.stage("quantize", 1, "model")
         units = run.units["block"]
         plan = uniform_plan(units, r.recipe)
-        model = _quantized_copy(run, stats, specs_of(plan), {})
+        model = quantized_copy(run, stats, specs_of(plan), {})
         stage.update()
-        measured = _check_images(run, model, n)
+        measured = sample_check_images(run, model, n)
         return Quantized(
-            pipeline=_with_denoiser(pipeline, run.attr, model),
+            pipeline=with_denoiser(pipeline, run.attr, model),
             denoiser=model,
-            plan=_as_applied(plan, model, run.backend),
+            plan=as_applied(plan, model, run.backend),
             backend=r.backend,
             recipe=r.recipe,
             analysis=None,
@@ -527,20 +214,14 @@ def quantize(
         )
 
 
-def _quantized_copy(run: _Run, stats: ActivationStats | None, specs, smoothing) -> nn.Module:
-    model = copy.deepcopy(run.denoiser).eval()
-    run.backend.quantize_layers(model, specs, ranges_for(stats, specs, smoothing), smoothing)
-    return model
-
-
 def _by_plan(pipeline, plan: dict[str, LayerPlan], options, source, progress, start) -> Quantized:
     if not plan:
         raise ValueError("an empty plan quantizes nothing")
     grain = {lp.spec.granularity for lp in plan.values()} - {None}
     backend = options.backend or ("torchao" if "token" in grain else "quanto")
     base = get_recipe("w8a8-static").with_granularity("timestep" if "timestep" in grain else None)
-    source, r = _prepare(pipeline, source, base, replace(options, backend=backend))
-    with _Run(pipeline, source, r, progress) as run:
+    source, r = prepare(pipeline, source, base, replace(options, backend=backend))
+    with Run(pipeline, source, r, progress) as run:
         stats: ActivationStats | None = None
         calibration: dict = {"kind": "none: per-token activations"}
         if grain - {"token"}:
@@ -559,12 +240,12 @@ def _by_plan(pipeline, plan: dict[str, LayerPlan], options, source, progress, st
                 )
                 for n in smoothed
             }
-        model = _quantized_copy(run, stats, specs_of(plan), smoothing)
-        measured = _check_images(run, model, 8 if r.check_images is None else r.check_images)
+        model = quantized_copy(run, stats, specs_of(plan), smoothing)
+        measured = sample_check_images(run, model, 8 if r.check_images is None else r.check_images)
         return Quantized(
-            pipeline=_with_denoiser(pipeline, run.attr, model),
+            pipeline=with_denoiser(pipeline, run.attr, model),
             denoiser=model,
-            plan=_as_applied(plan, model, run.backend),
+            plan=as_applied(plan, model, run.backend),
             backend=backend,
             recipe=None,
             analysis=None,
@@ -575,66 +256,6 @@ def _by_plan(pipeline, plan: dict[str, LayerPlan], options, source, progress, st
             seconds=time.perf_counter() - start,
             _fp=pipeline,
         )
-
-
-def _measured_levels(recipe: Recipe) -> list[str]:
-    return [lv for lv in recipe.levels if lv != "float"]
-
-
-def _header(run: _Run, effort: Effort, trajectory: list, calibration: dict) -> dict:
-    r = run.r
-    return {
-        "source": run.source,
-        "recipe": r.recipe.name,
-        "granularity": r.recipe.granularity,
-        "backend": r.backend,
-        "unit": effort.unit,
-        "scope": effort.scope,
-        "guided": r.guided and run.guided,
-        "prompts": effort.prompts,
-        "recorded_steps": effort.recorded_steps,
-        "steps": r.steps,
-        "guidance": r.guidance,
-        "conditions": [str(c) if not isinstance(c, int) else c for c in trajectory],
-        # what was calibrated, not how long it took: a resumed run compares this header
-        "calibration": {k: v for k, v in calibration.items() if k != "record_seconds"},
-        "smoothing": r.smoothing,
-        "time_protection": r.time_protection,
-        "dtype": _dtype_name(run.denoiser),
-    }
-
-
-def _memory_for_recording() -> int | None:
-    """Half the memory available now: the recording shares it with the model, its copies and
-    the sampler (Linux; elsewhere unbounded)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        return None
-    return None
-
-
-def _planned_work(run: _Run) -> tuple[WorkPlan, Shape]:
-    """Probe, then the most thorough effort that fits the time budget."""
-    r = run.r
-    levels = _measured_levels(r.recipe)
-    spec_at = {
-        lv: (lambda layer, lv=lv: level_spec(lv, r.recipe.group_size, r.recipe.granularity))
-        for lv in levels
-    }
-    timings = run._timings = run.timings(spec_at)
-    shape = run.shape(len(levels), True, 0)
-    work, _ = choose_effort(shape, timings, r.max_minutes, r.forced, _memory_for_recording())
-    return work, shape
-
-
-def _uniform_work(run: _Run) -> tuple[int, WorkPlan]:
-    """Probe, then as many check images as fit the time budget (or as given)."""
-    base = run.r.recipe.base_spec()
-    timings = run._timings = run.timings({base.level: lambda layer: base})
-    return _uniform_check_images(run, timings, run.r.check_images)
 
 
 def plan_of_work(
@@ -652,18 +273,18 @@ def plan_of_work(
     options = options or QuantizeOptions()
     if r.mixed_precision and options.detail is None:
         options = replace(options, detail=False)
-    source, resolved = _prepare(pipeline, source, r, options)
-    with _Run(pipeline, source, resolved, progress) as run:
-        return _planned_work(run)[0] if r.mixed_precision else _uniform_work(run)[1]
+    source, resolved = prepare(pipeline, source, r, options)
+    with Run(pipeline, source, resolved, progress) as run:
+        return planned_work(run)[0] if r.mixed_precision else uniform_work(run)[1]
 
 
 def _analyzed(
     pipeline, recipe: Recipe, options: QuantizeOptions, source, progress, start
 ) -> Quantized:
     """The SQNR-driven recipes: probe, plan of work, calibrate, record, measure, check."""
-    source, r = _prepare(pipeline, source, recipe, options)
-    with _Run(pipeline, source, r, progress) as run:
-        work, shape = _planned_work(run)
+    source, r = prepare(pipeline, source, recipe, options)
+    with Run(pipeline, source, r, progress) as run:
+        work, shape = planned_work(run)
         effort = work.effort
         assert effort is not None
         progress.plan(work)
@@ -699,7 +320,7 @@ def _analyzed(
         treatments = choose_treatments(measurer, units, r.recipe, r.smoothing, r.time_protection)
         stage.update()
 
-        header = _header(run, effort, trajectory, calibration)
+        header = journal_header(run, effort, trajectory, calibration)
         journal = Journal(r.analysis_dir, header, r.resume)
         table = SensitivityTable(
             measured_on={**header, "sampling_seconds": round(recording.seconds, 2)},
@@ -723,7 +344,7 @@ def _analyzed(
             journal,
             progress=lambda unit: stage.update(detail=unit),
         )
-        budget = _budget(table, r)
+        budget = budget_bytes_of(table, r)
         stage = progress.stage("checks", effort.checks, "check")
         checked = check(
             measurer,
@@ -768,9 +389,9 @@ def _analyzed(
         report.work.update(actual=progress.done(), calls=progress.calls())
         model = checked.model
         return Quantized(
-            pipeline=_with_denoiser(pipeline, run.attr, model),
+            pipeline=with_denoiser(pipeline, run.attr, model),
             denoiser=model,
-            plan=_as_applied(checked.plan, model, run.backend),
+            plan=as_applied(checked.plan, model, run.backend),
             backend=r.backend,
             recipe=r.recipe,
             analysis=report,
@@ -787,22 +408,9 @@ def _analyzed(
         )
 
 
-def _budget(table: SensitivityTable, r: Resolved) -> int | None:
-    base = table.base_layer_bytes() + table.fixed_bytes
-    budget = r.budget_bytes
-    if budget is None and r.budget_ratio is not None:
-        budget = int(base * r.budget_ratio)
-    if budget is not None and budget < base:
-        raise ValueError(
-            f"budget of {budget} bytes is below the {base} bytes the base recipe already makes "
-            f"the denoiser ({table.fixed_bytes} of them stay float whatever the plan)"
-        )
-    return budget
-
-
 def _detail(
     measurer: Measurer,
-    run: _Run,
+    run: Run,
     units: list[Unit],
     table: SensitivityTable,
     treatments: Treatments,
@@ -988,10 +596,10 @@ def quantize_from_analysis(
             f"{folder}",
         ),
     )
-    source, r = _prepare(pipeline, source, recipe, options, from_analysis=True)
+    source, r = prepare(pipeline, source, recipe, options, from_analysis=True)
     if r.backend != on["backend"]:
         raise ValueError(f"the analysis was measured on {on['backend']}, not {r.backend}")
-    with _Run(pipeline, source, r, progress) as run:
+    with Run(pipeline, source, r, progress) as run:
         progress.note(
             f"planning from {folder}: no new sensitivity measurement (the table holds "
             f"{len(table.units)} {on['unit']}s x {len(table.levels)} levels)"
@@ -1004,7 +612,7 @@ def quantize_from_analysis(
                 raise ValueError(f"--point must lie in 0..{len(points) - 1}")
             choice = choose(table, None, None, promotions=point)
         else:
-            choice = choose(table, r.target_sqnr_db, _budget(table, r))
+            choice = choose(table, r.target_sqnr_db, budget_bytes_of(table, r))
         k = len(choice.promotions)
         on_path = k < len(points) and all(
             points[i + 1]["promoted"] == f"{p.block} -> {p.to_level}"
@@ -1017,7 +625,7 @@ def quantize_from_analysis(
         )
         plan = plan_at_levels(units, choice.levels, recipe, treatments)
         stage = progress.stage("quantize", 1, "model")
-        model = _quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
+        model = quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
         stage.update()
         measured: dict = {
             "predicted_sqnr_db": rounded(choice.predicted_sqnr_db),
@@ -1042,9 +650,9 @@ def quantize_from_analysis(
         else:
             progress.note("end-to-end check skipped: it does not fit --max-minutes")
         return Quantized(
-            pipeline=_with_denoiser(pipeline, run.attr, model),
+            pipeline=with_denoiser(pipeline, run.attr, model),
             denoiser=model,
-            plan=_as_applied(plan, model, run.backend),
+            plan=as_applied(plan, model, run.backend),
             backend=r.backend,
             recipe=recipe,
             analysis=None,
