@@ -13,6 +13,7 @@ SmoothQuant where a layer's own SQNR gains from it) and are part of every level'
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -275,7 +276,9 @@ def check(
         plan = plan_at_levels(units, choice.levels, recipe, treatments)
         progress(f"check {round_ + 1}: sampling the plan end to end")
         model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
+        began = time.perf_counter()
         measured, latents = measurer.end_to_end(model)
+        sampled = time.perf_counter() - began
         replayed = measurer.replayed(model)
         result = Checked(
             choice, plan, model, measured, latents, replayed.sqnr_db, replayed.by_step, []
@@ -288,6 +291,7 @@ def check(
                 None if math.isinf(measured) else round(measured, 3),
                 choice.weight_bytes,
                 dict(choice.levels),
+                round(sampled, 2),
             )
         )
         # a later plan only adds precision: within the check's noise it is the one kept

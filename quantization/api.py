@@ -633,7 +633,10 @@ def quantize_from_analysis(
         }
         seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
         fp_latents = saved["latents"]
-        per_sampling = on.get("sampling_seconds")
+        # a check costs what the analysis's checks took (a quantized sampling can be far
+        # slower than FP's on a CPU); the FP trajectory's time where no check was timed
+        timed = [c.seconds for c in table.checks if c.seconds is not None]
+        per_sampling = max(timed) if timed else on.get("sampling_seconds")
         if fp_latents is not None and (per_sampling is None or per_sampling < seconds_left):
             stage = progress.stage("check", 1, "sampling")
             conditions = list(on["conditions"])

@@ -31,6 +31,7 @@ __all__ = [
     "Stage",
     "Timings",
     "WorkPlan",
+    "cheapest_within",
     "choose_effort",
     "estimate",
     "recording_bytes",
@@ -156,6 +157,7 @@ class Shape:
     denoiser_gb: float
     check_images: int  # uniform recipes: images sampled FP and quantized to check
     pipeline_gb: float = 0.0  # every component, as the artifact writes them
+    smoothing: bool = False  # smoothing candidates are chosen on their calibration inputs
 
     def batch(self, prompts: int) -> int:
         return prompts * (2 if self.guided else 1)
@@ -215,11 +217,12 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
     if shape.static:
         n = effort.calibration_prompts if effort else 32
         calls = shape.steps if shape.multi_step_calibration else 1
+        # the calls are recorded while sampling, then replayed once with a hook on every layer
         stages.append(
             Stage(
                 "calibration",
-                f"{calls} denoiser call(s) at batch {shape.batch(n)}",
-                calls * t.call(shape.batch(n)),
+                f"2 x {calls} denoiser call(s) at batch {shape.batch(n)}",
+                2 * calls * t.call(shape.batch(n)),
             )
         )
     if effort is None:
@@ -251,6 +254,15 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
             shape.steps * t.call(b),
         )
     )
+    if shape.smoothing:
+        c = shape.batch(effort.calibration_prompts)
+        stages.append(
+            Stage(
+                "treatments",
+                f"1 denoiser call at batch {c}: the outlier layers' inputs",
+                t.call(c),
+            )
+        )
     blocks = shape.units[effort.unit]  # the block of each unit
     in_block = Counter(blocks)
     seconds = shape.levels * copy  # a copy of every unit at every level: the denoiser's bytes
@@ -296,6 +308,19 @@ def _save(shape: Shape, t: Timings) -> Stage:
     return Stage(
         "save", f"the artifact: {gb:.2f} GB written and hashed", gb * t.write_seconds_per_gb
     )
+
+
+def cheapest_within(
+    shape: Shape, t: Timings, max_minutes: float, forced: dict | None = None
+) -> WorkPlan | None:
+    """The ladder's cheapest effort if it fits ``max_minutes``, else None."""
+    plans = [
+        estimate(effort, shape, t)
+        for effort in (replace(rung, **(forced or {})) for rung in LADDER)
+        if effort.unit in shape.units
+    ]
+    cheapest = min(plans, key=lambda p: p.seconds)
+    return cheapest if cheapest.seconds <= max_minutes * 60 else None
 
 
 def choose_effort(

@@ -70,6 +70,7 @@ class Resolved:
     check_images: int | None
     calibration_prompts: int  # uniform recipes and plans (SQNR recipes: the effort's)
     max_minutes: float
+    max_minutes_given: bool  # a budget the user set is a refusal line; the default is not
     forced: dict = field(default_factory=dict)
     analysis_dir: Path | None = None
     resume: bool = False
@@ -142,6 +143,7 @@ def resolve(
         check_images=options.check_images,
         calibration_prompts=options.calibration_prompts or 32,
         max_minutes=minutes,
+        max_minutes_given=options.max_minutes is not None,
         forced=forced,
         analysis_dir=options.analysis_dir,
         resume=options.resume,

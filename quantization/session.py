@@ -25,7 +25,15 @@ from quantization.artifact import (
 )
 from quantization.blocks import denoiser_attr, denoiser_swapped
 from quantization.calibration import SEEDS, record_calibration, resolve_conditions
-from quantization.cost import Effort, Shape, Timings, WorkPlan, choose_effort, estimate
+from quantization.cost import (
+    Effort,
+    Shape,
+    Timings,
+    WorkPlan,
+    cheapest_within,
+    choose_effort,
+    estimate,
+)
 from quantization.options import QuantizeOptions, Resolved, resolve
 from quantization.plan import LayerPlan
 from quantization.probe import probe
@@ -179,6 +187,7 @@ class Run:
             levels=levels,
             static=self.r.recipe.static or self.r.smoothing,
             multi_step_calibration=self.r.calibration == "multi-step",
+            smoothing=self.r.smoothing,
             planned=planned,
             denoiser_gb=fp_bytes(self.denoiser, self.layers) / 1e9,
             check_images=check_images,
@@ -315,6 +324,9 @@ def memory_for_recording() -> int | None:
     return None
 
 
+DEFAULT_OVERRUN = 2.0  # how far past the default budget the cheapest effort may go
+
+
 def planned_work(run: Run) -> tuple[WorkPlan, Shape]:
     """Probe, then the most thorough effort that fits the time budget."""
     r = run.r
@@ -325,7 +337,22 @@ def planned_work(run: Run) -> tuple[WorkPlan, Shape]:
     }
     timings = run._timings = run.timings(spec_at)
     shape = run.shape(len(levels), True, 0)
-    work, _ = choose_effort(shape, timings, r.max_minutes, r.forced, memory_for_recording())
+    memory = memory_for_recording()
+    try:
+        work, _ = choose_effort(shape, timings, r.max_minutes, r.forced, memory)
+    except ValueError:
+        if r.max_minutes_given:
+            raise
+        # the default budget is a preference, not a refusal line: the cheapest effort, if it
+        # stays within twice it, said out loud (a --max-minutes of the user's refuses instead)
+        cheapest = cheapest_within(shape, timings, DEFAULT_OVERRUN * r.max_minutes, r.forced)
+        if cheapest is None:
+            raise
+        work = cheapest
+        run.progress.note(
+            f"no effort fits the default {r.max_minutes:g} minutes; taking the cheapest, "
+            f"estimated at {work.seconds / 60:.0f} minutes (--max-minutes M refuses instead)"
+        )
     return work, shape
 
 

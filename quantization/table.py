@@ -56,6 +56,7 @@ class Check:
     measured_db: float | None
     layer_bytes: int
     levels: dict[str, str]
+    seconds: float | None = None  # the quantized sampling: what a later check will cost
 
 
 def _db(x: float | None) -> float:

@@ -8,7 +8,15 @@ from quantization import QuantizeOptions, quantize
 from quantization.api import analyze_pipeline, quantize_from_analysis
 from quantization.artifact import save_analysis
 from quantization.calibration import Conditions
-from quantization.cost import LADDER, Effort, Shape, Timings, choose_effort, estimate
+from quantization.cost import (
+    LADDER,
+    Effort,
+    Shape,
+    Timings,
+    cheapest_within,
+    choose_effort,
+    estimate,
+)
 from quantization.measure import Measurer
 from tests import tiny
 
@@ -140,6 +148,10 @@ def test_the_ladder_takes_the_most_thorough_effort_that_fits_and_refuses_what_ca
     assert forced.effort is not None and forced.effort.scope == "block"
     with pytest.raises(ValueError, match=r"no effort fits 0.01 minutes.*--max-minutes \d+"):
         choose_effort(shape, t, 0.01)
+    # past a default budget (not one the user set), the cheapest rung if it fits a wider one
+    cheapest = cheapest_within(shape, t, costs[-1] / 60 + 0.01)
+    assert cheapest is not None and cheapest.effort == LADDER[-1]
+    assert cheapest_within(shape, t, costs[-1] / 60 - 0.01) is None
 
 
 def test_the_estimate_counts_calls_per_stage():
