@@ -302,13 +302,11 @@ def check(
         ):
             best = result
         if target_sqnr_db is None or measured >= target_sqnr_db or round_ + 1 >= checks:
+            # the table then predicts what this check measured: a later re-plan from it
+            # (quantize --analysis) starts from the measurement, not the recorded estimate
+            table.fit_offset(table.checks[-1], _noise_by_unit(table, choice.levels))
             break
-        options = table.options()
-        noise = {
-            u: 10 ** (-options[u][[o.level for o in options[u]].index(lv)].sqnr_db / 10)
-            for u, lv in choice.levels.items()
-            if lv != "float"
-        }
+        noise = _noise_by_unit(table, choice.levels)
         blamed = [u for u in sorted(noise, key=lambda u: -noise[u]) if u not in table.end_to_end][
             :refine
         ]
@@ -322,12 +320,16 @@ def check(
                 None if math.isinf(db) else db
             )
             result.refined.append(name)
-        options = table.options()
-        noise = {
-            u: 10 ** (-options[u][[o.level for o in options[u]].index(lv)].sqnr_db / 10)
-            for u, lv in choice.levels.items()
-            if lv != "float"
-        }
-        table.fit_offset(table.checks[-1], noise)
+        table.fit_offset(table.checks[-1], _noise_by_unit(table, choice.levels))
     assert best is not None
     return best
+
+
+def _noise_by_unit(table: SensitivityTable, levels: Mapping[str, str]) -> dict[str, float]:
+    """Each quantized unit's predicted relative noise power at its level in ``levels``."""
+    options = table.options()
+    return {
+        u: 10 ** (-options[u][[o.level for o in options[u]].index(lv)].sqnr_db / 10)
+        for u, lv in levels.items()
+        if lv != "float"
+    }

@@ -61,6 +61,7 @@ from quantization.denoiser import (
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.options import QuantizeOptions
 from quantization.plan import LayerPlan, specs_of
+from quantization.probe import call_seconds
 from quantization.progress import Progress, Silent
 from quantization.recording import record_trajectory, recorded_steps
 from quantization.report import AnalysisReport, rounded, write_report
@@ -623,6 +624,16 @@ def quantize_from_analysis(
             f"took {where}: {choice.weight_bytes + table.fixed_bytes} bytes, "
             f"predicted {rounded(choice.predicted_sqnr_db)} dB"
         )
+        budget = None if point is not None else budget_bytes_of(table, r)
+        if (
+            budget is not None
+            and r.target_sqnr_db is not None
+            and choice.predicted_sqnr_db < r.target_sqnr_db
+        ):
+            progress.note(
+                f"the target {r.target_sqnr_db:g} dB is not predicted within the budget of "
+                f"{budget} bytes: a larger --budget-ratio or --budget-bytes buys more precision"
+            )
         plan = plan_at_levels(units, choice.levels, recipe, treatments)
         stage = progress.stage("quantize", 1, "model")
         model = quantized_copy(run, saved["stats"], specs_of(plan), treatments.scales(plan))
@@ -633,13 +644,18 @@ def quantize_from_analysis(
         }
         seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
         fp_latents = saved["latents"]
-        # a check costs what the analysis's checks took (a quantized sampling can be far
-        # slower than FP's on a CPU); the FP trajectory's time where no check was timed
-        timed = [c.seconds for c in table.checks if c.seconds is not None]
-        per_sampling = max(timed) if timed else on.get("sampling_seconds")
-        if fp_latents is not None and (per_sampling is None or per_sampling < seconds_left):
+        conditions = list(on["conditions"])
+        # a quantized sampling can be far slower than FP's on a CPU: the check's cost is one
+        # timed call of this quantized denoiser at the check's batch, times the steps
+        per_sampling = None
+        if fp_latents is not None:
+            per_sampling = r.steps * call_seconds(
+                model, lambda: run.latents(model, conditions, "trajectory")
+            )
+            seconds_left = r.max_minutes * 60 - (time.perf_counter() - start)
+        if per_sampling is not None and per_sampling < seconds_left:
+            progress.note(f"end-to-end check: ~{per_sampling:.0f} s")
             stage = progress.stage("check", 1, "sampling")
-            conditions = list(on["conditions"])
             q = run.latents(model, conditions, "trajectory")
             stage.update()
             measured.update(
@@ -651,7 +667,15 @@ def quantize_from_analysis(
                 }
             )
         else:
-            progress.note("end-to-end check skipped: it does not fit --max-minutes")
+            progress.note(
+                "end-to-end check skipped: "
+                + (
+                    "the analysis kept no FP latents to check against"
+                    if per_sampling is None
+                    else f"~{per_sampling:.0f} s does not fit the {seconds_left:.0f} s "
+                    "left of --max-minutes"
+                )
+            )
         return Quantized(
             pipeline=with_denoiser(pipeline, run.attr, model),
             denoiser=model,

@@ -22,7 +22,7 @@ from quantization.cost import Timings
 from quantization.recording import tensor_nbytes
 from quantization.types import LayerSpec
 
-__all__ = ["probe"]
+__all__ = ["call_seconds", "probe"]
 
 SMALL_CALL_SECONDS = 0.5  # below this, a second call at a larger batch finds the fixed part
 LARGE_BATCH = 64
@@ -66,6 +66,14 @@ def _write_rate(megabytes: int = 64) -> float:
 
 def _runner(module: nn.Module, call: Call) -> Callable[[], object]:
     return lambda: module(*call.args, **call.kwargs)
+
+
+@torch.no_grad()
+def call_seconds(denoiser: nn.Module, first_call: Callable[[], object]) -> float:
+    """Seconds of one call of ``denoiser`` (e.g. a quantized copy) on the inputs that
+    ``first_call()`` (a sampling, stopped at its first denoiser call) gives it."""
+    call = record_calls(denoiser, first_call, steps={0})[0]
+    return _timed(_runner(denoiser, call), repeats=1)
 
 
 @torch.no_grad()

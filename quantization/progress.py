@@ -120,7 +120,10 @@ class Bars(Silent):
         return self._bar
 
     def note(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        # on its own line above an open bar, not glued to it
+        tqdm.write(message, file=sys.stderr)
 
     def done(self) -> dict[str, float]:
         if self._bar is not None:

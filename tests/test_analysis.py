@@ -1,5 +1,6 @@
 """Analyze once, plan many; resume; the plan of work: on the tiny DiT pipeline and in numbers."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from quantization.cost import (
     estimate,
 )
 from quantization.measure import Measurer
+from quantization.plan import predicted_sqnr_db
 from tests import tiny
 
 CLASSES = Conditions("classes", (0, 1, 2, 3, 4, 5, 6, 7), "--classes")
@@ -81,6 +83,12 @@ def test_a_saved_analysis_plans_to_any_target_without_measuring(tmp_path, monkey
     assert done.analysis is not None and done.table is not None
     save_analysis(tmp_path, done.table, done.analysis, **done._saved)
     assert (tmp_path / "frontier.md").is_file() and (tmp_path / "frontier.png").is_file()
+    # the saved table predicts what its last check measured, so a re-plan starts from it
+    last = done.table.checks[-1]
+    options = done.table.options()
+    at = {u: [o.level for o in options[u]].index(lv) for u, lv in last.levels.items()}
+    assert last.measured_db is not None
+    assert predicted_sqnr_db(options, at) == pytest.approx(last.measured_db, abs=0.01)
 
     def never(*args, **kwargs):
         raise AssertionError("a saved analysis is planned from, not measured again")
@@ -114,6 +122,17 @@ def test_a_saved_analysis_plans_to_any_target_without_measuring(tmp_path, monkey
     assert point.measured["frontier_point"] == 2
     with pytest.raises(ValueError, match="--point"):
         quantize_from_analysis(pipe, tmp_path, options=FAST, point=len(frontier))
+    # the check is costed from a timed quantized call before it samples, and skipped with
+    # its reason when it does not fit the time left
+    notes.clear()
+    budgeted = replace(FAST, target_sqnr_db=10.0, budget_ratio=2.0, max_minutes=1e-6)
+    skipped = quantize_from_analysis(pipe, tmp_path, options=budgeted, progress=Notes())
+    assert "sqnr_latent_db" not in skipped.measured
+    assert any(re.search(r"check skipped: ~\d+ s does not fit", n) for n in notes), notes
+    notes.clear()
+    budgeted = replace(FAST, target_sqnr_db=60.0, budget_ratio=1.0)
+    quantize_from_analysis(pipe, tmp_path, options=budgeted, progress=Notes())
+    assert any("not predicted within the budget" in n for n in notes), notes
 
 
 def _timings(call: float = 2.0) -> Timings:
