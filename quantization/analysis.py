@@ -261,8 +261,6 @@ def check(
     left): measure end to end the ``refine`` units the check blames most (those with the most
     predicted noise), fit the offset of the rest, and promote further from the checked plan
     (a later plan never takes back a promotion, so it spends at least the bytes of the last)."""
-    for unit, levels in journal.end_to_end.items():
-        table.end_to_end.setdefault(unit, {}).update(levels)
     by_name = {u.name: u for u in units}
     best: Checked | None = None
     previous: dict[str, str] | None = None
@@ -311,14 +309,17 @@ def check(
             :refine
         ]
         for name in blamed:
-            progress(f"check {round_ + 1}: {name} end to end")
-            u = by_name[name]
-            specs = _unit_specs(plan, u)
-            db = measurer.unit_end_to_end(u, specs, treatments.scales(plan))
-            journal.add_end_to_end(name, choice.levels[name], db)
-            table.end_to_end.setdefault(name, {})[choice.levels[name]] = (
-                None if math.isinf(db) else db
-            )
+            level = choice.levels[name]
+            kept = journal.end_to_end.get(name, {})
+            if level in kept:  # measured before an interruption: the same value, not again
+                value = kept[level]
+            else:
+                progress(f"check {round_ + 1}: {name} end to end")
+                u = by_name[name]
+                db = measurer.unit_end_to_end(u, _unit_specs(plan, u), treatments.scales(plan))
+                journal.add_end_to_end(name, level, db)
+                value = None if math.isinf(db) else db
+            table.end_to_end.setdefault(name, {})[level] = value
             result.refined.append(name)
         table.fit_offset(table.checks[-1], _noise_by_unit(table, choice.levels))
     assert best is not None

@@ -77,6 +77,51 @@ def test_an_interrupted_analysis_resumes_and_gives_the_same_plan(tmp_path, monke
         )
 
 
+def test_an_analysis_interrupted_in_its_checks_resumes_to_the_same_plan(tmp_path, monkeypatch):
+    """Units a check blamed and measured end to end before the interruption are taken from
+    the journal in the round they were measured in, not before the first check."""
+    pipe = tiny.dit_pipeline()
+    sampled = Measurer.end_to_end
+
+    def pessimistic(self, model):  # checks read 10 dB low: two rounds refine
+        db, latents = sampled(self, model)
+        return db - 10.0, latents
+
+    monkeypatch.setattr(Measurer, "end_to_end", pessimistic)
+    refining = replace(FAST, checks=3, refine=2, target_sqnr_db=35.0)
+    whole = analyze_pipeline(
+        pipe, "w4a8-sqnr", options=replace(refining, analysis_dir=tmp_path / "w"), source="t"
+    )
+    assert len(whole.table.end_to_end) >= 3  # refined in more than one round
+    original = Measurer.unit_end_to_end
+    refined: list[str] = []
+
+    def interrupted(self, unit, *args, **kwargs):
+        if len(refined) == 3:
+            raise KeyboardInterrupt
+        refined.append(unit.name)
+        return original(self, unit, *args, **kwargs)
+
+    options = replace(refining, analysis_dir=tmp_path / "a")
+    monkeypatch.setattr(Measurer, "unit_end_to_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
+    refined.clear()
+
+    def counted(self, unit, *args, **kwargs):
+        refined.append(unit.name)
+        return original(self, unit, *args, **kwargs)
+
+    monkeypatch.setattr(Measurer, "unit_end_to_end", counted)
+    resumed = replace(options, resume=True)
+    again = analyze_pipeline(pipe, "w4a8-sqnr", options=resumed, source="t")
+    assert again.plan == whole.plan
+    assert len(refined) == len(whole.table.end_to_end) - 3  # the three kept are not measured
+    refined.clear()
+    once_more = analyze_pipeline(pipe, "w4a8-sqnr", options=resumed, source="t")
+    assert once_more.plan == whole.plan and refined == []  # a complete journal: nothing again
+
+
 def test_a_saved_analysis_plans_to_any_target_without_measuring(tmp_path, monkeypatch):
     pipe = tiny.dit_pipeline()
     done = analyze_pipeline(pipe, "w8a8", options=FAST, source="t")
