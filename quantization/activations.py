@@ -30,6 +30,7 @@ __all__ = [
     "SMOOTH_BUFFER",
     "ActivationStats",
     "InputRange",
+    "attach_smoothing",
     "collect_stats",
     "install_smoothing",
     "ranges_for",
@@ -193,7 +194,13 @@ def install_smoothing(module: nn.Module, scale: torch.Tensor | None) -> None:
         with torch.no_grad():
             weight.mul_(scale.view(shape).to(weight.dtype))
     buffer = torch.ones(in_dim) if scale is None else scale.detach().clone()
-    module.register_buffer(SMOOTH_BUFFER, buffer.to(weight.dtype))
+    attach_smoothing(module, buffer.to(weight.dtype))
+
+
+def attach_smoothing(module: nn.Module, scale: torch.Tensor) -> None:
+    """The input side of SmoothQuant alone: a saved buffer and a forward pre-hook dividing
+    the input by it, first among the hooks (a layer rebuilt from a smoothed one keeps it)."""
+    module.register_buffer(SMOOTH_BUFFER, scale)
     module.register_forward_pre_hook(_smooth_input, prepend=True)
 
 

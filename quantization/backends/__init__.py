@@ -3,8 +3,9 @@
 The method (sensitivity, planner, smoothing, calibration) speaks in plans, layer specs and
 calibrated input ranges and calls these only, so it runs on either backend. ``quanto``: static
 per-tensor (or per timestep range) activations, int4 packed two to a byte. ``torchao``:
-per-token dynamic or static int8 activations, fast under ``torch.compile``. Each backend module
-satisfies ``Backend`` as a module; the type checker holds them to it (below).
+per-token dynamic or static int8 activations, fast under ``torch.compile``. ``x86``: int8
+Linear and Conv2d on oneDNN's CPU kernels, static activations, fast in eager mode. Each
+backend module satisfies ``Backend`` as a module; the type checker holds them to it (below).
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ class Backend(Protocol):
 if TYPE_CHECKING:  # the type checker holds each backend module to the contract
     from quantization.backends import quanto as _quanto
     from quantization.backends import torchao as _torchao
+    from quantization.backends import x86 as _x86
 
     _quanto_is_a_backend: Backend = _quanto
     _torchao_is_a_backend: Backend = _torchao
+    _x86_is_a_backend: Backend = _x86
 
 
 def get(name: str) -> Backend:
-    """The backend module called ``name`` ("quanto" or "torchao"), imported on first use."""
+    """The backend module called ``name`` (one of ``BACKENDS``), imported on first use."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     return cast(Backend, importlib.import_module(f"quantization.backends.{name}"))

@@ -1,0 +1,104 @@
+"""The x86 backend: oneDNN's int8 kernels compute what the quantization scheme says, leave
+their inputs as they were, and refuse what they cannot do, naming the backend that can."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantization.activations import InputRange
+from quantization.backends import x86
+from quantization.plan import LayerPlan
+from quantization.types import LayerSpec
+
+W8A8 = LayerSpec("int8", "int8", None, "tensor")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.proj = nn.Linear(32, 24)
+
+    def forward(self, x):
+        h = self.conv(x)  # (b, 32, h, w)
+        return self.proj(h.flatten(2).transpose(1, 2))  # tokens of 32 channels
+
+
+def _fake_quant(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 around 128, as the backend quantizes its inputs, back to float."""
+    return (torch.clamp(torch.round(x / scale) + 128, 0, 255) - 128) * scale
+
+
+def _inputs():
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    absmax = {"conv": x.abs().max(), "proj": None}
+    with torch.no_grad():
+        h = Net().conv(x)
+    absmax["proj"] = h.abs().max()
+    return x, {n: InputRange(torch.stack([a])) for n, a in absmax.items()}
+
+
+def test_int8_layers_compute_the_quantized_product_and_leave_inputs_alone():
+    x, ranges = _inputs()
+    fp = Net().eval()
+    q = Net().eval()
+    x86.quantize_layers(q, {"conv": W8A8, "proj": W8A8}, ranges)
+    assert isinstance(q.conv, x86.Int8Conv2d) and isinstance(q.proj, x86.Int8Linear)
+    before = x.clone()
+    with torch.no_grad():
+        out = q(x)
+        # the same scheme in float: int8 weights per output channel, u8 inputs per tensor
+        h = nn.functional.conv2d(
+            _fake_quant(x, float(q.conv.input_scale)),
+            q.conv.dequantized_weight(),
+            q.conv.bias,
+            padding=1,
+        )
+        tokens = h.flatten(2).transpose(1, 2)
+        ref = nn.functional.linear(
+            _fake_quant(tokens, float(q.proj.input_scale)), q.proj.dequantized_weight(), q.proj.bias
+        )
+        full = fp(x)
+    assert torch.equal(x, before)  # oneDNN's kernels never write into the caller's tensor
+
+    def db(a, b):
+        return float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
+
+    assert db(ref, out) > 50  # the kernels compute the scheme (int32 accumulation)
+    assert db(full, out) > 25  # and the scheme is close to float
+    assert x86.nbytes(q.proj) < sum(p.numel() * 4 for p in fp.proj.parameters())
+
+
+def test_a_reloaded_state_gives_the_same_outputs():
+    x, ranges = _inputs()
+    q = Net().eval()
+    x86.quantize_layers(q, {"conv": W8A8, "proj": LayerSpec("int8")}, ranges)
+    tensors, meta = x86.state_dict(q)
+    fresh = Net().eval()
+    x86.prepare(
+        fresh,
+        {
+            "conv": LayerPlan("int8", "int8", None, "tensor", "conv"),
+            "proj": LayerPlan("int8", None, None, None, "proj"),
+        },
+    )
+    x86.load_state(fresh, tensors, meta)
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh(x))
+    with pytest.raises(KeyError, match="missing"):
+        x86.load_state(fresh, {k: v for k, v in tensors.items() if "bias" not in k}, meta)
+
+
+@pytest.mark.parametrize(
+    ("spec", "device", "names"),
+    [
+        (LayerSpec("int4", None, 128), "cpu", "quanto"),
+        (LayerSpec("int8", "int8", None, "token"), "cpu", "torchao"),
+        (LayerSpec("int8", "int8", None, "timestep"), "cpu", "quanto"),
+        (W8A8, "cuda", "CPU kernels"),
+    ],
+)
+def test_what_it_cannot_do_is_refused_naming_what_can(spec, device, names):
+    with pytest.raises(ValueError, match=names):
+        x86.check(spec, device)
