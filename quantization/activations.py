@@ -27,11 +27,14 @@ from quantization.types import TIME_RANGES, LayerSpec
 
 __all__ = [
     "MOMENTUM",
+    "RANGE_EDGES",
+    "RANGE_SCALES",
     "SMOOTH_BUFFER",
     "ActivationStats",
     "InputRange",
     "attach_smoothing",
     "collect_stats",
+    "install_ranges",
     "install_smoothing",
     "ranges_for",
     "time_ranges",
@@ -220,3 +223,36 @@ def ranges_for(
         count = TIME_RANGES if spec.granularity == "timestep" else 1
         out[name] = stats.input_range(name, (smoothing or {}).get(name), count)
     return out
+
+
+# granularity "timestep": a layer's scale for each range of timesteps, and the timesteps
+# between ranges (ascending); the range of a call is the number of edges below its t. Both
+# static backends keep their current scale in ``input_scale`` and the ranges beside it.
+RANGE_SCALES, RANGE_EDGES = "range_scales", "range_edges"
+
+
+def _ranged(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, RANGE_SCALES)]
+
+
+def _select_range(model: nn.Module, args, kwargs) -> None:
+    """Denoiser pre-hook: each ranged layer's input scale := its scale for this call's t."""
+    t = timestep_of(args, kwargs)
+    for m in getattr(model, "_t2i_ranged", []):
+        edges = getattr(m, RANGE_EDGES)
+        i = int((edges < t).sum()) if t is not None else 0
+        m.input_scale.copy_(getattr(m, RANGE_SCALES)[i].to(m.input_scale.dtype))
+
+
+def install_ranges(model: nn.Module) -> None:
+    """The hook that switches scales by timestep, on a model that has ranged layers (and none
+    on one that no longer has: the sensitivity analysis swaps quantized copies in and out)."""
+    ranged = _ranged(model)
+    hook = getattr(model, "_t2i_range_hook", None)
+    if ranged and hook is None:
+        handle = model.register_forward_pre_hook(_select_range, with_kwargs=True)
+        object.__setattr__(model, "_t2i_range_hook", handle)
+    elif not ranged and hook is not None:
+        hook.remove()
+        object.__delattr__(model, "_t2i_range_hook")
+    object.__setattr__(model, "_t2i_ranged", ranged)

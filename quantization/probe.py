@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -155,7 +156,13 @@ def probe(
     copy_rate = []
     gb = sum(p.numel() * p.element_size() for p in module.parameters()) / 1e9
     for level, spec_of in level_specs.items():
-        specs = {n: s for n in layers if (s := spec_of(f"{slowest}.{n}")) is not None}
+        # a scale per timestep range runs the same kernels as one per tensor: timed as that
+        # (the probe's one call has no ranges to calibrate)
+        specs = {
+            n: replace(s, granularity="tensor") if s.granularity == "timestep" else s
+            for n in layers
+            if (s := spec_of(f"{slowest}.{n}")) is not None
+        }
         if not specs:
             factor[level] = factor_large[level] = 1.0
             continue

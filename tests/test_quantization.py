@@ -48,7 +48,7 @@ UNIFORM = {
         ("w4a16-g128", None),
         ("w4a8-g128", "token"),
     ],
-    "x86": [("w8a8-static", None), ("w8a16", None)],
+    "x86": [("w8a8-static", None), ("w8a8-static", "timestep"), ("w8a16", None)],
 }
 
 
@@ -495,6 +495,7 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
         ("torchao", "smoothed"),
         ("x86", "w8a8-static"),
         ("x86", "smoothed"),
+        ("x86", "timestep"),
     ],
 )
 def test_loaded_artifact_matches_the_in_memory_model_bit_for_bit(tmp_path, backend, recipe):

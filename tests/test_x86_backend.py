@@ -95,10 +95,33 @@ def test_a_reloaded_state_gives_the_same_outputs():
     [
         (LayerSpec("int4", None, 128), "cpu", "quanto"),
         (LayerSpec("int8", "int8", None, "token"), "cpu", "torchao"),
-        (LayerSpec("int8", "int8", None, "timestep"), "cpu", "quanto"),
         (W8A8, "cuda", "CPU kernels"),
     ],
 )
 def test_what_it_cannot_do_is_refused_naming_what_can(spec, device, names):
     with pytest.raises(ValueError, match=names):
         x86.check(spec, device)
+
+
+def test_a_pipeline_quantizes_with_scales_per_timestep_range_and_reloads(tmp_path):
+    """Through quantize() (probe, plan of work, calibration, check) and load_quantized."""
+    from quantization import QuantizeOptions, load_quantized, quantize
+    from quantization.calibration import Conditions
+    from tests import tiny
+
+    options = QuantizeOptions(
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        conditions=Conditions("classes", (0, 1, 2, 3), "--classes"),
+        calibration_prompts=4,
+        check_images=2,
+        backend="x86",
+        granularity="timestep",
+    )
+    result = quantize(tiny.dit_pipeline(), "w8a8-static", options=options, source="tiny")
+    assert {lp.granularity for lp in result.plan.values() if lp.activations} == {"timestep"}
+    assert result.measured["sqnr_latent_db"] > 10
+    result.save(tmp_path)
+    loaded = load_quantized(tmp_path).transformer
+    layer = loaded.get_submodule("transformer_blocks.0.ff.net.2")
+    assert isinstance(layer, x86.Int8Linear) and layer.range_scales.numel() > 1

@@ -28,8 +28,14 @@ from optimum.quanto import QTensor, freeze, qtypes, quantize
 from optimum.quanto.nn import QModuleMixin
 from optimum.quanto.tensor.core import dtype_info
 
-from quantization.activations import SMOOTH_BUFFER, InputRange, install_smoothing
-from quantization.capture import timestep_of
+from quantization.activations import (
+    RANGE_EDGES,
+    RANGE_SCALES,
+    SMOOTH_BUFFER,
+    InputRange,
+    install_ranges,
+    install_smoothing,
+)
 from quantization.plan import LayerPlan
 from quantization.types import TIME_RANGES, LayerSpec, effective_group_size
 
@@ -124,37 +130,7 @@ def _qtype(name: str | None):
     return None if name is None else qtypes[QTYPES[name]]
 
 
-# granularity "timestep": a layer's scale for each range of timesteps, and the timesteps
-# between ranges (ascending); the range of a call is the number of edges below its t
-RANGE_SCALES, RANGE_EDGES = "range_scales", "range_edges"
 EXTRA_BUFFERS = (SMOOTH_BUFFER, RANGE_SCALES, RANGE_EDGES)  # ours: quanto does not save them
-
-
-def _ranged(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, RANGE_SCALES)]
-
-
-def _select_range(model: torch.nn.Module, args, kwargs) -> None:
-    """Denoiser pre-hook: each ranged layer's input scale := its scale for this call's t."""
-    t = timestep_of(args, kwargs)
-    for m in getattr(model, "_t2i_ranged", []):
-        edges = getattr(m, RANGE_EDGES)
-        i = int((edges < t).sum()) if t is not None else 0
-        m.input_scale.copy_(getattr(m, RANGE_SCALES)[i].to(m.input_scale.dtype))
-
-
-def install_ranges(model: torch.nn.Module) -> None:
-    """The hook that switches scales by timestep, on a model that has ranged layers (and none
-    on one that no longer has: the sensitivity analysis swaps quantized copies in and out)."""
-    ranged = _ranged(model)
-    hook = getattr(model, "_t2i_range_hook", None)
-    if ranged and hook is None:
-        handle = model.register_forward_pre_hook(_select_range, with_kwargs=True)
-        object.__setattr__(model, "_t2i_range_hook", handle)
-    elif not ranged and hook is not None:
-        hook.remove()
-        object.__delattr__(model, "_t2i_range_hook")
-    object.__setattr__(model, "_t2i_ranged", ranged)
 
 
 def quantize_layers(

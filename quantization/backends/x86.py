@@ -15,11 +15,12 @@ wrote into its own input (a residual add lowered to an in-place ``sum`` post-op 
 input: ../shared/TORCHAO_NOTES.md). Calling the kernels ourselves needs no compiler, keeps
 the artifact a plain state dict, and leaves every input tensor as it was.
 
-Levels: w8a8 with static per-tensor activations, and w8a16 (int8 weights, dequantized per
-call into a float matmul). int4 weights, per-token and per-timestep-range activations are the
-other backends' (``check`` names which). SmoothQuant divides the input by ``s`` in a pre-hook
-(``quantization.activations``) and the weight's columns were multiplied by ``s`` before
-quantizing.
+Levels: w8a8 with static activations, one scale per tensor or one per timestep range (the
+denoiser's pre-hook in ``quantization.activations`` puts the range's scale in place before
+each call), and w8a16 (int8 weights, dequantized per call into a float matmul). int4 weights
+and per-token activations are the other backends' (``check`` names which). SmoothQuant
+divides the input by ``s`` in a pre-hook (``quantization.activations``) and the weight's
+columns were multiplied by ``s`` before quantizing.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantization.activations import SMOOTH_BUFFER, InputRange, attach_smoothing, install_smoothing
+from quantization.activations import (
+    RANGE_EDGES,
+    RANGE_SCALES,
+    SMOOTH_BUFFER,
+    InputRange,
+    attach_smoothing,
+    install_ranges,
+    install_smoothing,
+)
 from quantization.plan import LayerPlan
-from quantization.types import LayerSpec
+from quantization.types import TIME_RANGES, LayerSpec
 
 __all__ = [
     "LAYERS",
@@ -70,11 +79,10 @@ def check(spec: LayerSpec, device: str = "cpu") -> None:
             f"the x86 backend has int8 weights only, not {spec.weights}: use --backend quanto "
             "for int4 (torchao's x86 wheel ships no int4 CPU kernels)"
         )
-    if spec.activations is not None and spec.granularity != "tensor":
-        other = "torchao" if spec.granularity == "token" else "quanto"
+    if spec.activations is not None and spec.granularity == "token":
         raise ValueError(
-            f"the x86 backend's activations are static per tensor, not per {spec.granularity}: "
-            f"use --backend {other}"
+            "the x86 backend's activations are static (per tensor or per timestep range), "
+            "not per token: use --backend torchao"
         )
 
 
@@ -220,9 +228,16 @@ def quantize_layers(
         if spec.activations is not None:
             if name not in ranges:
                 raise ValueError(f"{name} has static activations but no calibrated range")
-            absmax = ranges[name].absmax.max().float().clamp(min=1e-8)
-            new.input_scale.fill_(float(absmax) / QMAX)
+            r = ranges[name]
+            scales = r.absmax.float().clamp(min=1e-8) / QMAX
+            new.input_scale.fill_(float(scales.max()))
+            if spec.granularity == "timestep":
+                if r.edges is None:
+                    raise ValueError(f"{name} is calibrated per tensor, not per timestep range")
+                new.register_buffer(RANGE_SCALES, scales.clone())
+                new.register_buffer(RANGE_EDGES, r.edges.float().clone())
         _swap(model, name, new)
+    install_ranges(model)
     return dict(specs)
 
 
@@ -235,7 +250,11 @@ def prepare(model: nn.Module, plan: dict[str, LayerPlan]) -> dict[str, LayerSpec
         if lp.smoothing_alpha is not None:
             in_dim = int(_tensor(layer, "weight").shape[1])
             attach_smoothing(new, torch.ones(in_dim))
+        if lp.spec.granularity == "timestep":  # as many ranges as were calibrated: set on load
+            new.register_buffer(RANGE_SCALES, torch.ones(TIME_RANGES))
+            new.register_buffer(RANGE_EDGES, torch.zeros(TIME_RANGES - 1))
         _swap(model, name, new)
+    install_ranges(model)
     return {n: lp.spec for n, lp in plan.items()}
 
 
@@ -270,7 +289,12 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dic
             f"state dict does not match the plan: {len(missing)} missing {missing[:5]}, "
             f"{len(unexpected)} unexpected {unexpected[:5]}"
         )
+    for key, value in tensors.items():  # as many timestep ranges as were calibrated
+        owner, _, buffer = key.rpartition(".")
+        if buffer in (RANGE_SCALES, RANGE_EDGES):
+            model.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))
     model.load_state_dict(tensors, strict=True)
+    install_ranges(model)
 
 
 def versions() -> dict[str, str]:
