@@ -298,4 +298,4 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "onednn": str(torch.backends.mkldnn.is_available())}
+    return {"torch": torch.__version__}  # oneDNN comes with torch
