@@ -48,7 +48,12 @@ UNIFORM = {
         ("w4a16-g128", None),
         ("w4a8-g128", "token"),
     ],
-    "x86": [("w8a8-static", None), ("w8a8-static", "timestep"), ("w8a16", None)],
+    "x86": [
+        ("w8a8-static", None),
+        ("w8a8-static", "timestep"),
+        ("w8a8-static", "token"),
+        ("w8a16", None),
+    ],
 }
 
 

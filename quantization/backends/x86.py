@@ -17,8 +17,10 @@ the artifact a plain state dict, and leaves every input tensor as it was.
 
 Levels: w8a8 with static activations, one scale per tensor or one per timestep range (the
 denoiser's pre-hook in ``quantization.activations`` puts the range's scale in place before
-each call), and w8a16 (int8 weights, dequantized per call into a float matmul). int4 weights
-and per-token activations are the other backends' (``check`` names which). SmoothQuant
+each call), or dynamic (granularity "token": per token on Linear layers, each row quantized
+by its own scale and the row's scale applied to the kernel's output; per tensor on Conv2d,
+whose NCHW input has no tokens); and w8a16 (int8 weights, dequantized per call
+into a float matmul). int4 weights are the quanto backend's. SmoothQuant
 divides the input by ``s`` in a pre-hook (``quantization.activations``) and the weight's
 columns were multiplied by ``s`` before quantizing.
 """
@@ -79,11 +81,6 @@ def check(spec: LayerSpec, device: str = "cpu") -> None:
             f"the x86 backend has int8 weights only, not {spec.weights}: use --backend quanto "
             "for int4 (torchao's x86 wheel ships no int4 CPU kernels)"
         )
-    if spec.activations is not None and spec.granularity == "token":
-        raise ValueError(
-            "the x86 backend's activations are static (per tensor or per timestep range), "
-            "not per token: use --backend torchao"
-        )
 
 
 class _Int8Layer(nn.Module):
@@ -100,7 +97,7 @@ class _Int8Layer(nn.Module):
         self.register_buffer("weight_int8", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_ch))
         self.register_buffer("bias", None if bias is None else torch.zeros(out_ch))
-        if spec.activations is not None:
+        if spec.activations is not None and spec.granularity != "token":
             self.register_buffer("input_scale", torch.ones(()))
         self._packed: torch.Tensor | None = None
         self._zero_points = torch.zeros(out_ch, dtype=torch.int64)
@@ -148,12 +145,29 @@ class Int8Linear(_Int8Layer):
         flat = x.reshape(-1, self.in_features).float()
         if self._packed is None:
             self._packed = onednn.qlinear_prepack(self.weight_int8, None)
+        if self.spec.granularity == "token":
+            return self._per_token(flat).reshape(*lead, self.out_features).to(x.dtype)
         xq, scale, zp = self._quantized_input(flat)
         out = onednn.qlinear_pointwise(
             xq, scale, zp, self._packed, self.weight_scale, self._zero_points, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return out.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _per_token(self, flat: torch.Tensor) -> torch.Tensor:
+        """Dynamic int8 per token on the same kernel: each row quantized by its own scale
+        (absmax / 127, around 128), multiplied at a unit input scale, the row's scale and
+        the bias applied to the int32-accumulated product afterwards."""
+        rows = flat.shape[0]
+        scales = flat.abs().amax(dim=1).clamp(min=1e-8) / QMAX
+        zero_points = torch.full((rows,), ZERO_POINT, dtype=torch.int64)
+        xq = torch.quantize_per_channel(flat, scales.double(), zero_points, 0, torch.quint8)
+        out = torch.ops.onednn.qlinear_pointwise(
+            xq.int_repr(), 1.0, ZERO_POINT, self._packed, self.weight_scale, self._zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        scaled = out * scales[:, None]
+        return scaled if self.bias is None else scaled.add_(self.bias)
 
 
 class Int8Conv2d(_Int8Layer):
@@ -173,13 +187,17 @@ class Int8Conv2d(_Int8Layer):
             w = self.dequantized_weight().to(x.dtype)
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         onednn = torch.ops.onednn
-        scale, _ = self._input_qparams()
+        if self.spec.granularity == "token":  # no tokens in NCHW: dynamic, per tensor
+            scale = float(x.abs().amax().clamp(min=1e-8)) / QMAX
+        else:
+            scale, _ = self._input_qparams()
         if self._packed is None:
             self._packed = onednn.qconv_prepack(
                 self.weight_int8, self.weight_scale, scale, ZERO_POINT,
                 self.stride, self.padding, self.dilation, self.groups, None,
             )  # fmt: skip
-        xq, scale, zp = self._quantized_input(x.float())
+        zp = ZERO_POINT
+        xq = torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
         out = onednn.qconv_pointwise(
             xq, scale, zp, self._packed, self.weight_scale, self._zero_points, self.bias,
             self.stride, self.padding, self.dilation, self.groups,
@@ -225,7 +243,7 @@ def quantize_layers(
             install_smoothing(layer, smoothing[name])
             attach_smoothing(new, getattr(layer, SMOOTH_BUFFER).detach().clone())
         new.set_weight(_tensor(layer, "weight"), getattr(layer, "bias", None))
-        if spec.activations is not None:
+        if spec.activations is not None and spec.granularity != "token":
             if name not in ranges:
                 raise ValueError(f"{name} has static activations but no calibrated range")
             r = ranges[name]
