@@ -137,8 +137,9 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="quanto (static per-tensor activations, int4 packed) or torchao (per-token "
-        "dynamic or static int8, fast compiled); default: the recipe's, listed below",
+        help="quanto (static per-tensor activations, int4 packed), torchao (per-token "
+        "dynamic or static int8, fast compiled) or x86 (int8 Linear and Conv2d on oneDNN's "
+        "CPU kernels, fast in eager mode); default: the recipe's, listed below",
     )
     p.add_argument(
         "--granularity",
