@@ -37,6 +37,7 @@ __all__ = [
     "install_ranges",
     "install_smoothing",
     "ranges_for",
+    "size_ranges",
     "time_ranges",
 ]
 
@@ -256,3 +257,12 @@ def install_ranges(model: nn.Module) -> None:
         hook.remove()
         object.__delattr__(model, "_t2i_range_hook")
     object.__setattr__(model, "_t2i_ranged", ranged)
+
+
+def size_ranges(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Before loading a saved state: each ranged layer's buffers get as many timestep ranges
+    as were calibrated (a prepared model holds placeholders of the default count)."""
+    for key, value in state.items():
+        owner, _, buffer = key.rpartition(".")
+        if buffer in (RANGE_SCALES, RANGE_EDGES):
+            model.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))

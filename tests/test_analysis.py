@@ -38,35 +38,37 @@ def _measured_rows(table) -> int:
     return sum(1 for (_, level) in table.entries if level != "float")
 
 
+def _watch(monkeypatch, method: str, seen: list[str], stop_after: int | None = None) -> None:
+    """Patch ``Measurer.<method>(unit, ...)`` to note each unit it measures, and to raise what
+    SIGINT raises in the main thread once ``stop_after`` units are noted."""
+    original = getattr(Measurer, method)
+
+    def watched(self, unit, *args, **kwargs):
+        if stop_after is not None and len(seen) == stop_after:
+            raise KeyboardInterrupt
+        seen.append(unit.name)
+        return original(self, unit, *args, **kwargs)
+
+    monkeypatch.setattr(Measurer, method, watched)
+
+
 def test_an_interrupted_analysis_resumes_and_gives_the_same_plan(tmp_path, monkeypatch):
     pipe = tiny.dit_pipeline()
     whole = analyze_pipeline(
         pipe, "w4a8-sqnr", options=replace(FAST, analysis_dir=tmp_path / "whole"), source="t"
     )
     rows = _measured_rows(whole.table)
-    original = Measurer.unit
     measured: list[str] = []
-
-    def interrupted_half_way(self, unit, *args, **kwargs):
-        if len(measured) == rows // 2:
-            raise KeyboardInterrupt  # what SIGINT raises in the main thread
-        measured.append(unit.name)
-        return original(self, unit, *args, **kwargs)
-
     options = replace(FAST, analysis_dir=tmp_path / "a")
-    monkeypatch.setattr(Measurer, "unit", interrupted_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
+    with monkeypatch.context() as patch:
+        _watch(patch, "unit", measured, stop_after=rows // 2)
+        with pytest.raises(KeyboardInterrupt):
+            analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
     assert len(measured) == rows // 2
     with pytest.raises(ValueError, match="--resume"):  # a journal is never overwritten
         analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
-
-    def counted(self, unit, *args, **kwargs):
-        measured.append(unit.name)
-        return original(self, unit, *args, **kwargs)
-
     measured.clear()
-    monkeypatch.setattr(Measurer, "unit", counted)
+    _watch(monkeypatch, "unit", measured)
     again = analyze_pipeline(pipe, "w4a8-sqnr", options=replace(options, resume=True), source="t")
     assert len(measured) == rows - rows // 2  # only what was not measured before
     assert again.plan == whole.plan
@@ -93,26 +95,14 @@ def test_an_analysis_interrupted_in_its_checks_resumes_to_the_same_plan(tmp_path
         pipe, "w4a8-sqnr", options=replace(refining, analysis_dir=tmp_path / "w"), source="t"
     )
     assert len(whole.table.end_to_end) >= 3  # refined in more than one round
-    original = Measurer.unit_end_to_end
     refined: list[str] = []
-
-    def interrupted(self, unit, *args, **kwargs):
-        if len(refined) == 3:
-            raise KeyboardInterrupt
-        refined.append(unit.name)
-        return original(self, unit, *args, **kwargs)
-
     options = replace(refining, analysis_dir=tmp_path / "a")
-    monkeypatch.setattr(Measurer, "unit_end_to_end", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
+    with monkeypatch.context() as patch:
+        _watch(patch, "unit_end_to_end", refined, stop_after=3)
+        with pytest.raises(KeyboardInterrupt):
+            analyze_pipeline(pipe, "w4a8-sqnr", options=options, source="t")
     refined.clear()
-
-    def counted(self, unit, *args, **kwargs):
-        refined.append(unit.name)
-        return original(self, unit, *args, **kwargs)
-
-    monkeypatch.setattr(Measurer, "unit_end_to_end", counted)
+    _watch(monkeypatch, "unit_end_to_end", refined)
     resumed = replace(options, resume=True)
     again = analyze_pipeline(pipe, "w4a8-sqnr", options=resumed, source="t")
     assert again.plan == whole.plan

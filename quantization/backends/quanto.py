@@ -35,7 +35,9 @@ from quantization.activations import (
     InputRange,
     install_ranges,
     install_smoothing,
+    size_ranges,
 )
+from quantization.backends.state import check_keys
 from quantization.plan import LayerPlan
 from quantization.types import TIME_RANGES, LayerSpec, effective_group_size
 
@@ -237,17 +239,8 @@ def load_state(
     ``requantize`` loads with ``strict=False`` and would keep random weights without a word.
     """
     freeze(model)
-    expected = set(quantized_state_dict(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"state dict does not match the plan: {len(missing)} missing {missing[:5]}, "
-            f"{len(unexpected)} unexpected {unexpected[:5]}"
-        )
-    for key, value in state.items():  # as many timestep ranges as were calibrated
-        owner, _, buffer = key.rpartition(".")
-        if buffer in (RANGE_SCALES, RANGE_EDGES):
-            model.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))
+    check_keys(quantized_state_dict(model), state)
+    size_ranges(model, state)
     model.load_state_dict(state, strict=False)
     with torch.no_grad():  # quanto's modules do not load our buffers themselves
         for key, value in state.items():

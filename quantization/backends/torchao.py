@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from quantization.activations import InputRange, install_smoothing
+from quantization.backends.state import check_keys
 from quantization.plan import LayerPlan
 from quantization.types import LayerSpec, effective_group_size
 
@@ -242,13 +243,7 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dic
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     if leftover:
         raise KeyError(f"{len(leftover)} tensors belong to no state entry: {sorted(leftover)[:5]}")
-    expected = {k for k, v in model.state_dict().items() if v is not None}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"state dict does not match the plan: {len(missing)} missing {missing[:5]}, "
-            f"{len(unexpected)} unexpected {unexpected[:5]}"
-        )
+    check_keys((k for k, v in model.state_dict().items() if v is not None), state)
     model.load_state_dict(state, strict=True, assign=True)
 
 

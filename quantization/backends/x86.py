@@ -42,7 +42,9 @@ from quantization.activations import (
     attach_smoothing,
     install_ranges,
     install_smoothing,
+    size_ranges,
 )
+from quantization.backends.state import check_keys
 from quantization.plan import LayerPlan
 from quantization.types import TIME_RANGES, LayerSpec
 
@@ -116,17 +118,15 @@ class _Int8Layer(nn.Module):
         self._packed = None  # new weights: pack again on first use
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _input_qparams(self) -> tuple[float, int]:
-        return float(self.input_scale), ZERO_POINT
-
     def dequantized_weight(self) -> torch.Tensor:
         shape = [-1] + [1] * (self.weight_int8.dim() - 1)
         return self.weight_int8.float() * self.weight_scale.view(shape)
 
-    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        # aten's fused kernel: one pass, ~9x faster here than the decomposed op's five
-        scale, zp = self._input_qparams()
-        return torch.quantize_per_tensor(x, scale, zp, torch.quint8).int_repr(), scale, zp
+    @staticmethod
+    def _quantized(x: torch.Tensor, scale: float) -> torch.Tensor:
+        """uint8 around ``ZERO_POINT``; aten's fused kernel: one pass, ~9x faster here than
+        the decomposed op's five."""
+        return torch.quantize_per_tensor(x, scale, ZERO_POINT, torch.quint8).int_repr()
 
 
 class Int8Linear(_Int8Layer):
@@ -147,9 +147,10 @@ class Int8Linear(_Int8Layer):
             self._packed = onednn.qlinear_prepack(self.weight_int8, None)
         if self.spec.granularity == "token":
             return self._per_token(flat).reshape(*lead, self.out_features).to(x.dtype)
-        xq, scale, zp = self._quantized_input(flat)
+        scale = float(self.input_scale)
+        xq = self._quantized(flat, scale)
         out = onednn.qlinear_pointwise(
-            xq, scale, zp, self._packed, self.weight_scale, self._zero_points, self.bias,
+            xq, scale, ZERO_POINT, self._packed, self.weight_scale, self._zero_points, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return out.reshape(*lead, self.out_features).to(x.dtype)
@@ -189,16 +190,15 @@ class Int8Conv2d(_Int8Layer):
         if self.spec.granularity == "token":  # no tokens in NCHW: dynamic, per tensor
             scale = float(x.abs().amax().clamp(min=1e-8)) / QMAX
         else:
-            scale, _ = self._input_qparams()
+            scale = float(self.input_scale)
         if self._packed is None:
             self._packed = onednn.qconv_prepack(
                 self.weight_int8, self.weight_scale, scale, ZERO_POINT,
                 self.stride, self.padding, self.dilation, self.groups, None,
             )  # fmt: skip
-        zp = ZERO_POINT
-        xq = torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
+        xq = self._quantized(x.float(), scale)
         out = onednn.qconv_pointwise(
-            xq, scale, zp, self._packed, self.weight_scale, self._zero_points, self.bias,
+            xq, scale, ZERO_POINT, self._packed, self.weight_scale, self._zero_points, self.bias,
             self.stride, self.padding, self.dilation, self.groups,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
@@ -299,17 +299,8 @@ def state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
     """Load a saved state into a model ``prepare``d by the same plan; every key must match."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"state dict does not match the plan: {len(missing)} missing {missing[:5]}, "
-            f"{len(unexpected)} unexpected {unexpected[:5]}"
-        )
-    for key, value in tensors.items():  # as many timestep ranges as were calibrated
-        owner, _, buffer = key.rpartition(".")
-        if buffer in (RANGE_SCALES, RANGE_EDGES):
-            model.get_submodule(owner).register_buffer(buffer, torch.empty_like(value))
+    check_keys(model.state_dict(), tensors)
+    size_ranges(model, tensors)
     model.load_state_dict(tensors, strict=True)
     install_ranges(model)
 
