@@ -8,9 +8,13 @@ random weights, quantized.
     python -m bench.full_size --device cuda --dtype bf16 --variants fp w4a8-sqnr \
         --budget-fp16-ratio 0.35
 
-A variant is ``fp`` or a recipe, ``:token`` for per-token activations, ``@quanto`` or
-``@torchao`` for the backend (default: the recipe's) and ``+compile`` for ``torch.compile``
-(timed after its warm-up; the compile time is reported apart).
+A variant is ``fp``, ``bf16`` (the float model cast to bfloat16, inputs too) or a recipe,
+``:token`` / ``:timestep`` for the activations' granularity, ``@quanto``, ``@torchao`` or
+``@x86`` for the backend (default: the recipe's) and ``+compile`` for ``torch.compile`` (timed
+after its warm-up; the compile time is reported apart). SQNR-driven recipes are planned on
+the calls below and their plans replayed on them (``--checks``: the planner's offset fitted
+to each replay). ``--peer openvino`` times OpenVINO on the same weights and inputs in the
+same run (``bench.openvino_peer``, in the Python given by ``--peer-python``).
 
 SD-1.5 UNet: UNet2DConditionModel with SD 1.5's configuration (320/640/1280/1280 channels,
 2 layers per block, cross-attention on 77 x 768 text states), 64x64x4 latents (512 px images).
@@ -25,6 +29,7 @@ peak memory. The SQNR numbers it prints are for random weights and random inputs
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -46,20 +51,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_VARIANTS = [
     "fp",
     "fp+compile",
-    "w8a8-static@quanto",
+    "bf16+compile",
+    "w8a8-static@x86+compile",
+    "w8a8-static:timestep@x86+compile",
+    "w8a8-static:token@x86+compile",
+    "w8a8-static-sqnr@x86+compile",
     "w8a8-static:token@torchao+compile",
-    "w8a8@torchao+compile",
     "w4a16-g128@quanto",
-    "w4a8-sqnr@quanto",
 ]
 
 
+FLOAT = {"fp": None, "bf16": torch.bfloat16}  # float variants: the model's dtype, or cast to
+
+
 def parse_variant(text: str) -> tuple[str, str | None, str | None, bool]:
-    """ "w8a8:token@torchao+compile" -> (recipe or "fp", granularity, backend, compiled)."""
+    """ "w8a8:token@torchao+compile" -> (recipe, "fp" or "bf16"; granularity, backend,
+    compiled)."""
     name, compiled = text.removesuffix("+compile"), text.endswith("+compile")
     name, _, backend = name.partition("@")
     name, _, granularity = name.partition(":")
-    if name != "fp":
+    if name not in FLOAT:
         get_recipe(name)  # an unknown recipe fails here, before anything is built
     return name, granularity or None, backend or None, compiled
 
@@ -139,6 +150,18 @@ ARCHS = {
 }
 
 
+def cast_calls(calls: list[Call], dtype: torch.dtype) -> list[Call]:
+    """The calls with their floating-point tensors in ``dtype`` (timesteps, labels kept)."""
+
+    def cast(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return [
+        Call(c.step, tuple(cast(a) for a in c.args), {k: cast(v) for k, v in c.kwargs.items()})
+        for c in calls
+    ]
+
+
 def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
     times = []
     with torch.no_grad():  # quanto tensors do not support inference mode
@@ -165,6 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="default: %(default)s")
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
+    p.add_argument(
+        "--checks",
+        type=int,
+        default=2,
+        help="SQNR-driven recipes: plans replayed on the calls, the planner's offset fitted to "
+        "each (0: the plan as the block-scope measurements predict it)",
+    )
     p.add_argument(
         "--budget-fp16-ratio",
         type=float,
@@ -201,8 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         extra = {}
         impl = None
-        if name == "fp":
+        calls = {"trajectory": trajectory, "timing": [timing_call]}
+        if name in FLOAT:
             model = fp
+            if FLOAT[name] is not None:  # a bf16 copy, its inputs cast the same way
+                model = copy.deepcopy(fp).to(FLOAT[name])
+                calls = {k: cast_calls(v, FLOAT[name]) for k, v in calls.items()}
         else:
             recipe = get_recipe(name).with_granularity(granularity)
             backend = backend or recipe.backend
@@ -220,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                     backend=backend,
                     scope="block",
                     budget_bytes=budget,
+                    checks=args.checks,
                 )
                 model = result.model
                 extra = {
@@ -228,18 +263,22 @@ def main(argv: list[str] | None = None) -> None:
                     "predicted_sqnr_db": round(result.choice.predicted_sqnr_db, 3),
                     "time_sensitive_layers": len(result.treatments.time_sensitive),
                     "smoothed_layers": len(result.treatments.smoothing),
+                    "replayed_checks": [
+                        {"predicted_db": c.predicted_db, "measured_db": c.measured_db}
+                        for c in result.table.checks
+                    ],
                 }
             else:
                 model = quantize_denoiser(fp, recipe, calibration, backend=backend).model
         quantize_seconds = time.perf_counter() - start
         nbytes = (
-            sum(p.numel() * p.element_size() for p in fp.parameters())
+            sum(p.numel() * p.element_size() for p in model.parameters())
             if impl is None
             else impl.nbytes(model)
         )
         sqnr = None
         if name != "fp":
-            test = [o.float().cpu() for o in replay(model, trajectory)]
+            test = [o.float().cpu() for o in replay(model, calls["trajectory"])]
             sqnr = round(
                 sqnr_db(
                     torch.cat([r.flatten() for r in reference]),
@@ -253,13 +292,14 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         runner, compile_seconds = model, None
+        timing = calls["timing"][0]
         if compiled:
             runner = torch.compile(model)
             t0 = time.perf_counter()
             with torch.no_grad():
-                runner(*timing_call.args, **timing_call.kwargs)
+                runner(*timing.args, **timing.kwargs)
             compile_seconds = round(time.perf_counter() - t0, 1)
-        latency = step_latency_ms(runner, timing_call, device, args.repeats)
+        latency = step_latency_ms(runner, timing, device, args.repeats)
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
         if device == "cuda" and name != "fp":
             fp.to(device)

@@ -45,6 +45,7 @@ def _measure(model: str, variant: str, runs: int) -> dict:
     from app.queue.records import JobRequest
     from app.registry import load_registry
     from app.worker import pipeline
+    from pipelines.loader import compile_denoiser
 
     torch.set_num_threads(THREADS)
     spec = load_registry(get_settings().registry).get(model)
@@ -86,7 +87,7 @@ def _measure(model: str, variant: str, runs: int) -> dict:
         for n in BATCH_SWEEP
     }
     # the same variant with its denoiser compiled, as a worker with `compile = true` runs it
-    pipeline.compile_denoiser(loaded, None)
+    compile_denoiser(loaded.pipe)
     for _ in range(2):  # the first call compiles
         timed(request(spec.default_steps))
     compiled_steps = []

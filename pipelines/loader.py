@@ -8,6 +8,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULTS_FILE",
     "ID2LABEL_FILE",
+    "compile_denoiser",
     "load_pipeline",
     "read_defaults",
     "sampling_settings",
@@ -68,6 +69,18 @@ def load_pipeline(
         id2label = {int(k): v for k, v in json.loads(labels_file.read_text()).items()}
         return DiTPipeline.from_pretrained(source, id2label=id2label, **kwargs)
     return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+def compile_denoiser(pipe) -> None:
+    """Swap the pipeline's denoiser (``transformer`` or ``unet``) for its ``torch.compile``d
+    self. Compiling happens at its first calls, once per shape (then a dynamic batch); the
+    int8 kernels of the x86 backend stay one extern call each, with the quantizing of their
+    inputs and the scaling of their outputs fused around them. ``TORCHINDUCTOR_CACHE_DIR``,
+    where set, keeps the generated code for the next process."""
+    import torch
+
+    attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    setattr(pipe, attr, torch.compile(getattr(pipe, attr)))
 
 
 def save_pipeline(pipe, folder: str | Path) -> None:

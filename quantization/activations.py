@@ -6,7 +6,10 @@ quantizable layer; each call leaves, per layer, the absmax of each input channel
 
 - per tensor: the moving average (momentum 0.9, as optimum-quanto's) over the calls of the
   input's absmax. With SmoothQuant the layer's input is ``x / s``, whose absmax is
-  ``max_j(absmax_j / s_j)``: smoothing with any alpha needs no new pass;
+  ``max_j(absmax_j / s_j)``: smoothing with any alpha needs no new pass. The same for the
+  input's minimum and maximum (``min_j(min_j / s_j)``, ``max_j(max_j / s_j)``), for backends
+  whose static scales are asymmetric (x86: a SiLU or GELU output spends no code on the
+  negative half it does not have);
 - per timestep range: the same over the calls whose timestep falls in each range;
 - smoothing itself: the channel absmax over all calls.
 
@@ -50,41 +53,54 @@ def channel_dim(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 else x.dim() - 1
 
 
-def channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| per input channel, float32."""
+def channel_extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max of x per input channel, float32."""
     d = channel_dim(x)
-    return x.detach().abs().transpose(d, -1).reshape(-1, x.shape[d]).amax(0).float()
+    low, high = torch.aminmax(x.detach().transpose(d, -1).reshape(-1, x.shape[d]), dim=0)
+    return low.float(), high.float()
 
 
 @dataclass(frozen=True)
 class InputRange:
     """A layer's calibrated input absmax: one value (per tensor) or one per timestep range,
-    with the timesteps between the ranges (ascending). Backends divide by their qtype's max."""
+    with the timesteps between the ranges (ascending). Backends divide by their qtype's max.
+    ``low`` / ``high``: the input's calibrated minimum and maximum, per range, where the
+    statistics kept them (asymmetric scales)."""
 
     absmax: torch.Tensor  # (ranges,)
     edges: torch.Tensor | None = None  # (ranges - 1,) or None for a single range
     ndim: int = 2  # dimensions of the layer's input (torchao shapes its static scale so)
+    low: torch.Tensor | None = None  # (ranges,), <= 0
+    high: torch.Tensor | None = None  # (ranges,), >= 0
 
 
 @dataclass
 class ActivationStats:
-    """Per layer, per recorded call: the input's absmax per channel; the calls' steps and
-    timesteps; each layer's input rank."""
+    """Per layer, per recorded call: the input's absmax, minimum and maximum per channel
+    (``lows`` / ``highs``: empty in statistics saved before they were kept); the calls' steps
+    and timesteps; each layer's input rank."""
 
     steps: list[int] = field(default_factory=list)
     timesteps: list[float | None] = field(default_factory=list)
     channels: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     ndim: dict[str, int] = field(default_factory=dict)
+    lows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    highs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def observe(self, layer: str, x: torch.Tensor) -> None:
         """Add a layer input seen during the current call (the last of ``steps``); a layer
         that runs twice in one call (DiT's first adaLN embedding) keeps the larger range."""
-        values = self.channels.setdefault(layer, [])
-        c = channel_absmax(x)
-        if len(values) == len(self.steps):
-            values[-1] = torch.maximum(values[-1], c)
-        else:
-            values.append(c)
+        low, high = channel_extremes(x)
+        for store, value, keep in (
+            (self.channels, torch.maximum(high, -low), torch.maximum),
+            (self.lows, low, torch.minimum),
+            (self.highs, high, torch.maximum),
+        ):
+            values = store.setdefault(layer, [])
+            if len(values) == len(self.steps):
+                values[-1] = keep(values[-1], value)
+            else:
+                values.append(value)
         self.ndim[layer] = x.dim()
 
     def channel_absmax(self, layer: str) -> torch.Tensor:
@@ -98,28 +114,44 @@ class ActivationStats:
             out[step] = max(out.get(step, 0.0), float(c.max()))
         return out
 
-    def _moving(self, layer: str, calls: list[int], smoothing: torch.Tensor | None) -> torch.Tensor:
+    def _moving(
+        self,
+        store: dict[str, list[torch.Tensor]],
+        layer: str,
+        calls: list[int],
+        smoothing: torch.Tensor | None,
+        lowest: bool = False,
+    ) -> torch.Tensor:
+        """The moving average over ``calls`` of the largest (``lowest``: smallest) channel
+        value of the (smoothed) input."""
         value: torch.Tensor | None = None
         for i in calls:
-            c = self.channels[layer][i]
-            new = (c if smoothing is None else c / smoothing.float()).max()
+            c = store[layer][i]
+            c = c if smoothing is None else c / smoothing.float()
+            new = c.min() if lowest else c.max()
             value = new if value is None else MOMENTUM * value + (1.0 - MOMENTUM) * new
         if value is None:
             raise ValueError(f"no calibration call reached {layer}")
-        return value.clamp(min=1e-8)
+        return value
 
     def input_range(
         self, layer: str, smoothing: torch.Tensor | None = None, ranges: int = 1
     ) -> InputRange:
-        """The layer's static input absmax: per tensor, or per ``ranges`` timestep ranges."""
-        every = list(range(len(self.steps)))
-        if ranges <= 1:
-            return InputRange(
-                self._moving(layer, every, smoothing).reshape(1), None, self.ndim[layer]
-            )
-        groups, edges = time_ranges(self.timesteps, ranges)
-        values = [self._moving(layer, g, smoothing) for g in groups]
-        return InputRange(torch.stack(values), edges, self.ndim[layer])
+        """The layer's static input range: per tensor, or per ``ranges`` timestep ranges."""
+        groups: list[list[int]] = [list(range(len(self.steps)))]
+        edges = None
+        if ranges > 1:
+            groups, edges = time_ranges(self.timesteps, ranges)
+
+        def per_range(store, lowest=False) -> torch.Tensor:
+            return torch.stack([self._moving(store, layer, g, smoothing, lowest) for g in groups])
+
+        absmax = per_range(self.channels).clamp(min=1e-8)
+        if layer not in self.lows:  # statistics saved before minima were kept
+            return InputRange(absmax, edges, self.ndim[layer])
+        low = per_range(self.lows, lowest=True).clamp(max=0.0)
+        high = per_range(self.highs).clamp(min=0.0)
+        return InputRange(absmax, edges, self.ndim[layer], low, high)
 
 
 def time_ranges(timesteps: list[float | None], ranges: int) -> tuple[list[list[int]], torch.Tensor]:

@@ -32,6 +32,7 @@ __all__ = [
     "check",
     "choose",
     "find_units",
+    "fit_to_replay",
     "fp_bytes",
     "frontier",
     "measure_sensitivity",
@@ -324,6 +325,26 @@ def check(
         table.fit_offset(table.checks[-1], _noise_by_unit(table, choice.levels))
     assert best is not None
     return best
+
+
+def fit_to_replay(
+    measurer: Measurer,
+    table: SensitivityTable,
+    units: list[Unit],
+    recipe: Recipe,
+    treatments: Treatments,
+    levels: Mapping[str, str],
+    predicted_db: float,
+    layer_bytes: int,
+) -> tuple[nn.Module, float]:
+    """A bare denoiser's check (no sampler): the plan at ``levels`` replayed on the recorded
+    calls; the table's offset is fitted to what it measured. The quantized copy and its SQNR."""
+    plan = plan_at_levels(units, levels, recipe, treatments)
+    model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
+    measured = measurer.replayed(model).sqnr_db
+    table.checks.append(Check(_db(predicted_db), _db(measured), layer_bytes, dict(levels)))
+    table.fit_offset(table.checks[-1], _noise_by_unit(table, levels))
+    return model, measured
 
 
 def _noise_by_unit(table: SensitivityTable, levels: Mapping[str, str]) -> dict[str, float]:

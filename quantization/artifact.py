@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipelines.loader import load_pipeline, save_pipeline
+from pipelines.loader import compile_denoiser, load_pipeline, save_pipeline
 from quantization import backends
 from quantization.blocks import denoiser_attr
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
@@ -274,8 +274,11 @@ def build_quantized_denoiser(
     return model
 
 
-def load_quantized(path: str | Path):
-    """The pipeline of an artifact, its denoiser quantized as planned; refuses tampered files."""
+def load_quantized(path: str | Path, *, device: str = "cpu", compile: bool = False):
+    """The pipeline of an artifact, its denoiser quantized as planned, on ``device``; refuses
+    tampered files. ``compile``: the denoiser ``torch.compile``d, exactly as a worker serving
+    the variant with ``compile = true`` runs it (it makes this same call); the compiling
+    happens at the first calls."""
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
@@ -286,6 +289,9 @@ def load_quantized(path: str | Path):
     components: dict = {manifest["denoiser"]: model}
     pipe = load_pipeline(path, torch_dtype=DTYPES[manifest["dtype"]], **components)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if compile:
+        compile_denoiser(pipe)
     return pipe
 
 
@@ -322,6 +328,9 @@ def save_analysis(folder: Path, table, report, *, stats, treatments, latents) ->
         }
         for n, values in stats.channels.items():
             tensors[f"stats/{n}"] = torch.stack(values).contiguous()
+        for kind, store in (("lows", stats.lows), ("highs", stats.highs)):
+            for n, values in store.items():
+                tensors[f"{kind}/{n}"] = torch.stack(values).contiguous()
     save_file(tensors, folder / ANALYSIS_TENSORS)
     (folder / ANALYSIS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
     if report is not None:
@@ -351,6 +360,17 @@ def read_analysis(folder: Path) -> dict:
             timesteps=list(st["timesteps"]),
             channels={n: list(tensors[f"stats/{n}"].unbind(0)) for n in st["calls"]},
             ndim={n: int(v) for n, v in st["ndim"].items()},
+            # minima and maxima: absent from analyses saved before they were kept
+            lows={
+                n: list(tensors[f"lows/{n}"].unbind(0))
+                for n in st["calls"]
+                if f"lows/{n}" in tensors
+            },
+            highs={
+                n: list(tensors[f"highs/{n}"].unbind(0))
+                for n in st["calls"]
+                if f"highs/{n}" in tensors
+            },
         )
     smoothing = {n: {**s, "scale": tensors[f"smooth/{n}"]} for n, s in meta["smoothing"].items()}
     treatments = Treatments(set(meta["time_sensitive"]), dict(meta["drifts"]), smoothing)

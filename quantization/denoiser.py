@@ -17,6 +17,7 @@ from quantization.analysis import (
     choose,
     choose_treatments,
     find_units,
+    fit_to_replay,
     fp_bytes,
     measure_sensitivity,
     plan_at_levels,
@@ -100,10 +101,15 @@ def analyze_denoiser(
     target_sqnr_db: float | None = None,
     budget_bytes: int | None = None,
     budget_ratio: float | None = None,
+    checks: int = 0,
 ) -> AnalyzedDenoiser:
     """The SQNR-driven plan of a denoiser on its own (synthetic inputs, a full-size shape with
     random weights): every unit measured on ``trajectory_calls``, planned to the recipe's
-    target (or the one given) within the budget, no end-to-end check."""
+    target (or the one given) within the budget. No sampler, so no end-to-end check; with
+    ``checks``, plans are replayed on the calls instead: the base recipe first, then each
+    plan while it misses the target, the table's offset fitted to each (units measured on
+    their block alone predict far more noise than a whole denoiser shows: SD 1.5's UNet),
+    and the plan chosen again from the last (promotions are never taken back)."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     impl = backends.get(backend or r.backend)
     blocks = find_units(denoiser, impl.LAYERS, "block")
@@ -135,7 +141,23 @@ def analyze_denoiser(
             f"makes the denoiser ({table.fixed_bytes} of them stay float whatever the plan)"
         )
     target = r.target_sqnr_db if target_sqnr_db is None else target_sqnr_db
-    choice = choose(table, target, budget_bytes)
+    previous: dict[str, str] | None = None
+    if checks:
+        base = choose(table, None, budget_bytes, None, promotions=0)
+        fit_to_replay(measurer, table, units, r, treatments, base.levels,
+                      base.predicted_sqnr_db, base.weight_bytes)  # fmt: skip
+    promotions: list = []
+    for round_ in range(max(checks, 1)):
+        choice = choose(table, target, budget_bytes, previous)
+        choice.promotions = promotions = promotions + choice.promotions
+        if not checks:
+            break
+        model, measured = fit_to_replay(measurer, table, units, r, treatments, choice.levels,
+                                        choice.predicted_sqnr_db, choice.weight_bytes)  # fmt: skip
+        if measured >= target or choice.levels == previous or round_ + 1 >= checks:
+            break
+        previous = dict(choice.levels)
     plan = plan_at_levels(units, choice.levels, r, treatments)
-    model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
+    if not checks:
+        model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
     return AnalyzedDenoiser(model, as_applied(plan, model, impl), choice, treatments, table)

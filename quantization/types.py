@@ -8,7 +8,8 @@ imported here, so the API process and the CLI's argument parsing stay light.
 - granularity of the activation scales: "tensor" (one static scale per layer, calibrated),
   "timestep" (static, one calibrated scale per range of timesteps, chosen by the step's t),
   "token" (one scale per token, computed at run time: dynamic)
-- backends: "quanto" (optimum-quanto; static per-tensor activations only) and "torchao"
+- backends: "quanto" (optimum-quanto; static per-tensor activations only), "torchao" and
+  "x86" (oneDNN's int8 kernels on CPUs)
 - model dtypes: "fp32", "bf16", "fp16"
 """
 
@@ -175,6 +176,18 @@ RECIPES: dict[str, Recipe] = {
             "layer, calibrated (single-step by default)",
             "int8",
             "int8",
+        ),
+        Recipe(
+            "w8a8-static-sqnr",
+            "int8 weights per output channel, static int8 activations (asymmetric on x86); "
+            "the SQNR-driven planner keeps the units that need it in float, to a target "
+            "end-to-end SQNR within 2x the base's bytes: the fast CPU path",
+            "int8",
+            "int8",
+            levels=("w8a8", "float"),
+            target_sqnr_db=30.0,
+            budget_ratio=2.0,
+            backend="x86",
         ),
         Recipe(
             "w8a16",

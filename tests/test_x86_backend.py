@@ -70,6 +70,33 @@ def test_int8_layers_compute_the_quantized_product_and_leave_inputs_alone():
     assert x86.nbytes(q.proj) < sum(p.numel() * 4 for p in fp.proj.parameters())
 
 
+def test_a_one_sided_input_range_gets_an_asymmetric_scale_and_loses_less():
+    """A SiLU output spans [-0.28, max]: a zero point near 0 spends every code on it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    x = nn.functional.silu(torch.randn(256, 64) * 3)
+    low, high = x.min(), x.max()
+    sym, asym = nn.Sequential(nn.Linear(64, 32)), nn.Sequential(nn.Linear(64, 32))
+    for holder in (sym, asym):
+        holder[0].load_state_dict(layer.state_dict())
+    x86.quantize_layers(sym, {"0": W8A8}, {"0": InputRange(torch.stack([x.abs().max()]))})
+    ranged = InputRange(torch.stack([x.abs().max()]), low=low.reshape(1), high=high.reshape(1))
+    x86.quantize_layers(asym, {"0": W8A8}, {"0": ranged})
+    q = asym[0]
+    assert sym[0].zero_point == 128 and 0 < q.zero_point < 20
+    scale, zp = float(q.input_scale), q.zero_point
+    with torch.no_grad():
+        fake = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        ref = nn.functional.linear(fake, q.dequantized_weight(), q.bias)
+        full, out_sym, out_asym = layer(x), sym(x), asym(x)
+
+    def db(a, b):
+        return float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
+
+    assert db(ref, out_asym) > 50  # the kernel takes the zero point as the scheme says
+    assert db(full, out_asym) > db(full, out_sym) + 3
+
+
 def test_per_token_activations_quantize_each_row_by_its_own_scale():
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
@@ -151,3 +178,40 @@ def test_a_pipeline_quantizes_with_scales_per_timestep_range_and_reloads(tmp_pat
     loaded = load_quantized(tmp_path).transformer
     layer = loaded.get_submodule("transformer_blocks.0.ff.net.2")
     assert isinstance(layer, x86.Int8Linear) and layer.range_scales.numel() > 1
+
+
+def test_a_compiled_denoiser_as_served_matches_eager_and_leaves_its_inputs_alone(tmp_path):
+    """load_quantized(path, compile=True), the call a worker makes: the int8 kernels are custom
+    ops Inductor calls as they are, with the quantizing of their inputs fused before them."""
+    from quantization import QuantizeOptions, load_quantized, quantize
+    from quantization.calibration import Conditions
+    from tests import tiny
+
+    options = QuantizeOptions(
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        conditions=Conditions("classes", (0, 1), "--classes"),
+        calibration_prompts=2,
+        check_images=1,
+        backend="x86",
+        granularity="timestep",
+    )
+    quantize(tiny.dit_pipeline(), "w8a8-static", options=options, source="tiny").save(tmp_path)
+    eager = load_quantized(tmp_path).transformer
+    compiled = load_quantized(tmp_path, compile=True).transformer
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([900, 900]), torch.tensor([1, 2])
+    before = x.clone()
+    with torch.no_grad():
+        ref = eager(x, timestep=t, class_labels=labels).sample
+        out = compiled(x, timestep=t, class_labels=labels).sample
+        late = compiled(x, timestep=torch.tensor([50, 50]), class_labels=labels).sample
+    assert torch.equal(x, before)
+    assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 40
+    with torch.no_grad():  # the range's scales follow the timestep in the compiled graph too
+        assert torch.allclose(
+            late,
+            eager(x, timestep=torch.tensor([50, 50]), class_labels=labels).sample,
+            atol=1e-3 * float(late.abs().max()),
+        )

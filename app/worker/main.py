@@ -79,13 +79,11 @@ class Worker:
             self.spec.variants[self.variant],
             pipeline.pick_device(self.spec, self.settings.device),
             metadata=self.settings.image_metadata == "full",
+            compile_cache=str(cache) if (cache := self.settings.compile_cache_dir) else None,
         )
         metrics.MODEL_LOAD_SECONDS.labels(**self.labels).set(self.loaded.load_seconds)
         metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)
         compiled = self.spec.variants[self.variant].compile
-        if compiled:
-            cache = self.settings.compile_cache_dir
-            pipeline.compile_denoiser(self.loaded, str(cache) if cache else None)
         t0 = time.perf_counter()
         self._warm_up(compiled)
         warm_up_s = time.perf_counter() - t0

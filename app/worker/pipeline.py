@@ -18,12 +18,11 @@ from app.provenance import image_parameters, save_options
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
 from pipelines import generate
-from pipelines.loader import load_pipeline
+from pipelines.loader import compile_denoiser, load_pipeline
 
 __all__ = [
     "Loaded",
     "Output",
-    "compile_denoiser",
     "encode_image",
     "load",
     "peak_memory",
@@ -51,20 +50,33 @@ class Output:
     latents: np.ndarray  # float32 (n, C, h, w)
 
 
-def load(spec: ModelSpec, variant: VariantSpec, device: str, metadata: bool = True) -> Loaded:
-    """The pipeline of a variant on ``device``: full precision or a quantized artifact.
+def load(
+    spec: ModelSpec,
+    variant: VariantSpec,
+    device: str,
+    metadata: bool = True,
+    compile_cache: str | None = None,
+) -> Loaded:
+    """The pipeline of a variant on ``device``: full precision or a quantized artifact, its
+    denoiser ``torch.compile``d when the variant says so (compiled at the worker's warm-up;
+    ``compile_cache`` keeps the generated code, so a restarted worker reuses it).
     ``metadata``: its images carry their parameters and what made them."""
     t0 = time.perf_counter()
+    if variant.compile and compile_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
     if variant.quantized:
         from quantization.artifact import load_quantized
 
-        pipe = load_quantized(variant.artifact)
+        # the very call a user makes to run the artifact as served
+        pipe = load_quantized(variant.artifact, device=device, compile=variant.compile)
         weight_bytes = int(variant.manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
     else:
         pipe = load_pipeline(spec.source, torch_dtype=TORCH_DTYPES[variant.dtype])
         denoiser = getattr(pipe, "transformer", None) or pipe.unet
         weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
-    pipe.to(device)
+        pipe.to(device)
+        if variant.compile:
+            compile_denoiser(pipe)
     pipe.set_progress_bar_config(disable=True)
     made_by = _made_by(spec, variant, pipe) if metadata else None
     return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0, made_by)
@@ -86,16 +98,6 @@ def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:
         made_by["backend"] = variant.manifest.get("backend")
         made_by["artifact_sha256"] = sha256_of(Path(variant.artifact) / "manifest.json")
     return made_by
-
-
-def compile_denoiser(loaded: Loaded, cache_dir: str | None) -> None:
-    """Swap the pipeline's denoiser for its ``torch.compile``d self. The compiling happens at
-    the first calls (the worker's warm-up); ``cache_dir`` keeps the generated code, so a
-    restarted worker loads it instead of compiling again."""
-    if cache_dir:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    attr = "transformer" if getattr(loaded.pipe, "transformer", None) is not None else "unet"
-    setattr(loaded.pipe, attr, torch.compile(getattr(loaded.pipe, attr)))
 
 
 def run_batch(

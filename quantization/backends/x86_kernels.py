@@ -1,0 +1,94 @@
+"""oneDNN's int8 GEMM and convolution as two custom ops, for the x86 backend's layers.
+
+``linear(xq, zero_point, weight, weight_scale)`` and ``conv2d(xq, zero_point, weight,
+weight_scale, ...)`` take the uint8 input and its zero point, the layer's int8 weight and its
+per-output-channel scales, and return ``sum((xq - zero_point) * w) * weight_scale`` in
+float32: the input's own scale (a static scale, one per token, one per tensor) and the bias
+are applied by the caller to that output.
+The ops are opaque to ``torch.compile``: Inductor keeps each as one extern kernel call and
+fuses the elementwise work around it (quantizing the input, scaling the output, the bias,
+the next activation), which it cannot do for oneDNN's ops with weights packed at run time
+(its own lowering wants them frozen into the graph; ../shared/TORCHAO_NOTES.md).
+
+Weights are packed for oneDNN once, on first use, and kept while the weight tensor lives
+and is unchanged (its version counter): a reloaded or replaced weight is packed again.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+__all__ = ["ZERO_POINT", "conv2d", "linear"]
+
+ZERO_POINT = 128  # uint8 inputs centred on zero: [-128, 127] * scale
+
+# id(weight) -> (weak reference to it, its version when packed, packed weight, zero points)
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
+
+
+def _packed(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2], entry[3]
+    packed = pack(weight)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+    key = id(weight)
+    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version,
+                    packed, zero_points)  # fmt: skip
+    return packed, zero_points
+
+
+@torch.library.custom_op("t2i_x86::linear", mutates_args=())
+def linear(
+    xq: torch.Tensor, zero_point: int, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """(rows, in) uint8 x (out, in) int8 -> (rows, out) float32, weight scales applied."""
+    packed, zero_points = _packed(weight, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
+    return torch.ops.onednn.qlinear_pointwise(
+        xq, 1.0, zero_point, packed, weight_scale, zero_points, None,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+@linear.register_fake
+def _(xq: torch.Tensor, zero_point: int, weight: torch.Tensor, weight_scale: torch.Tensor):
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("t2i_x86::conv2d", mutates_args=())
+def conv2d(
+    xq: torch.Tensor,
+    zero_point: int,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """NCHW uint8 input, int8 weight -> NCHW float32 (channels-last strides), weight scales
+    applied."""
+
+    def pack(w: torch.Tensor) -> torch.Tensor:  # the input scale here only picks a layout
+        return torch.ops.onednn.qconv_prepack(
+            w, weight_scale, 1.0, ZERO_POINT, stride, padding, dilation, groups, None
+        )
+
+    packed, zero_points = _packed(weight, pack)
+    out = torch.ops.onednn.qconv_pointwise(
+        xq, 1.0, zero_point, packed, weight_scale, zero_points, None,
+        stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    return out.contiguous(memory_format=torch.channels_last)  # oneDNN's own layout: no copy
+
+
+@conv2d.register_fake
+def _(xq, zero_point, weight, weight_scale, stride, padding, dilation, groups) -> torch.Tensor:
+    n, _, h, w = xq.shape
+    kh, kw = weight.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = xq.new_empty((n, weight.shape[0], oh, ow), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last)
