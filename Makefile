@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: setup system run samples test test-unit test-integration lint format train artifacts bench \
+.PHONY: setup system peer run samples test test-unit test-integration lint format train artifacts bench \
 	images compose-up compose-down test-deploy deploy-report
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,17 @@ system:
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 		else echo "install them: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; }
+
+# OpenVINO + NNCF, the peer bench.full_size compares against, in a venv of its own
+# (same torch and diffusers, so it builds the same random-weight models)
+PEER_VENV := .venv-peer
+peer: $(PEER_VENV)/.installed
+$(PEER_VENV)/.installed: pyproject.toml
+	python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q $(TORCH)
+	$(PEER_VENV)/bin/python -m pip install -q -e ".[peer]"
+	touch $@
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m app

@@ -112,6 +112,12 @@ DENOISER_WEIGHT_BYTES = Gauge(
 MODEL_LOAD_SECONDS = Gauge(
     "t2i_model_load_seconds", "Seconds the worker took to load its model", MV
 )
+VARIANT_INFO = Gauge(
+    "t2i_variant_info",
+    "What a live worker's variant runs (always 1): its backend (float for full precision), its "
+    "recipe (its dtype for full precision) and whether its denoiser is compiled",
+    (*MV, "backend", "recipe", "compiled"),
+)
 MODEL_WARMUP_SECONDS = Gauge(
     "t2i_model_warmup_seconds",
     "Seconds the worker's warm-up took before its first job (compiling, for compiled variants)",

@@ -56,6 +56,17 @@ class VariantSpec:
     def quantized(self) -> bool:
         return self.artifact is not None
 
+    def path(self) -> dict[str, str]:
+        """How the variant runs, as the latency panels tell paths apart: its backend ("float"
+        for full precision), its recipe (its dtype for full precision), compiled or not."""
+        if not self.quantized:
+            return {"backend": "float", "recipe": self.dtype, "compiled": str(self.compile).lower()}
+        return {
+            "backend": str(self.manifest.get("backend") or "unknown"),
+            "recipe": str(self.manifest.get("recipe", {}).get("name") or "unknown"),
+            "compiled": str(self.compile).lower(),
+        }
+
     def summary(self) -> dict:
         """What ``GET /v1/models`` says of the variant: bytes, bits plan, measured quality."""
         if not self.quantized:

@@ -33,7 +33,9 @@ import copy
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,6 +212,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/full_size-<device>.json)"
     )
+    p.add_argument(
+        "--peer",
+        choices=("openvino",),
+        help="also time OpenVINO f32 / bf16 / NNCF int8 on the same weights and inputs, in "
+        "this run (bench.openvino_peer, in --peer-python)",
+    )
+    p.add_argument(
+        "--peer-python",
+        default=".venv-peer/bin/python",
+        help="the Python that has openvino and nncf (default: %(default)s, `make peer`)",
+    )
     args = p.parse_args(argv)
     dtype, device = DTYPES[args.dtype], args.device
     build, description, filename = ARCHS[args.arch]
@@ -323,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         if name != "fp":
             del model
         torch._dynamo.reset()
+    peer = None
+    if args.peer:
+        peer = run_peer(args.peer_python, args.arch, layers, args.repeats)
+        rows += peer["variants"]
     result = {
         "model": description.format(layers=layers),
         "parameters": params,
@@ -334,11 +351,39 @@ def main(argv: list[str] | None = None) -> None:
         "batch": 2,
         "command": "python -m bench.full_size " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__,
+        "peer": None if peer is None else {k: v for k, v in peer.items() if k != "variants"},
         "variants": rows,
+        "ratios": ratios(rows),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def run_peer(python: str, arch: str, layers: int, repeats: int) -> dict:
+    """bench.openvino_peer in its own venv, on the same model and inputs; its JSON."""
+    if not Path(python).is_file():
+        raise SystemExit(f"--peer openvino needs {python}: run `make peer` (its own venv)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peer.json"
+        command = [python, "-m", "bench.openvino_peer", "--arch", arch, "--layers", str(layers)]
+        command += ["--repeats", str(repeats), "--out", str(out)]
+        print("[peer] " + " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+        return json.loads(out.read_text())
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each variant's step time over the anchors of the same run: torch fp32 compiled, and
+    OpenVINO's f32, bf16 and int8 steps where the peer ran."""
+    by = {r["variant"]: r["step_latency_ms"] for r in rows}
+    anchors = [
+        a for a in ("fp+compile", "openvino-f32", "openvino-bf16", "openvino-int8") if a in by
+    ]
+    return {
+        r["variant"]: {f"over {a}": round(r["step_latency_ms"] / by[a], 3) for a in anchors}
+        for r in rows
+    }
 
 
 def _counts(levels: dict[str, str]) -> dict[str, int]:

@@ -83,6 +83,8 @@ class Worker:
         )
         metrics.MODEL_LOAD_SECONDS.labels(**self.labels).set(self.loaded.load_seconds)
         metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)
+        variant = self.spec.variants[self.variant]
+        metrics.VARIANT_INFO.labels(**self.labels, **variant.path()).set(1)
         compiled = self.spec.variants[self.variant].compile
         t0 = time.perf_counter()
         self._warm_up(compiled)

@@ -26,6 +26,8 @@ ALERT = "T2IJobsWaitingNoWorker"
 MAIN_PANELS = (
     "Generation latency p50 / p95 / p99",
     "Per-step latency p50 / p95",
+    "Step latency p50 by path",
+    "Step latency p50 over the fastest full-precision variant",
     "Throughput",
     "Queue depth",
     "Peak memory of the latest job",

@@ -50,3 +50,39 @@ def test_a_compiled_variant_matches_the_eager_one(redis_url, tmp_path):
 
 def _pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_an_x86_artifact_is_served_compiled_as_load_quantized_runs_it(redis_url, tmp_path):
+    """The x86 backend's int8 kernels behind a compiled worker: the same artifact served eager
+    and compiled (the worker's load_quantized(path, compile=True)) gives the same images."""
+    from quantization import QuantizeOptions, quantize
+    from quantization.artifact import open_source
+
+    artifact = tmp_path / "x86"
+    options = QuantizeOptions(backend="x86", granularity="token", check_images=1)
+    quantize(open_source(MODELS / "dit-digits"), "w8a8-static", options=options,
+             source=str(MODELS / "dit-digits")).save(artifact)  # fmt: skip
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        REGISTRY
+        + f"""
+[models.dit-digits.variants.x86]
+artifact = "{artifact}"
+[models.dit-digits.variants.x86-compiled]
+artifact = "{artifact}"
+compile = true
+"""
+    )
+    settings = make_settings(redis_url, registry, compile_cache_dir=tmp_path / "inductor")
+    workers = [WorkerProcess(settings, "dit-digits", v) for v in ("x86", "x86-compiled")]
+    with serving(settings, workers) as server, server.client() as http:
+        variants = {v["id"]: v for v in http.get("/v1/models").json()["data"][0]["variants"]}
+        assert variants["x86-compiled"]["backend"] == "x86" and variants["x86-compiled"]["compile"]
+        images = {}
+        for variant in ("x86", "x86-compiled"):
+            job = {"model": "dit-digits", "prompt": "2", "n": 2, "seed": 5, "variant": variant}
+            response = http.post("/v1/images/generations", json=job)
+            assert response.status_code == 200, response.text
+            images[variant] = [_pixels(d["b64_json"]) for d in response.json()["data"]]
+        for eager, compiled in zip(images["x86"], images["x86-compiled"], strict=True):
+            assert np.abs(eager.astype(int) - compiled).mean() < 2
