@@ -143,9 +143,9 @@ def analyze_denoiser(
     target = r.target_sqnr_db if target_sqnr_db is None else target_sqnr_db
     previous: dict[str, str] | None = None
     if checks:
-        base = choose(table, None, budget_bytes, None, promotions=0)
-        fit_to_replay(measurer, table, units, r, treatments, base.levels,
-                      base.predicted_sqnr_db, base.weight_bytes)  # fmt: skip
+        unplanned = choose(table, None, budget_bytes, None, promotions=0)
+        fit_to_replay(measurer, table, units, r, treatments, unplanned.levels,
+                      unplanned.predicted_sqnr_db, unplanned.weight_bytes)  # fmt: skip
     promotions: list = []
     for round_ in range(max(checks, 1)):
         choice = choose(table, target, budget_bytes, previous)
