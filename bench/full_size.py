@@ -11,7 +11,8 @@ random weights, quantized.
 A variant is ``fp``, ``bf16`` (the float model cast to bfloat16, inputs too) or a recipe,
 ``:token`` / ``:timestep`` for the activations' granularity, ``@quanto``, ``@torchao`` or
 ``@x86`` for the backend (default: the recipe's) and ``+compile`` for ``torch.compile`` (timed
-after its warm-up; the compile time is reported apart). SQNR-driven recipes are planned on
+after its warm-up; the compile time is reported apart) or ``+freeze`` for ``torch.compile`` with
+Inductor's freezing (weights folded into the graph as constants). SQNR-driven recipes are planned on
 the calls below and their plans replayed on them (``--checks``: the planner's offset fitted
 to each replay). ``--peer openvino`` times OpenVINO on the same weights and inputs in the
 same run (``bench.openvino_peer``, in the Python given by ``--peer-python``).
@@ -53,6 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_VARIANTS = [
     "fp",
     "fp+compile",
+    "fp+freeze",
     "bf16+compile",
     "w8a8-static@x86+compile",
     "w8a8-static:timestep@x86+compile",
@@ -69,7 +71,8 @@ FLOAT = {"fp": None, "bf16": torch.bfloat16}  # float variants: the model's dtyp
 def parse_variant(text: str) -> tuple[str, str | None, str | None, bool]:
     """ "w8a8:token@torchao+compile" -> (recipe, "fp" or "bf16"; granularity, backend,
     compiled)."""
-    name, compiled = text.removesuffix("+compile"), text.endswith("+compile")
+    name = text.removesuffix("+compile").removesuffix("+freeze")
+    compiled = text.endswith(("+compile", "+freeze"))
     name, _, backend = name.partition("@")
     name, _, granularity = name.partition(":")
     if name not in FLOAT:
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for variant in args.variants:
         name, granularity, backend, compiled = parse_variant(variant)
+        frozen = variant.endswith("+freeze")
         print(f"[{variant}] quantizing", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -309,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         if compiled:
             runner = torch.compile(model)
             t0 = time.perf_counter()
-            with torch.no_grad():
+            # +freeze: Inductor folds the weights into the graph as constants (its CPU path
+            # then packs them for oneDNN once); the compiling call is where it happens
+            with torch.no_grad(), torch._inductor.config.patch(freezing=frozen):
                 runner(*timing.args, **timing.kwargs)
             compile_seconds = round(time.perf_counter() - t0, 1)
         latency = step_latency_ms(runner, timing, device, args.repeats)
@@ -374,7 +380,8 @@ def run_peer(python: str, arch: str, layers: int, repeats: int) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Each variant's step time over the anchors of the same run: torch fp32 compiled, and
+    """Each variant's step time over the anchors of the same run: torch fp32 compiled (with
+    freezing too, where run), and
     OpenVINO's f32, bf16 and int8 steps where the peer ran."""
     by = {r["variant"]: r["step_latency_ms"] for r in rows}
     anchors = [

@@ -10,6 +10,8 @@ from bench import full_size
 def test_variant_names_say_recipe_granularity_backend_and_compile():
     assert full_size.parse_variant("fp") == ("fp", None, None, False)
     assert full_size.parse_variant("fp+compile") == ("fp", None, None, True)
+    assert full_size.parse_variant("fp+freeze") == ("fp", None, None, True)
+    assert full_size.parse_variant("bf16+compile") == ("bf16", None, None, True)
     assert full_size.parse_variant("w8a8-static:token@torchao+compile") == (
         "w8a8-static",
         "token",
