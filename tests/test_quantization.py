@@ -467,7 +467,9 @@ def test_every_recipe_runs_end_to_end_and_its_artifact_reproduces_it(artifacts, 
     assert manifest["recipe"]["name"] == recipe
     assert manifest["backend"] == (backend or get_recipe(recipe).backend)
     assert all(f["sha256"] for f in manifest["files"].values())
-    library = {"quanto": "optimum-quanto", "torchao": "torchao", "x86": "torch"}[manifest["backend"]]
+    library = {"quanto": "optimum-quanto", "torchao": "torchao", "x86": "torch"}[
+        manifest["backend"]
+    ]
     assert set(manifest["versions"]) >= {"torch", "diffusers", library}
     assert manifest["calibration"]["conditions"]["origin"] == "--classes"
     assert (out / "report.md").is_file()
