@@ -333,17 +333,19 @@ def fit_to_replay(
     units: list[Unit],
     recipe: Recipe,
     treatments: Treatments,
-    levels: Mapping[str, str],
-    predicted_db: float,
-    layer_bytes: int,
+    choice: LevelChoice,
 ) -> tuple[nn.Module, float]:
-    """A bare denoiser's check (no sampler): the plan at ``levels`` replayed on the recorded
-    calls; the table's offset is fitted to what it measured. The quantized copy and its SQNR."""
-    plan = plan_at_levels(units, levels, recipe, treatments)
+    """A bare denoiser's check (no sampler): the chosen plan replayed on the recorded calls;
+    the table's offset is fitted to what it measured. The quantized copy and its SQNR."""
+    plan = plan_at_levels(units, choice.levels, recipe, treatments)
     model = measurer.quantized_copy(specs_of(plan), treatments.scales(plan))
     measured = measurer.replayed(model).sqnr_db
-    table.checks.append(Check(_db(predicted_db), _db(measured), layer_bytes, dict(levels)))
-    table.fit_offset(table.checks[-1], _noise_by_unit(table, levels))
+    table.checks.append(
+        Check(
+            _db(choice.predicted_sqnr_db), _db(measured), choice.weight_bytes, dict(choice.levels)
+        )
+    )
+    table.fit_offset(table.checks[-1], _noise_by_unit(table, choice.levels))
     return model, measured
 
 

@@ -144,16 +144,14 @@ def analyze_denoiser(
     previous: dict[str, str] | None = None
     if checks:
         unplanned = choose(table, None, budget_bytes, None, promotions=0)
-        fit_to_replay(measurer, table, units, r, treatments, unplanned.levels,
-                      unplanned.predicted_sqnr_db, unplanned.weight_bytes)  # fmt: skip
+        fit_to_replay(measurer, table, units, r, treatments, unplanned)
     promotions: list = []
     for round_ in range(max(checks, 1)):
         choice = choose(table, target, budget_bytes, previous)
         choice.promotions = promotions = promotions + choice.promotions
         if not checks:
             break
-        model, measured = fit_to_replay(measurer, table, units, r, treatments, choice.levels,
-                                        choice.predicted_sqnr_db, choice.weight_bytes)  # fmt: skip
+        model, measured = fit_to_replay(measurer, table, units, r, treatments, choice)
         if measured >= target or choice.levels == previous or round_ + 1 >= checks:
             break
         previous = dict(choice.levels)

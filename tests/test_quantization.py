@@ -21,7 +21,7 @@ from quantization.blocks import find_blocks
 from quantization.calibration import SEEDS, Conditions
 from quantization.capture import Call, denoiser_output, replay
 from quantization.measure import Measurer, time_drift
-from quantization.plan import LayerPlan, plan_from_json, plan_to_json
+from quantization.plan import LayerPlan, plan_from_json, plan_to_json, predicted_sqnr_db
 from quantization.recording import record_calls_replayed
 from quantization.smoothing import outlier_ratio, smoothing_scales
 from quantization.types import RECIPES, LayerSpec, get_recipe
@@ -327,6 +327,32 @@ def test_a_byte_budget_caps_the_whole_denoiser_and_one_below_the_base_is_refused
     assert base < capped.choice.weight_bytes + capped.table.fixed_bytes <= budget
     with pytest.raises(ValueError, match=r"below the \d+ bytes the base recipe"):
         analyze_denoiser(model, "w4a8-sqnr", calls[:1], calls, budget_bytes=base - 1)
+
+
+def test_replayed_checks_measure_the_base_then_each_plan_and_fit_the_offset():
+    """Without a sampler, checks replay plans on the calls: the base first (its measurement
+    corrects the block-scope predictions before anything is promoted), then each plan."""
+    model, calls = tiny.dit(), tiny.calls("dit")
+    target = 45.0
+    done = analyze_denoiser(
+        model, "w8a8-static-sqnr", calls[:1], calls, scope="block", target_sqnr_db=target,
+        budget_ratio=10, checks=3,
+    )  # fmt: skip
+    checks = done.table.checks
+    assert 2 <= len(checks) <= 4 and all(c.measured_db is not None for c in checks)
+    assert set(checks[0].levels.values()) == {"w8a8"}  # the base, unpromoted
+    assert checks[-1].levels == done.choice.levels
+    x86 = backends.get("x86")
+    replayed = Measurer(model, _recording(model, calls, x86), x86).replayed(done.model).sqnr_db
+    assert replayed == pytest.approx(checks[-1].measured_db, abs=0.01)
+    # the table now predicts the last plan as measured
+    assert predicted_sqnr_db(
+        done.table.options(),
+        {u: [o.level for o in opts].index(done.choice.levels[u])
+         for u, opts in done.table.options().items()},
+    ) == pytest.approx(checks[-1].measured_db, abs=0.5)  # fmt: skip
+    if checks[-1].measured_db < target:
+        assert len(checks) == 4 or checks[-1].levels == checks[-2].levels
 
 
 @pytest.mark.parametrize("kind", list(TINY))
