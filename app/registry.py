@@ -59,12 +59,13 @@ class VariantSpec:
     def path(self) -> dict[str, str]:
         """How the variant runs, as the latency panels tell paths apart: its backend ("float"
         for full precision), its recipe (its dtype for full precision), compiled or not."""
+        compiled = str(self.compile).lower()
         if not self.quantized:
-            return {"backend": "float", "recipe": self.dtype, "compiled": str(self.compile).lower()}
+            return {"backend": "float", "recipe": self.dtype, "compiled": compiled}
         return {
             "backend": str(self.manifest.get("backend") or "unknown"),
             "recipe": str(self.manifest.get("recipe", {}).get("name") or "unknown"),
-            "compiled": str(self.compile).lower(),
+            "compiled": compiled,
         }
 
     def summary(self) -> dict:

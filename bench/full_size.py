@@ -69,8 +69,8 @@ FLOAT = {"fp": None, "bf16": torch.bfloat16}  # float variants: the model's dtyp
 
 
 def parse_variant(text: str) -> tuple[str, str | None, str | None, bool]:
-    """ "w8a8:token@torchao+compile" -> (recipe, "fp" or "bf16"; granularity, backend,
-    compiled)."""
+    """ "w8a8:token@torchao+compile" -> (recipe, "fp" or "bf16"), granularity, backend,
+    compiled (``+compile`` or ``+freeze``)."""
     name = text.removesuffix("+compile").removesuffix("+freeze")
     compiled = text.endswith(("+compile", "+freeze"))
     name, _, backend = name.partition("@")

@@ -326,9 +326,11 @@ def save_analysis(folder: Path, table, report, *, stats, treatments, latents) ->
             "ndim": stats.ndim,
             "calls": {n: len(v) for n, v in stats.channels.items()},
         }
-        for n, values in stats.channels.items():
-            tensors[f"stats/{n}"] = torch.stack(values).contiguous()
-        for kind, store in (("lows", stats.lows), ("highs", stats.highs)):
+        for kind, store in (
+            ("stats", stats.channels),
+            ("lows", stats.lows),
+            ("highs", stats.highs),
+        ):
             for n, values in store.items():
                 tensors[f"{kind}/{n}"] = torch.stack(values).contiguous()
     save_file(tensors, folder / ANALYSIS_TENSORS)
@@ -355,22 +357,22 @@ def read_analysis(folder: Path) -> dict:
     stats = None
     if meta["stats"] is not None:
         st = meta["stats"]
+
+        def per_call(kind: str) -> dict[str, list[torch.Tensor]]:
+            # minima and maxima are absent from analyses saved before they were kept
+            return {
+                n: list(tensors[f"{kind}/{n}"].unbind(0))
+                for n in st["calls"]
+                if f"{kind}/{n}" in tensors
+            }
+
         stats = ActivationStats(
             steps=list(st["steps"]),
             timesteps=list(st["timesteps"]),
             channels={n: list(tensors[f"stats/{n}"].unbind(0)) for n in st["calls"]},
             ndim={n: int(v) for n, v in st["ndim"].items()},
-            # minima and maxima: absent from analyses saved before they were kept
-            lows={
-                n: list(tensors[f"lows/{n}"].unbind(0))
-                for n in st["calls"]
-                if f"lows/{n}" in tensors
-            },
-            highs={
-                n: list(tensors[f"highs/{n}"].unbind(0))
-                for n in st["calls"]
-                if f"highs/{n}" in tensors
-            },
+            lows=per_call("lows"),
+            highs=per_call("highs"),
         )
     smoothing = {n: {**s, "scale": tensors[f"smooth/{n}"]} for n, s in meta["smoothing"].items()}
     treatments = Treatments(set(meta["time_sensitive"]), dict(meta["drifts"]), smoothing)

@@ -139,7 +139,7 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="quanto (static per-tensor activations, int4 packed), torchao (per-token "
         "dynamic or static int8, fast compiled) or x86 (int8 Linear and Conv2d on oneDNN's "
-        "CPU kernels, fast in eager mode); default: the recipe's, listed below",
+        "CPU kernels, static or per-token, eager or compiled); default: the recipe's, listed below",
     )
     p.add_argument(
         "--granularity",

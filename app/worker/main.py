@@ -85,7 +85,7 @@ class Worker:
         metrics.DENOISER_WEIGHT_BYTES.labels(**self.labels).set(self.loaded.denoiser_weight_bytes)
         variant = self.spec.variants[self.variant]
         metrics.VARIANT_INFO.labels(**self.labels, **variant.path()).set(1)
-        compiled = self.spec.variants[self.variant].compile
+        compiled = variant.compile
         t0 = time.perf_counter()
         self._warm_up(compiled)
         warm_up_s = time.perf_counter() - t0

@@ -4,7 +4,8 @@ The method (sensitivity, planner, smoothing, calibration) speaks in plans, layer
 calibrated input ranges and calls these only, so it runs on either backend. ``quanto``: static
 per-tensor (or per timestep range) activations, int4 packed two to a byte. ``torchao``:
 per-token dynamic or static int8 activations, fast under ``torch.compile``. ``x86``: int8
-Linear and Conv2d on oneDNN's CPU kernels, static activations, fast in eager mode. Each
+Linear and Conv2d on oneDNN's CPU kernels, static (asymmetric) or per-token activations, eager
+or compiled. Each
 backend module satisfies ``Backend`` as a module; the type checker holds them to it (below).
 """
 

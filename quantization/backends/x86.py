@@ -99,7 +99,8 @@ def check(spec: LayerSpec, device: str = "cpu") -> None:
 
 
 class _Int8Layer(nn.Module):
-    """Shared by both layer types: buffers, the packed weight cache, the spec."""
+    """Shared by both layer types: buffers, static input scales, the spec (the packed weights
+    live in ``x86_kernels``)."""
 
     spec: LayerSpec
     weight_int8: torch.Tensor
@@ -259,7 +260,8 @@ def quantize_layers(
     smoothing: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerSpec]:
     """Replace ``specs`` in ``model`` by int8 layers: smooth, quantize the weights, set the
-    calibrated input scale (``ranges``: input absmax per layer)."""
+    calibrated input scale and zero point (``ranges``: each static layer's calibrated input
+    range)."""
     device = str(next(model.parameters()).device)
     for name, spec in specs.items():
         check(spec, device)

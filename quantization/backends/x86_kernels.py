@@ -29,12 +29,12 @@ _PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
 
 
 def _packed(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = _PACKED.get(id(weight))
+    key = id(weight)
+    entry = _PACKED.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == weight._version:
         return entry[2], entry[3]
     packed = pack(weight)
     zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
-    key = id(weight)
     _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version,
                     packed, zero_points)  # fmt: skip
     return packed, zero_points

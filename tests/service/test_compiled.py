@@ -37,15 +37,21 @@ def test_a_compiled_variant_matches_the_eager_one(redis_url, tmp_path):
         assert rows["compiled"]["status"] == "completed", rows
         assert rows["compiled"]["sqnr_latent_db"] > 60, rows["compiled"]
         # a batch shape the warm-up did not run (n=3, guided: 6) runs on the dynamic code
-        images = {}
-        for variant in ("fp32", "compiled"):
-            job = {"model": "dit-digits", "prompt": "2", "n": 3, "seed": 5, "variant": variant}
-            response = http.post("/v1/images/generations", json=job)
-            assert response.status_code == 200, response.text
-            images[variant] = [_pixels(d["b64_json"]) for d in response.json()["data"]]
+        images = _generated(http, ("fp32", "compiled"), n=3)
         for eager, compiled in zip(images["fp32"], images["compiled"], strict=True):
             assert np.abs(eager.astype(int) - compiled).max() <= 2
     assert any((tmp_path / "inductor").iterdir())  # the compiled code is kept for restarts
+
+
+def _generated(http, variants: tuple[str, ...], n: int) -> dict[str, list[np.ndarray]]:
+    """The same request (digit 2, seed 5) on each variant: its images' pixels."""
+    images = {}
+    for variant in variants:
+        job = {"model": "dit-digits", "prompt": "2", "n": n, "seed": 5, "variant": variant}
+        response = http.post("/v1/images/generations", json=job)
+        assert response.status_code == 200, response.text
+        images[variant] = [_pixels(d["b64_json"]) for d in response.json()["data"]]
+    return images
 
 
 def _pixels(b64: str) -> np.ndarray:
@@ -78,11 +84,6 @@ compile = true
     with serving(settings, workers) as server, server.client() as http:
         variants = {v["id"]: v for v in http.get("/v1/models").json()["data"][0]["variants"]}
         assert variants["x86-compiled"]["backend"] == "x86" and variants["x86-compiled"]["compile"]
-        images = {}
-        for variant in ("x86", "x86-compiled"):
-            job = {"model": "dit-digits", "prompt": "2", "n": 2, "seed": 5, "variant": variant}
-            response = http.post("/v1/images/generations", json=job)
-            assert response.status_code == 200, response.text
-            images[variant] = [_pixels(d["b64_json"]) for d in response.json()["data"]]
+        images = _generated(http, ("x86", "x86-compiled"), n=2)
         for eager, compiled in zip(images["x86"], images["x86-compiled"], strict=True):
             assert np.abs(eager.astype(int) - compiled).mean() < 2
