@@ -65,6 +65,7 @@ DEFAULT_VARIANTS = [
 ]
 
 
+ANCHORS = ("fp+compile", "fp+freeze", "openvino-f32", "openvino-bf16", "openvino-int8")
 FLOAT = {"fp": None, "bf16": torch.bfloat16}  # float variants: the model's dtype, or cast to
 
 
@@ -380,13 +381,10 @@ def run_peer(python: str, arch: str, layers: int, repeats: int) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Each variant's step time over the anchors of the same run: torch fp32 compiled (with
-    freezing too, where run), and
-    OpenVINO's f32, bf16 and int8 steps where the peer ran."""
+    """Each variant's step time over the anchors of the same run: torch fp32 compiled (and
+    with freezing, where run), and OpenVINO's f32, bf16 and int8 steps where the peer ran."""
     by = {r["variant"]: r["step_latency_ms"] for r in rows}
-    anchors = [
-        a for a in ("fp+compile", "openvino-f32", "openvino-bf16", "openvino-int8") if a in by
-    ]
+    anchors = [a for a in ANCHORS if a in by]
     return {
         r["variant"]: {f"over {a}": round(r["step_latency_ms"] / by[a], 3) for a in anchors}
         for r in rows
