@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quantization.blocks import find_blocks
+from quantization.latency import Latencies
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.plan import LayerPlan, LevelChoice, greedy_plan, predicted_sqnr_db, specs_of
 from quantization.table import Check, Entry, Journal, SensitivityTable, Unit
@@ -35,8 +36,10 @@ __all__ = [
     "fit_to_replay",
     "fp_bytes",
     "frontier",
+    "level_timings",
     "measure_sensitivity",
     "plan_at_levels",
+    "time_levels",
     "uniform_plan",
 ]
 
@@ -144,9 +147,11 @@ def measure_sensitivity(
     scope: str,
     journal: Journal,
     progress: Callable[[str], None] = lambda unit: None,
+    latencies: Latencies | None = None,
 ) -> SensitivityTable:
     """Fill ``table`` with every unit at every level (rows already in ``journal`` are taken
-    from it); ``progress`` is called after each measurement."""
+    from it); ``progress`` is called after each measurement. With ``latencies``, each row
+    also has its unit's layers timed at that level (float: as they are)."""
     denoiser = measurer.denoiser
     for u in units:
         for level in table.levels:
@@ -157,24 +162,63 @@ def measure_sensitivity(
                 continue
             if level == "float":
                 nbytes = fp_bytes(denoiser, u.layers)
-                entry = Entry(u.name, level, None, nbytes, nbytes)
+                ms = None if latencies is None else latencies.unit_ms(u.layers, {})
+                entry = Entry(u.name, level, None, nbytes, nbytes, _ms(ms))
             else:
                 levels = {x.name: recipe.levels[0] for x in units}
                 plan = plan_at_levels(units, {**levels, u.name: level}, recipe, treatments)
                 specs = _unit_specs(plan, u)
                 m = measurer.unit(u, u.block, specs, treatments.scales(plan), scope)
                 float_mm = fp_bytes(denoiser, [n for n in specs if specs[n].activations is None])
+                ms = None if latencies is None else latencies.unit_ms(u.layers, specs)
                 entry = Entry(
                     u.name,
                     level,
                     None if math.isinf(m.sqnr_db) else m.sqnr_db,
                     m.weight_bytes,
                     float_mm,
+                    _ms(ms),
                 )
             journal.add(entry)
             table.entries[key] = entry
             progress(u.name)
     return table
+
+
+def level_timings(
+    units: list[Unit], recipe: Recipe, treatments: Treatments
+) -> list[tuple[str, LayerSpec | None]]:
+    """Every (layer, spec) the sensitivity rows time: each unit's layers at each level
+    (None: float), with the local treatments."""
+    pairs: list[tuple[str, LayerSpec | None]] = []
+    for u in units:
+        for level in recipe.levels:
+            specs = _unit_specs(plan_at_levels([u], {u.name: level}, recipe, treatments), u)
+            pairs += [(n, specs.get(n)) for n in u.layers]
+    return pairs
+
+
+def time_levels(
+    latencies: Latencies,
+    pairs: list[tuple[str, LayerSpec | None]],
+    progress: Callable[[str], None] = lambda layer: None,
+) -> None:
+    """Time what the cache lacks of ``pairs`` (``progress`` after each new timing), so the
+    sensitivity rows then read their latencies from it."""
+    seen: set[str] = set()
+    for name, spec in pairs:
+        key = latencies.key(name, spec)
+        if key in seen:
+            continue
+        seen.add(key)
+        if latencies.cache.get(latencies.device, key) is None:
+            latencies.layer_ms(name, spec)
+            progress(name)
+    latencies.cache.save()
+
+
+def _ms(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 4)
 
 
 def choose(

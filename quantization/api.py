@@ -39,8 +39,10 @@ from quantization.analysis import (
     choose_treatments,
     fp_bytes,
     frontier,
+    level_timings,
     measure_sensitivity,
     plan_at_levels,
+    time_levels,
     uniform_plan,
 )
 from quantization.artifact import (
@@ -58,9 +60,10 @@ from quantization.denoiser import (
     analyze_denoiser,
     quantize_denoiser,
 )
+from quantization.latency import Latencies, LatencyCache, input_shapes
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.options import QuantizeOptions
-from quantization.plan import LayerPlan, specs_of
+from quantization.plan import LayerPlan, LevelChoice, explain, specs_of
 from quantization.probe import call_seconds
 from quantization.progress import Progress, Silent
 from quantization.recording import record_trajectory, recorded_steps
@@ -114,6 +117,7 @@ class Quantized:
     work: dict = field(default_factory=dict)
     trajectory_series: dict = field(default_factory=dict, repr=False)
     plan_origin: str = "a given plan"
+    levels: dict[str, dict] = field(default_factory=dict)  # per unit: level, layers, why
     table: SensitivityTable | None = field(default=None, repr=False)
     _fp: object = field(default=None, repr=False)
     _saved: dict = field(default_factory=dict, repr=False)  # what save_analysis writes
@@ -129,6 +133,7 @@ class Quantized:
             "sensitivity": None if self.analysis is None else self.analysis.summary(),
             "measured": self.measured,
             "work": self.work,
+            **({"levels": self.levels} if self.levels else {}),
         }
 
     def save(self, out: str | Path) -> dict:
@@ -320,8 +325,12 @@ def _analyzed(
         stage = progress.stage("treatments", 1, "pass")
         treatments = choose_treatments(measurer, units, r.recipe, r.smoothing, r.time_protection)
         stage.update()
+        latencies = None
+        if r.recipe.latency_cost:
+            latencies = _timed(run, recording.calls[0], units, r.recipe, treatments, progress)
 
         header = journal_header(run, effort, trajectory, calibration)
+        header["latency"] = None if latencies is None else latencies.device
         journal = Journal(r.analysis_dir, header, r.resume)
         table = SensitivityTable(
             measured_on={**header, "sampling_seconds": round(recording.seconds, 2)},
@@ -344,6 +353,7 @@ def _analyzed(
             effort.scope,
             journal,
             progress=lambda unit: stage.update(detail=unit),
+            latencies=latencies,
         )
         budget = budget_bytes_of(table, r)
         stage = progress.stage("checks", effort.checks, "check")
@@ -403,10 +413,45 @@ def _analyzed(
             seconds=time.perf_counter() - start,
             work=report.work,
             trajectory_series={"timesteps": timesteps, "series": series},
+            levels=unit_levels(table, checked.choice, r.target_sqnr_db),
             table=table,
             _fp=pipeline,
             _saved={"stats": stats, "treatments": treatments, "latents": recording.latents},
         )
+
+
+def _timed(run: Run, call, units, recipe: Recipe, treatments: Treatments, progress) -> Latencies:
+    """Every unit's layers timed at every level on this device (what its cache lacks), at
+    the batch of ``--latency-images`` (one request by default), not the measuring batch."""
+    device = str(next(run.denoiser.parameters()).device)
+    batch = run.r.latency_images * (2 if run.guided else 1)
+    shapes = input_shapes(run.denoiser, run.layers, call, batch)
+    latencies = Latencies(run.denoiser, shapes, run.backend, LatencyCache.open(), device)
+    pairs = level_timings(units, recipe, treatments)
+    missing = latencies.missing(pairs)
+    progress.note(
+        f"latency: {missing} layer timings to measure on {latencies.device} "
+        f"(cached in {latencies.cache.path})"
+    )
+    stage = progress.stage("latency", missing, "timing")
+    time_levels(latencies, pairs, progress=lambda layer: stage.update(detail=layer))
+    return latencies
+
+
+def unit_levels(
+    table: SensitivityTable, choice: LevelChoice, target_sqnr_db: float | None
+) -> dict[str, dict]:
+    """Per unit: its level, its layers, and why the planner left it there (a manifest's
+    ``levels``)."""
+    reasons = explain(table.options(), choice, target_sqnr_db)
+    return {
+        u.name: {
+            "level": choice.levels[u.name],
+            "layers": list(u.layers),
+            "reason": reasons[u.name],
+        }
+        for u in table.units
+    }
 
 
 def _detail(
@@ -476,6 +521,7 @@ def _report(
             lv: {
                 "sqnr_db": table.entries[(u.name, lv)].sqnr_db,
                 "weight_bytes": table.entries[(u.name, lv)].weight_bytes,
+                "latency_ms": table.entries[(u.name, lv)].latency_ms,
             }
             for lv in table.levels
         }
@@ -521,6 +567,8 @@ def _report(
                 "to": p.to_level,
                 "predicted_sqnr_db": rounded(p.predicted_sqnr_db),
                 "layer_bytes": p.weight_bytes,
+                "gain_db": rounded(p.gain_db),
+                "added_ms": None if p.added_ms is None else round(p.added_ms, 4),
             }
             for p in checked.choice.promotions
         ],
@@ -690,6 +738,7 @@ def quantize_from_analysis(
             seconds=time.perf_counter() - start,
             plan_origin=f"planned from {folder}",
             work={"actual": progress.done(), "calls": progress.calls()},
+            levels=unit_levels(table, choice, None if point is not None else r.target_sqnr_db),
             _fp=pipeline,
         )
 

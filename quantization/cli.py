@@ -128,6 +128,12 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         help="SQNR-driven recipes: the denoiser weighs at most this many bytes (overrides "
         "--budget-ratio)",
     )
+    p.add_argument(
+        "--latency-images",
+        type=int,
+        help="recipes priced by latency (w8a8-static-sqnr): time each layer at the batch of "
+        "this many images per denoiser call (default 1: one request, the latency case)",
+    )
     p.add_argument("--no-smoothing", action="store_true", help="w4a8-sqnr: switch SmoothQuant off")
     p.add_argument(
         "--no-time-protection",
@@ -311,6 +317,7 @@ def options_from_args(args, pipe):
         time_protection=not args.no_time_protection,
         guided=not args.raw_outputs,
         check_images=getattr(args, "check_images", None),
+        latency_images=args.latency_images,
         max_minutes=args.max_minutes,
         analysis_dir=args.out if args.command == "analyze" else args.out / "analysis",
         resume=args.resume,

@@ -23,6 +23,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, replace
 
+# One layer timing (quantization.latency): warm-up calls, then at least this many repeats
+# and at least this long.
+TIMING_WARMUP = 2
+TIMING_REPEATS = 5
+TIMING_MIN_SECONDS = 0.05
+
 __all__ = [
     "DEFAULT_MAX_MINUTES",
     "LADDER",
@@ -158,6 +164,9 @@ class Shape:
     check_images: int  # uniform recipes: images sampled FP and quantized to check
     pipeline_gb: float = 0.0  # every component, as the artifact writes them
     smoothing: bool = False  # smoothing candidates are chosen on their calibration inputs
+    # a recipe priced by latency: distinct layer shapes to time (at most), of how many layers
+    timed_shapes: int = 0
+    layers: int = 0
 
     def batch(self, prompts: int) -> int:
         return prompts * (2 if self.guided else 1)
@@ -261,6 +270,18 @@ def estimate(effort: Effort | None, shape: Shape, t: Timings) -> WorkPlan:
                 "treatments",
                 f"1 denoiser call at batch {c}: the outlier layers' inputs",
                 t.call(c),
+            )
+        )
+    if shape.timed_shapes:
+        timings = shape.timed_shapes * (shape.levels + 1)
+        share = shape.timed_shapes / max(shape.layers, 1)
+        stages.append(
+            Stage(
+                "latency",
+                f"at most {timings} layer timings ({shape.timed_shapes} shapes x "
+                f"{shape.levels + 1} levels), none for what this device has cached",
+                timings * TIMING_MIN_SECONDS
+                + (shape.levels + 1) * (TIMING_WARMUP + TIMING_REPEATS) * share * t.call(b) * q,
             )
         )
     blocks = shape.units[effort.unit]  # the block of each unit

@@ -19,10 +19,13 @@ from quantization.analysis import (
     find_units,
     fit_to_replay,
     fp_bytes,
+    level_timings,
     measure_sensitivity,
     plan_at_levels,
+    time_levels,
     uniform_plan,
 )
+from quantization.latency import Latencies, LatencyCache, input_shapes
 from quantization.measure import Measurer
 from quantization.plan import LayerPlan, LevelChoice, specs_of
 from quantization.recording import record_calls_replayed
@@ -102,6 +105,7 @@ def analyze_denoiser(
     budget_bytes: int | None = None,
     budget_ratio: float | None = None,
     checks: int = 0,
+    latency_cache: LatencyCache | None = None,
 ) -> AnalyzedDenoiser:
     """The SQNR-driven plan of a denoiser on its own (synthetic inputs, a full-size shape with
     random weights): every unit measured on ``trajectory_calls``, planned to the recipe's
@@ -109,7 +113,9 @@ def analyze_denoiser(
     ``checks``, plans are replayed on the calls instead: the base recipe first, then each
     plan while it misses the target, the table's offset fitted to each (units measured on
     their block alone predict far more noise than a whole denoiser shows: SD 1.5's UNet),
-    and the plan chosen again from the last (promotions are never taken back)."""
+    and the plan chosen again from the last (promotions are never taken back). A recipe priced
+    by latency times its layers on the first trajectory call's shapes, through
+    ``latency_cache`` (default: the device's cache file)."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     impl = backends.get(backend or r.backend)
     blocks = find_units(denoiser, impl.LAYERS, "block")
@@ -123,14 +129,27 @@ def analyze_denoiser(
     )
     units = find_units(denoiser, impl.LAYERS, unit)
     treatments = choose_treatments(measurer, units, r, r.smoothing, r.protect_time_sensitive)
+    latencies = None
+    if r.latency_cost:
+        shapes = input_shapes(denoiser, layers, trajectory_calls[0])
+        device = str(next(denoiser.parameters()).device)
+        latencies = Latencies(denoiser, shapes, impl, latency_cache or LatencyCache.open(), device)
+        time_levels(latencies, level_timings(units, r, treatments))
     table = SensitivityTable(
-        measured_on={"recipe": r.name, "scope": scope, "unit": unit},
+        measured_on={
+            "recipe": r.name,
+            "scope": scope,
+            "unit": unit,
+            "latency": None if latencies is None else latencies.device,
+        },
         units=units,
         levels=list(r.levels),
     )
     state = {k: v for k, v in denoiser.state_dict().items() if v is not None}
     table.fixed_bytes = backends.tensor_bytes(state) - fp_bytes(denoiser, layers)
-    measure_sensitivity(measurer, table, units, r, treatments, scope, Journal(None, {}, False))
+    measure_sensitivity(
+        measurer, table, units, r, treatments, scope, Journal(None, {}, False), latencies=latencies
+    )
     base = table.base_layer_bytes() + table.fixed_bytes
     if budget_bytes is None:
         ratio = r.budget_ratio if budget_ratio is None else budget_ratio

@@ -44,6 +44,7 @@ class QuantizeOptions:
     time_protection: bool = True
     guided: bool = True  # measure on the guided noise the sampler steps with
     check_images: int | None = None  # uniform recipes: images sampled FP vs quantized
+    latency_images: int | None = None  # recipes priced by latency: images per timed call
     max_minutes: float | None = None
     analysis_dir: Path | None = None  # analyze: where the table and its journal go
     resume: bool = False
@@ -68,6 +69,7 @@ class Resolved:
     time_protection: bool
     guided: bool
     check_images: int | None
+    latency_images: int  # recipes priced by latency: layers timed at this many images a call
     calibration_prompts: int  # uniform recipes and plans (SQNR recipes: the effort's)
     max_minutes: float
     max_minutes_given: bool  # a budget the user set is a refusal line; the default is not
@@ -118,6 +120,8 @@ def resolve(
     for name in ("prompts", "calibration_prompts", "checks"):
         if name in forced and forced[name] < 1:
             raise ValueError(f"{name} must be at least 1")
+    if options.latency_images is not None and options.latency_images < 1:
+        raise ValueError("latency_images must be at least 1")
     default_minutes = ANALYSIS_MAX_MINUTES if from_analysis else DEFAULT_MAX_MINUTES
     minutes = default_minutes if options.max_minutes is None else options.max_minutes
     if minutes <= 0:
@@ -141,6 +145,7 @@ def resolve(
         time_protection=options.time_protection and r.protect_time_sensitive,
         guided=options.guided,
         check_images=options.check_images,
+        latency_images=options.latency_images or 1,
         calibration_prompts=options.calibration_prompts or 32,
         max_minutes=minutes,
         max_minutes_given=options.max_minutes is not None,

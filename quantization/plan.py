@@ -11,10 +11,15 @@ b alone gives SQNR s_b (its *relative* SQNR), the model with several quantized b
 power sum_b 10^(-s_b / 10) relative to the signal. The greedy loop promotes the block whose
 promotion (to any higher level: a block that gains little from float activations may still
 gain much from float weights) buys the most predicted SQNR per unit of cost, until a target
-SQNR is reached or every promotion left would break a size budget. The cost of a promotion is
-the bytes it adds plus the bytes of weights whose matmul it moves to float activations: float
-activations add no byte but give up the int8 matmul, and a planner that counted bytes alone
-would take every such promotion first and leave no activation quantized.
+SQNR is reached or every promotion left would break a size budget.
+
+The cost of a promotion, where every level's latency was measured on the device
+(``quantization.latency``): the time it adds as a fraction of the base plan's time, plus the
+bytes it adds as a fraction of the base plan's bytes; a promotion that saves time (float on a
+layer too small for int8 to pay) costs only its bytes, and one that saves both is nearly free.
+Without latencies, the bytes it adds plus the bytes of weights whose matmul it moves to float
+activations: float activations add no byte but give up the int8 matmul, and a planner that
+counted bytes alone would take every such promotion first and leave no activation quantized.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "LayerPlan",
     "LevelChoice",
     "Promotion",
+    "explain",
     "greedy_plan",
     "plan_from_json",
     "plan_to_json",
@@ -95,30 +101,61 @@ def specs_of(plan: dict[str, LayerPlan]) -> dict[str, LayerSpec]:
 
 @dataclass(frozen=True)
 class BlockOption:
-    """One precision level of one block: its relative SQNR (dB), its weight bytes, and the
+    """One precision level of one block: its relative SQNR (dB), its weight bytes, the
     bytes of its weights that multiply float activations at that level (0 when every
-    activation is quantized; all of them at "float")."""
+    activation is quantized; all of them at "float"), and its measured latency (ms; None:
+    not measured)."""
 
     level: str
     sqnr_db: float
     weight_bytes: int
     float_matmul_bytes: int = 0
+    latency_ms: float | None = None
 
-    def cost_to(self, other: BlockOption) -> int:
-        return max(
-            other.weight_bytes
-            - self.weight_bytes
-            + max(other.float_matmul_bytes - self.float_matmul_bytes, 0),
-            1,
-        )
+    def cost_to(self, other: BlockOption, scale: _Scale | None = None) -> float:
+        """What promoting from this level to ``other`` costs (the module doc): with a
+        ``scale`` (latencies measured), time and bytes as fractions of the base plan's."""
+        extra_bytes = other.weight_bytes - self.weight_bytes
+        if scale is not None and self.latency_ms is not None and other.latency_ms is not None:
+            cost = (other.latency_ms - self.latency_ms) / scale.ms
+            cost += max(extra_bytes, 0) / scale.bytes
+            return max(cost, MIN_COST)
+        return max(extra_bytes + max(other.float_matmul_bytes - self.float_matmul_bytes, 0), 1)
+
+
+MIN_COST = 1e-6  # a promotion that saves time and adds no byte is nearly free, never free
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """The base plan's total time and bytes: what a promotion's cost is a fraction of."""
+
+    ms: float
+    bytes: float
+
+
+def _scale_of(options: dict[str, list[BlockOption]]) -> _Scale | None:
+    if not options or any(o.latency_ms is None for opts in options.values() for o in opts):
+        return None
+    ms = sum(opts[0].latency_ms or 0.0 for opts in options.values())
+    nbytes = sum(opts[0].weight_bytes for opts in options.values())
+    return _Scale(max(ms, 1e-9), max(nbytes, 1))
 
 
 @dataclass(frozen=True)
 class Promotion:
+    """One step of the greedy path: the block, its new level, the end-to-end SQNR predicted
+    after it, the plan's bytes after it, and what it was chosen for (``from_level``, the dB
+    it bought, the milliseconds and bytes it added)."""
+
     block: str
     to_level: str
     predicted_sqnr_db: float
     weight_bytes: int
+    from_level: str = ""
+    gain_db: float = 0.0
+    added_ms: float | None = None
+    added_bytes: int = 0
 
 
 @dataclass
@@ -172,6 +209,7 @@ def greedy_plan(
     total = sum(_noise(options[b][i].sqnr_db) for b, i in chosen.items())
     current = predicted_sqnr_db(options, chosen)
     plan = LevelChoice({}, current, size)
+    scale = _scale_of(options)
     while target_sqnr_db is None or current < target_sqnr_db:
         if promotions is not None and len(plan.promotions) >= promotions:
             break
@@ -185,18 +223,76 @@ def greedy_plan(
                     continue
                 after = total - _noise(here.sqnr_db) + _noise(there.sqnr_db)
                 gain = _db_of(after) - current
-                score = gain / here.cost_to(there)
+                score = gain / here.cost_to(there, scale)
                 if gain > 0 and (best is None or score > best[0]):
                     best = (score, block, j, extra)
         if best is None:
             break
         _, block, j, extra = best
-        total += _noise(options[block][j].sqnr_db) - _noise(options[block][chosen[block]].sqnr_db)
+        here, there = options[block][chosen[block]], options[block][j]
+        total += _noise(there.sqnr_db) - _noise(here.sqnr_db)
         total = max(total, 0.0)
         chosen[block] = j
         size += extra
-        current = predicted_sqnr_db(options, chosen)
-        plan.promotions.append(Promotion(block, options[block][chosen[block]].level, current, size))
+        before, current = current, predicted_sqnr_db(options, chosen)
+        added_ms = (
+            None
+            if here.latency_ms is None or there.latency_ms is None
+            else there.latency_ms - here.latency_ms
+        )
+        plan.promotions.append(
+            Promotion(
+                block,
+                there.level,
+                current,
+                size,
+                here.level,
+                current - before if math.isfinite(current) else math.inf,
+                added_ms,
+                extra,
+            )
+        )
     plan.levels = {b: options[b][i].level for b, i in chosen.items()}
     plan.predicted_sqnr_db, plan.weight_bytes = current, size
     return plan
+
+
+def explain(
+    options: dict[str, list[BlockOption]], choice: LevelChoice, target_sqnr_db: float | None
+) -> dict[str, str]:
+    """Why each block is at its level in ``choice``: in words, from the options it had and
+    the promotions that moved it (what a manifest keeps)."""
+    moved: dict[str, list[tuple[int, Promotion]]] = {}
+    for i, p in enumerate(choice.promotions, 1):
+        moved.setdefault(p.block, []).append((i, p))
+    reached = "inf" if math.isinf(choice.predicted_sqnr_db) else f"{choice.predicted_sqnr_db:.1f}"
+    if target_sqnr_db is None:
+        unmoved = f"no target: the budget ended the plan at {reached} dB predicted"
+    elif choice.predicted_sqnr_db >= target_sqnr_db:
+        unmoved = f"the plan met its {target_sqnr_db:g} dB target ({reached} dB predicted)"
+    else:
+        unmoved = (
+            f"the budget stopped the plan at {reached} dB predicted (target {target_sqnr_db:g})"
+        )
+    out = {}
+    for block, level in choice.levels.items():
+        opts = {o.level: o for o in options[block]}
+        base = options[block][0]
+        alone = _words(base)
+        if block not in moved:
+            out[block] = f"{level}, the base ({alone}): {unmoved} without promoting it"
+            continue
+        steps = "; ".join(
+            f"#{i}: {p.from_level} -> {p.to_level} "
+            f"({_words(opts[p.to_level])}), +{p.gain_db:.2f} dB predicted"
+            + ("" if p.added_ms is None else f", {p.added_ms:+.3f} ms")
+            + f", {p.added_bytes:+d} bytes"
+            for i, p in moved[block]
+        )
+        out[block] = f"{level}, promoted from the base ({alone}) by the planner: {steps}"
+    return out
+
+
+def _words(o: BlockOption) -> str:
+    db = "no noise" if math.isinf(o.sqnr_db) else f"{o.sqnr_db:.1f} dB alone"
+    return db if o.latency_ms is None else f"{db}, {o.latency_ms:.3f} ms"

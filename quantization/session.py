@@ -191,6 +191,15 @@ class Run:
             planned=planned,
             denoiser_gb=fp_bytes(self.denoiser, self.layers) / 1e9,
             check_images=check_images,
+            timed_shapes=len(
+                {
+                    (type(m).__name__, tuple(m.get_parameter("weight").shape))
+                    for m in (self.denoiser.get_submodule(n) for n in self.layers)
+                }
+            )
+            if planned and self.r.recipe.latency_cost
+            else 0,
+            layers=len(self.layers),
             pipeline_gb=sum(
                 p.numel() * p.element_size()
                 for c in self.pipe.components.values()

@@ -39,13 +39,15 @@ class Unit:
 @dataclass(frozen=True)
 class Entry:
     """One unit at one level: relative SQNR (dB; None: infinite, nothing changed), bytes of its
-    layers, and bytes of its weights that multiply float activations at that level."""
+    layers, bytes of its weights that multiply float activations at that level, and its
+    layers' latency on the device (ms; None: not measured, ``quantization.latency``)."""
 
     unit: str
     level: str
     sqnr_db: float | None
     weight_bytes: int
     float_matmul_bytes: int
+    latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class SensitivityTable:
                 db = _db(e.sqnr_db)
                 if end_to_end and not math.isinf(db):
                     db -= self.unit_offset(u.name, level)
-                opts.append(BlockOption(level, db, e.weight_bytes, e.float_matmul_bytes))
+                opts.append(
+                    BlockOption(level, db, e.weight_bytes, e.float_matmul_bytes, e.latency_ms)
+                )
             out[u.name] = opts
         return out
 

@@ -24,6 +24,7 @@ __all__ = [
     "GRANULARITIES",
     "GROUP_SIZES",
     "LEVELS",
+    "LEVEL_NAMES",
     "RECIPES",
     "STATIC",
     "TIME_RANGES",
@@ -95,13 +96,19 @@ def effective_group_size(in_features: int, wanted: int | None) -> int | None:
 
 # Precision levels of the global treatment, from the most compact up; "float" = left as is.
 LEVELS = ("w4a8", "w8a8", "w8a16", "float")
+# Every level a recipe may list: also "w8a8t", int8 with dynamic per-token activations
+# whatever the recipe's granularity (between static w8a8 and float, where the backend has it).
+LEVEL_NAMES = ("w4a8", "w8a8", "w8a8t", "w8a16", "float")
 
 
 def level_spec(level: str, group_size: int | None, granularity: str) -> LayerSpec | None:
     """The spec of a level of the global treatment; None for "float"."""
+    if level not in LEVEL_NAMES:
+        raise ValueError(f"level must be one of {LEVEL_NAMES}, not {level!r}")
     return {
         "w4a8": lambda: LayerSpec("int4", "int8", group_size, granularity),
         "w8a8": lambda: LayerSpec("int8", "int8", None, granularity),
+        "w8a8t": lambda: LayerSpec("int8", "int8", None, "token"),
         "w8a16": lambda: LayerSpec("int8", None),
         "float": lambda: None,
     }[level]()
@@ -128,6 +135,12 @@ class Recipe:
     smoothing: bool = False  # local treatment: SmoothQuant on quantization-sensitive layers
     protect_time_sensitive: bool = False  # local treatment: their activations stay float
     backend: str = "quanto"
+    latency_cost: bool = False  # the planner prices levels by their latency on the device too
+
+    def __post_init__(self) -> None:
+        unknown = [lv for lv in self.levels if lv not in LEVEL_NAMES]
+        if unknown:
+            raise ValueError(f"recipe {self.name!r}: unknown levels {unknown}")
 
     @property
     def mixed_precision(self) -> bool:
@@ -180,14 +193,16 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "w8a8-static-sqnr",
             "int8 weights per output channel, static int8 activations (asymmetric on x86); "
-            "the SQNR-driven planner keeps the units that need it in float, to a target "
-            "end-to-end SQNR within 2x the base's bytes: the fast CPU path",
+            "the SQNR-driven planner, pricing each level by its measured latency on the "
+            "device and its bytes, moves the units that need it to per-token int8 or float, "
+            "to a target end-to-end SQNR within 2x the base's bytes: the fast CPU path",
             "int8",
             "int8",
-            levels=("w8a8", "float"),
+            levels=("w8a8", "w8a8t", "float"),
             target_sqnr_db=30.0,
             budget_ratio=2.0,
             backend="x86",
+            latency_cost=True,
         ),
         Recipe(
             "w8a16",

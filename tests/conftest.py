@@ -9,6 +9,7 @@ import itertools
 import os
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# layer timings of recipes priced by latency: never into the user's cache
+os.environ.setdefault(
+    "T2I_LATENCY_CACHE", str(Path(tempfile.mkdtemp(prefix="t2i-latency-")) / "latency.json")
+)
 
 # the session's real redis-server, and the registry the service tests' workers serve
 INTEGRATION_FIXTURES = {"redis_url", "registry_file"}
