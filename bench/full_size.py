@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                     "predicted_sqnr_db": round(result.choice.predicted_sqnr_db, 3),
                     "time_sensitive_layers": len(result.treatments.time_sensitive),
                     "smoothed_layers": len(result.treatments.smoothing),
+                    "latency_timings": result.table.measured_on.get("latency_timings"),
                     "replayed_checks": [
                         {"predicted_db": c.predicted_db, "measured_db": c.measured_db}
                         for c in result.table.checks

@@ -230,13 +230,16 @@ def choose(
 ) -> LevelChoice:
     """The greedy plan on the table's end-to-end predictions (``budget_bytes``: the whole
     denoiser, the float leftovers included), promoting from ``start`` if given, at most
-    ``promotions`` times (a point of the frontier)."""
+    ``promotions`` times (a point of the frontier). A table timed on the device (latencies
+    in every row) gives, for a target, the fastest plan that meets it within the budget
+    (``greedy_plan``'s ``save_time``)."""
     return greedy_plan(
         table.options(),
         target_sqnr_db=target_sqnr_db,
         budget_bytes=None if budget_bytes is None else budget_bytes - table.fixed_bytes,
         start=start,
         promotions=promotions,
+        save_time=target_sqnr_db is not None,
     )
 
 

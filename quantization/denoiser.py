@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -134,13 +135,16 @@ def analyze_denoiser(
         shapes = input_shapes(denoiser, layers, trajectory_calls[0])
         device = str(next(denoiser.parameters()).device)
         latencies = Latencies(denoiser, shapes, impl, latency_cache or LatencyCache.open(), device)
+        began = time.perf_counter()
         time_levels(latencies, level_timings(units, r, treatments))
+        timing = {"timed": latencies.timed, "seconds": round(time.perf_counter() - began, 2)}
     table = SensitivityTable(
         measured_on={
             "recipe": r.name,
             "scope": scope,
             "unit": unit,
             "latency": None if latencies is None else latencies.device,
+            **({"latency_timings": timing} if latencies is not None else {}),
         },
         units=units,
         levels=list(r.levels),

@@ -156,6 +156,7 @@ class Promotion:
     gain_db: float = 0.0
     added_ms: float | None = None
     added_bytes: int = 0
+    reason: str = "buys SQNR"  # or "saves time": taken after the target, for speed
 
 
 @dataclass
@@ -187,6 +188,7 @@ def greedy_plan(
     budget_bytes: int | None = None,
     start: dict[str, str] | None = None,
     promotions: int | None = None,
+    save_time: bool = False,
 ) -> LevelChoice:
     """Promote blocks greedily by predicted SQNR gain per unit of cost (see the module doc).
 
@@ -197,6 +199,11 @@ def greedy_plan(
         start: levels to start from instead of the base (a plan already checked: promoting
             further from it never takes back what it has).
         promotions: stop after this many (a point of the frontier's path).
+        save_time: with latencies, once the target is met (or nothing more can be bought),
+            go on taking the promotions that make the plan faster and no noisier (float on
+            a layer too small for int8 to pay back its per-call cost), the most milliseconds
+            saved per byte first, while the budget allows: the fastest plan that meets the
+            target within the budget.
     At least one of the two must be given; with both, whichever stops first wins.
     """
     if target_sqnr_db is None and budget_bytes is None and promotions is None:
@@ -252,9 +259,61 @@ def greedy_plan(
                 extra,
             )
         )
+    if save_time and scale is not None:
+        size, current = _save_time(options, chosen, plan, size, budget_bytes, promotions)
     plan.levels = {b: options[b][i].level for b, i in chosen.items()}
     plan.predicted_sqnr_db, plan.weight_bytes = current, size
     return plan
+
+
+def _save_time(
+    options: dict[str, list[BlockOption]],
+    chosen: dict[str, int],
+    plan: LevelChoice,
+    size: int,
+    budget_bytes: int | None,
+    promotions: int | None,
+) -> tuple[int, float]:
+    """Once the target is met: every promotion left that is faster and no noisier, the most
+    milliseconds saved per byte first, while the budget allows (in place; the new size and
+    predicted SQNR)."""
+    current = predicted_sqnr_db(options, chosen)
+    while promotions is None or len(plan.promotions) < promotions:
+        best = None
+        for block, i in chosen.items():
+            here = options[block][i]
+            for j in range(i + 1, len(options[block])):
+                there = options[block][j]
+                extra = there.weight_bytes - here.weight_bytes
+                saved = (here.latency_ms or 0.0) - (there.latency_ms or 0.0)
+                if saved <= 0 or there.sqnr_db < here.sqnr_db:
+                    continue
+                if budget_bytes is not None and size + extra > budget_bytes:
+                    continue
+                score = saved / max(extra, 1)
+                if best is None or score > best[0]:
+                    best = (score, block, j, extra, saved)
+        if best is None:
+            break
+        _, block, j, extra, saved = best
+        here, there = options[block][chosen[block]], options[block][j]
+        chosen[block] = j
+        size += extra
+        before, current = current, predicted_sqnr_db(options, chosen)
+        plan.promotions.append(
+            Promotion(
+                block,
+                there.level,
+                current,
+                size,
+                here.level,
+                current - before if math.isfinite(current) else math.inf,
+                -saved,
+                extra,
+                reason="saves time",
+            )
+        )
+    return size, current
 
 
 def explain(
@@ -287,6 +346,7 @@ def explain(
             f"({_words(opts[p.to_level])}), +{p.gain_db:.2f} dB predicted"
             + ("" if p.added_ms is None else f", {p.added_ms:+.3f} ms")
             + f", {p.added_bytes:+d} bytes"
+            + (", taken for speed after the target" if p.reason == "saves time" else "")
             for i, p in moved[block]
         )
         out[block] = f"{level}, promoted from the base ({alone}) by the planner: {steps}"

@@ -150,3 +150,27 @@ def test_the_speed_priced_recipe_times_every_unit_at_every_level(tmp_path):
         model, "w8a8-static-sqnr", calls[:1], calls, target_sqnr_db=80.0, latency_cache=cached
     )
     assert sum(len(v) for v in cached.entries.values()) == n
+
+
+def test_once_the_target_is_met_faster_levels_are_taken_within_the_budget():
+    # The target is met at the base; "small"'s float is faster than its int8 (and exact),
+    # "big"'s is slower: only "small" is promoted, and only while the budget allows.
+    options = {
+        "big": _unit(40.0, 1.0, 41.0, 1.5, 4.0),
+        "small": _unit(40.0, 1.0, 41.0, 1.5, 0.5),
+    }
+    plain = greedy_plan(options, target_sqnr_db=30.0)
+    assert plain.promotions == []
+    fast = greedy_plan(options, target_sqnr_db=30.0, save_time=True)
+    assert fast.levels == {"big": "w8a8", "small": "float"}
+    (p,) = fast.promotions
+    assert p.reason == "saves time" and p.added_ms == pytest.approx(-0.5)
+    assert "taken for speed after the target" in explain(options, fast, 30.0)["small"]
+    # no room in the budget for float's bytes: nothing is taken
+    tight = greedy_plan(options, target_sqnr_db=30.0, budget_bytes=200, save_time=True)
+    assert tight.promotions == []
+    # without latencies there is no time to save
+    blind = {
+        b: [BlockOption(o.level, o.sqnr_db, o.weight_bytes) for o in v] for b, v in options.items()
+    }
+    assert greedy_plan(blind, target_sqnr_db=30.0, save_time=True).promotions == []
