@@ -227,7 +227,16 @@ def main(argv: list[str] | None = None) -> None:
         default=".venv-peer/bin/python",
         help="the Python that has openvino and nncf (default: %(default)s, `make peer`)",
     )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print the table of a results file written by this command, and stop",
+    )
     args = p.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     dtype, device = DTYPES[args.dtype], args.device
     build, description, filename = ARCHS[args.arch]
     layers = args.layers or (28 if args.arch == "dit-xl-2" else 2)
@@ -390,6 +399,30 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         r["variant"]: {f"over {a}": round(r["step_latency_ms"] / by[a], 3) for a in anchors}
         for r in rows
     }
+
+
+def markdown(record: dict) -> str:
+    """A results file as the table the docs show: step time, its ratios over the run's
+    anchors, SQNR against fp32, bytes over fp16, and a planned variant's levels."""
+    anchors = [a for a in ANCHORS if any(r["variant"] == a for r in record["variants"])]
+    head = ["variant", "step ms", *[f"× {a}" for a in anchors], "SQNR vs fp32", "bytes × fp16"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in record["variants"]:
+        over = record["ratios"].get(r["variant"], {})
+        sqnr = r.get("sqnr_random_db")
+        levels = r.get("levels")
+        name = r["variant"] + (
+            "" if not levels else " (" + ", ".join(f"{k} {v}" for k, v in levels.items()) + ")"
+        )
+        cells = [
+            name,
+            f"{r['step_latency_ms']:,.1f}",
+            *[f"{over[f'over {a}']:.3f}×" if f"over {a}" in over else "" for a in anchors],
+            "" if sqnr is None else f"{sqnr:.2f} dB",
+            "" if r.get("ratio_to_fp16") is None else f"{r['ratio_to_fp16']:g}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _counts(levels: dict[str, str]) -> dict[str, int]:
