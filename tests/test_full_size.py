@@ -23,6 +23,28 @@ def test_variant_names_say_recipe_granularity_backend_and_compile():
         full_size.parse_variant("w3a3")
 
 
+def test_the_markdown_table_shows_each_variant_over_the_anchors_of_its_run():
+    rows = [
+        {"variant": "fp+compile", "step_latency_ms": 1000.0, "ratio_to_fp16": 2.0},
+        {
+            "variant": "w8a8-static-sqnr@x86+compile",
+            "step_latency_ms": 250.0,
+            "sqnr_random_db": 33.7,
+            "ratio_to_fp16": 0.5,
+            "levels": {"w8a8": 90, "w8a8t": 3, "float": 18},
+        },
+        {"variant": "openvino-bf16", "step_latency_ms": 500.0, "sqnr_random_db": 30.5},
+    ]
+    table = full_size.markdown({"variants": rows, "ratios": full_size.ratios(rows)})
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[2:4] == ["× fp+compile", "× openvino-bf16"]
+    assert lines[3] == (
+        "| w8a8-static-sqnr@x86+compile (w8a8 90, w8a8t 3, float 18) | 250.0 | 0.250× | "
+        "0.500× | 33.70 dB | 0.5 |"
+    )
+    assert lines[4].endswith("| 1.000× | 30.50 dB |  |")
+
+
 @pytest.mark.slow  # a DiT-XL/2-wide block, quantized twice: about 20 s
 def test_one_layer_at_full_width_quantizes_on_both_backends(tmp_path):
     out = tmp_path / "fs.json"
