@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -247,7 +248,24 @@ def main(argv: list[str] | None = None) -> None:
     trajectory = make_calls([999, 500], dtype, device, arch=args.arch)
     timing_call = make_calls([500], dtype, device, arch=args.arch)[0]
     reference = [o.float().cpu() for o in replay(fp, trajectory)]
-    rows = []
+    rows: list[dict] = []
+    peer = None
+    if args.peer:  # first: its process then shares the machine with the FP model alone
+        peer = run_peer(args.peer_python, args.arch, layers, args.repeats)
+    header = {
+        "model": description.format(layers=layers),
+        "parameters": params,
+        "fp16_bytes": params * 2,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch": 2,
+        "command": "python -m bench.full_size " + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "peer": None if peer is None else {k: v for k, v in peer.items() if k != "variants"},
+    }
+    peer_rows = [] if peer is None else peer["variants"]
     for variant in args.variants:
         name, granularity, backend, compiled = parse_variant(variant)
         frozen = variant.endswith("+freeze")
@@ -349,32 +367,22 @@ def main(argv: list[str] | None = None) -> None:
             row["peak_cuda_bytes"] = peak
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del runner
-        if name != "fp":
-            del model
+        del runner, model
+        result = None  # an analysis holds its quantized copy
+        gc.collect()
         torch._dynamo.reset()
-    peer = None
-    if args.peer:
-        peer = run_peer(args.peer_python, args.arch, layers, args.repeats)
-        rows += peer["variants"]
-    result = {
-        "model": description.format(layers=layers),
-        "parameters": params,
-        "fp16_bytes": params * 2,
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
-        "batch": 2,
-        "command": "python -m bench.full_size " + " ".join(sys.argv[1:] if argv is None else argv),
-        "torch": torch.__version__,
-        "peer": None if peer is None else {k: v for k, v in peer.items() if k != "variants"},
-        "variants": rows,
-        "ratios": ratios(rows),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+        # every row as it comes: a run killed later (out of memory) keeps what it measured
+        _write(out, header, rows + peer_rows, complete=False)
+    _write(out, header, rows + peer_rows, complete=True)
     print(f"wrote {out}")
+
+
+def _write(out: Path, header: dict, rows: list[dict], complete: bool) -> None:
+    record = {**header, "complete": complete, "variants": rows, "ratios": ratios(rows)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
 
 
 def run_peer(python: str, arch: str, layers: int, repeats: int) -> dict:
