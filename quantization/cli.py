@@ -134,7 +134,17 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         help="recipes priced by latency (w8a8-static-sqnr): time each layer at the batch of "
         "this many images per denoiser call (default 1: one request, the latency case)",
     )
-    p.add_argument("--no-smoothing", action="store_true", help="w4a8-sqnr: switch SmoothQuant off")
+    smooth = p.add_mutually_exclusive_group()
+    smooth.add_argument(
+        "--smoothing",
+        action="store_true",
+        help="SQNR recipes without it (w8a8, w8a8-static-sqnr): SmoothQuant on the layers whose "
+        "input channels are uneven, alpha searched per layer (0.5 / 0.65 / 0.8), kept where "
+        "it gains",
+    )
+    smooth.add_argument(
+        "--no-smoothing", action="store_true", help="w4a8-sqnr: switch SmoothQuant off"
+    )
     p.add_argument(
         "--no-time-protection",
         action="store_true",
@@ -313,7 +323,7 @@ def options_from_args(args, pipe):
         target_sqnr_db=args.target_sqnr,
         budget_ratio=args.budget_ratio,
         budget_bytes=args.budget_bytes,
-        smoothing=not args.no_smoothing,
+        smoothing=True if args.smoothing else False if args.no_smoothing else None,
         time_protection=not args.no_time_protection,
         guided=not args.raw_outputs,
         check_images=getattr(args, "check_images", None),

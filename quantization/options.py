@@ -40,7 +40,7 @@ class QuantizeOptions:
     target_sqnr_db: float | None = None
     budget_ratio: float | None = None
     budget_bytes: int | None = None
-    smoothing: bool = True
+    smoothing: bool | None = None  # SmoothQuant on or off; None: as the recipe says
     time_protection: bool = True
     guided: bool = True  # measure on the guided noise the sampler steps with
     check_images: int | None = None  # uniform recipes: images sampled FP vs quantized
@@ -120,6 +120,11 @@ def resolve(
     for name in ("prompts", "calibration_prompts", "checks"):
         if name in forced and forced[name] < 1:
             raise ValueError(f"{name} must be at least 1")
+    if options.smoothing and not r.mixed_precision:
+        raise ValueError(
+            f"--smoothing: SmoothQuant is chosen per layer by the SQNR analysis, and {r.name} "
+            "is a uniform recipe; use an SQNR recipe (w8a8, w8a8-static-sqnr, w4a8-sqnr)"
+        )
     if options.latency_images is not None and options.latency_images < 1:
         raise ValueError("latency_images must be at least 1")
     default_minutes = ANALYSIS_MAX_MINUTES if from_analysis else DEFAULT_MAX_MINUTES
@@ -141,7 +146,7 @@ def resolve(
         else options.target_sqnr_db,
         budget_ratio=None if options.budget_bytes is not None else budget_ratio,
         budget_bytes=options.budget_bytes,
-        smoothing=options.smoothing and r.smoothing,
+        smoothing=r.smoothing if options.smoothing is None else options.smoothing,
         time_protection=options.time_protection and r.protect_time_sensitive,
         guided=options.guided,
         check_images=options.check_images,
