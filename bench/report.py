@@ -22,6 +22,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def _measure(model: str, variant: str, runs: int) -> dict:
 
     torch.set_num_threads(THREADS)
     spec = load_registry(get_settings().registry).get(model)
-    loaded = pipeline.load(spec, spec.variants[variant], "cpu")
+    # eager first, whatever the registry says: the compiled step is timed below
+    loaded = pipeline.load(spec, replace(spec.variants[variant], compile=False), "cpu")
     prompt = "seven" if spec.labels else "a red seven on a black background"
 
     def request(steps: int, n: int = 1, seed: int = 0) -> JobRequest:
@@ -248,7 +250,8 @@ def _full_size_section() -> list[str]:
         for v in result["variants"]:
             lines.append(
                 f"| {shape} | {result['device']}, {result['dtype']} | {v['variant']} | "
-                f"{_fmt(v.get('backend'))} | {v['weight_bytes']:,} | {v['ratio_to_fp16']} | "
+                f"{_fmt(v.get('backend'))} | {_fmt(v.get('weight_bytes'), ',')} | "
+                f"{_fmt(v.get('ratio_to_fp16'))} | "
                 f"{v['step_latency_ms']} | "
                 f"{_fmt(v.get('sqnr_random_db'))} |"
             )

@@ -76,11 +76,14 @@ def compile_denoiser(pipe) -> None:
     self. Compiling happens at its first calls, once per shape (then a dynamic batch); the
     int8 kernels of the x86 backend stay one extern call each, with the quantizing of their
     inputs and the scaling of their outputs fused around them. ``TORCHINDUCTOR_CACHE_DIR``,
-    where set, keeps the generated code for the next process."""
+    where set, keeps the generated code for the next process. Idempotent."""
     import torch
 
     attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    setattr(pipe, attr, torch.compile(getattr(pipe, attr)))
+    denoiser = getattr(pipe, attr)
+    if isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule):
+        return  # compiled already: compiling it again would wrap it in a plain function
+    setattr(pipe, attr, torch.compile(denoiser))
 
 
 def save_pipeline(pipe, folder: str | Path) -> None:
