@@ -53,6 +53,7 @@ from quantization.artifact import (
     save_artifact,
 )
 from quantization.calibration import Conditions
+from quantization.capture import Call
 from quantization.cost import WorkPlan
 from quantization.denoiser import (
     AnalyzedDenoiser,
@@ -420,7 +421,14 @@ def _analyzed(
         )
 
 
-def _timed(run: Run, call, units, recipe: Recipe, treatments: Treatments, progress) -> Latencies:
+def _timed(
+    run: Run,
+    call: Call,
+    units: list[Unit],
+    recipe: Recipe,
+    treatments: Treatments,
+    progress: Progress,
+) -> Latencies:
     """Every unit's layers timed at every level on this device (what its cache lacks), at
     the batch of ``--latency-images`` (one request by default), not the measuring batch."""
     device = str(next(run.denoiser.parameters()).device)

@@ -25,6 +25,7 @@ counted bytes alone would take every such promotion first and leave no activatio
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from quantization.types import LayerSpec
@@ -221,44 +222,18 @@ def greedy_plan(
         if promotions is not None and len(plan.promotions) >= promotions:
             break
         best = None
-        for block, i in chosen.items():
-            here = options[block][i]
-            for j in range(i + 1, len(options[block])):
-                there = options[block][j]
-                extra = there.weight_bytes - here.weight_bytes
-                if budget_bytes is not None and size + extra > budget_bytes:
-                    continue
-                after = total - _noise(here.sqnr_db) + _noise(there.sqnr_db)
-                gain = _db_of(after) - current
-                score = gain / here.cost_to(there, scale)
-                if gain > 0 and (best is None or score > best[0]):
-                    best = (score, block, j, extra)
+        for block, j, here, there in _within(options, chosen, size, budget_bytes):
+            after = total - _noise(here.sqnr_db) + _noise(there.sqnr_db)
+            gain = _db_of(after) - current
+            score = gain / here.cost_to(there, scale)
+            if gain > 0 and (best is None or score > best[0]):
+                best = (score, block, j)
         if best is None:
             break
-        _, block, j, extra = best
-        here, there = options[block][chosen[block]], options[block][j]
-        total += _noise(there.sqnr_db) - _noise(here.sqnr_db)
+        _, block, j = best
+        total += _noise(options[block][j].sqnr_db) - _noise(options[block][chosen[block]].sqnr_db)
         total = max(total, 0.0)
-        chosen[block] = j
-        size += extra
-        before, current = current, predicted_sqnr_db(options, chosen)
-        added_ms = (
-            None
-            if here.latency_ms is None or there.latency_ms is None
-            else there.latency_ms - here.latency_ms
-        )
-        plan.promotions.append(
-            Promotion(
-                block,
-                there.level,
-                current,
-                size,
-                here.level,
-                current - before if math.isfinite(current) else math.inf,
-                added_ms,
-                extra,
-            )
-        )
+        size, current = _take(options, chosen, plan, block, j, size, "buys SQNR")
     if save_time and scale is not None:
         size, current = _save_time(options, chosen, plan, size, budget_bytes, promotions)
     plan.levels = {b: options[b][i].level for b, i in chosen.items()}
@@ -280,39 +255,73 @@ def _save_time(
     current = predicted_sqnr_db(options, chosen)
     while promotions is None or len(plan.promotions) < promotions:
         best = None
-        for block, i in chosen.items():
-            here = options[block][i]
-            for j in range(i + 1, len(options[block])):
-                there = options[block][j]
-                extra = there.weight_bytes - here.weight_bytes
-                saved = (here.latency_ms or 0.0) - (there.latency_ms or 0.0)
-                if saved <= 0 or there.sqnr_db < here.sqnr_db:
-                    continue
-                if budget_bytes is not None and size + extra > budget_bytes:
-                    continue
-                score = saved / max(extra, 1)
-                if best is None or score > best[0]:
-                    best = (score, block, j, extra, saved)
+        for block, j, here, there in _within(options, chosen, size, budget_bytes):
+            saved = (here.latency_ms or 0.0) - (there.latency_ms or 0.0)
+            if saved <= 0 or there.sqnr_db < here.sqnr_db:
+                continue
+            score = saved / max(there.weight_bytes - here.weight_bytes, 1)
+            if best is None or score > best[0]:
+                best = (score, block, j)
         if best is None:
             break
-        _, block, j, extra, saved = best
-        here, there = options[block][chosen[block]], options[block][j]
-        chosen[block] = j
-        size += extra
-        before, current = current, predicted_sqnr_db(options, chosen)
-        plan.promotions.append(
-            Promotion(
-                block,
-                there.level,
-                current,
-                size,
-                here.level,
-                current - before if math.isfinite(current) else math.inf,
-                -saved,
-                extra,
-                reason="saves time",
-            )
+        _, block, j = best
+        size, current = _take(options, chosen, plan, block, j, size, "saves time")
+    return size, current
+
+
+def _within(
+    options: dict[str, list[BlockOption]],
+    chosen: dict[str, int],
+    size: int,
+    budget_bytes: int | None,
+) -> Iterator[tuple[str, int, BlockOption, BlockOption]]:
+    """Every promotion left (block, level index, from, to) that keeps within the budget."""
+    for block, i in chosen.items():
+        here = options[block][i]
+        for j in range(i + 1, len(options[block])):
+            there = options[block][j]
+            if (
+                budget_bytes is None
+                or size + there.weight_bytes - here.weight_bytes <= budget_bytes
+            ):
+                yield block, j, here, there
+
+
+def _take(
+    options: dict[str, list[BlockOption]],
+    chosen: dict[str, int],
+    plan: LevelChoice,
+    block: str,
+    j: int,
+    size: int,
+    reason: str,
+) -> tuple[int, float]:
+    """Promote ``block`` to its level ``j`` (in place) and record it on ``plan``'s path;
+    the new size and predicted SQNR."""
+    here, there = options[block][chosen[block]], options[block][j]
+    before = predicted_sqnr_db(options, chosen)
+    chosen[block] = j
+    size += there.weight_bytes - here.weight_bytes
+    current = predicted_sqnr_db(options, chosen)
+    added_ms = (
+        None
+        if here.latency_ms is None or there.latency_ms is None
+        else there.latency_ms - here.latency_ms
+    )
+    gain = current - before if math.isfinite(current) else math.inf
+    plan.promotions.append(
+        Promotion(
+            block,
+            there.level,
+            current,
+            size,
+            here.level,
+            gain,
+            added_ms,
+            there.weight_bytes - here.weight_bytes,
+            reason,
         )
+    )
     return size, current
 
 
