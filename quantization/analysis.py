@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantization.backends import Backend
 from quantization.blocks import find_blocks
-from quantization.latency import Latencies
+from quantization.capture import Call
+from quantization.latency import Latencies, LatencyCache, input_shapes
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.plan import LayerPlan, LevelChoice, greedy_plan, predicted_sqnr_db, specs_of
 from quantization.table import Check, Entry, Journal, SensitivityTable, Unit
@@ -199,22 +201,40 @@ def level_timings(
 
 
 def time_levels(
-    latencies: Latencies,
-    pairs: list[tuple[str, LayerSpec | None]],
-    progress: Callable[[str], None] = lambda layer: None,
-) -> None:
-    """Time what the cache lacks of ``pairs`` (``progress`` after each new timing), so the
-    sensitivity rows then read their latencies from it."""
-    seen: set[str] = set()
+    denoiser: nn.Module,
+    call: Call,
+    backend: Backend,
+    units: list[Unit],
+    recipe: Recipe,
+    treatments: Treatments,
+    *,
+    batch: int | None = None,
+    cache: LatencyCache | None = None,
+    stage: Callable[[Latencies, int], Callable[[str], None]] | None = None,
+) -> Latencies:
+    """Every unit's layers timed at every level of ``recipe`` on ``denoiser``'s device, on
+    the input shapes of ``call`` (at ``batch``, where given), through ``cache`` (default: the
+    device's cache file), which keeps them; what it already has is not timed again.
+    ``stage(latencies, missing)`` opens the progress of the timings to come and returns what
+    is called after each one. The sensitivity rows then read their latencies from it."""
+    layers = [n for u in units for n in u.layers]
+    latencies = Latencies(
+        denoiser,
+        input_shapes(denoiser, layers, call, batch),
+        backend,
+        cache or LatencyCache.open(),
+        str(next(denoiser.parameters()).device),
+    )
+    pairs = level_timings(units, recipe, treatments)
+    done = (lambda layer: None) if stage is None else stage(latencies, latencies.missing(pairs))
+    began = time.perf_counter()
     for name, spec in pairs:
-        key = latencies.key(name, spec)
-        if key in seen:
-            continue
-        seen.add(key)
-        if latencies.cache.get(latencies.device, key) is None:
-            latencies.layer_ms(name, spec)
-            progress(name)
+        if latencies.cache.get(latencies.device, latencies.key(name, spec)) is None:
+            latencies.layer_ms(name, spec)  # kept in the cache: a layer of the same shape is not
+            done(name)
+    latencies.seconds = time.perf_counter() - began
     latencies.cache.save()
+    return latencies
 
 
 def _ms(ms: float | None) -> float | None:

@@ -39,7 +39,6 @@ from quantization.analysis import (
     choose_treatments,
     fp_bytes,
     frontier,
-    level_timings,
     measure_sensitivity,
     plan_at_levels,
     time_levels,
@@ -61,7 +60,7 @@ from quantization.denoiser import (
     analyze_denoiser,
     quantize_denoiser,
 )
-from quantization.latency import Latencies, LatencyCache, input_shapes
+from quantization.latency import Latencies
 from quantization.measure import TIME_DRIFT_OCTAVES, Measurer
 from quantization.options import QuantizeOptions
 from quantization.plan import LayerPlan, LevelChoice, explain, specs_of
@@ -431,19 +430,19 @@ def _timed(
 ) -> Latencies:
     """Every unit's layers timed at every level on this device (what its cache lacks), at
     the batch of ``--latency-images`` (one request by default), not the measuring batch."""
-    device = str(next(run.denoiser.parameters()).device)
+
+    def stage(latencies: Latencies, missing: int):
+        progress.note(
+            f"latency: {missing} layer timings to measure on {latencies.device} "
+            f"(cached in {latencies.cache.path})"
+        )
+        bar = progress.stage("latency", missing, "timing")
+        return lambda layer: bar.update(detail=layer)
+
     batch = run.r.latency_images * (2 if run.guided else 1)
-    shapes = input_shapes(run.denoiser, run.layers, call, batch)
-    latencies = Latencies(run.denoiser, shapes, run.backend, LatencyCache.open(), device)
-    pairs = level_timings(units, recipe, treatments)
-    missing = latencies.missing(pairs)
-    progress.note(
-        f"latency: {missing} layer timings to measure on {latencies.device} "
-        f"(cached in {latencies.cache.path})"
+    return time_levels(
+        run.denoiser, call, run.backend, units, recipe, treatments, batch=batch, stage=stage
     )
-    stage = progress.stage("latency", missing, "timing")
-    time_levels(latencies, pairs, progress=lambda layer: stage.update(detail=layer))
-    return latencies
 
 
 def unit_levels(

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +19,12 @@ from quantization.analysis import (
     find_units,
     fit_to_replay,
     fp_bytes,
-    level_timings,
     measure_sensitivity,
     plan_at_levels,
     time_levels,
     uniform_plan,
 )
-from quantization.latency import Latencies, LatencyCache, input_shapes
+from quantization.latency import LatencyCache
 from quantization.measure import Measurer
 from quantization.plan import LayerPlan, LevelChoice, specs_of
 from quantization.recording import record_calls_replayed
@@ -132,19 +130,25 @@ def analyze_denoiser(
     treatments = choose_treatments(measurer, units, r, r.smoothing, r.protect_time_sensitive)
     latencies = None
     if r.latency_cost:
-        shapes = input_shapes(denoiser, layers, trajectory_calls[0])
-        device = str(next(denoiser.parameters()).device)
-        latencies = Latencies(denoiser, shapes, impl, latency_cache or LatencyCache.open(), device)
-        began = time.perf_counter()
-        time_levels(latencies, level_timings(units, r, treatments))
-        timing = {"timed": latencies.timed, "seconds": round(time.perf_counter() - began, 2)}
+        latencies = time_levels(
+            denoiser, trajectory_calls[0], impl, units, r, treatments, cache=latency_cache
+        )
     table = SensitivityTable(
         measured_on={
             "recipe": r.name,
             "scope": scope,
             "unit": unit,
             "latency": None if latencies is None else latencies.device,
-            **({"latency_timings": timing} if latencies is not None else {}),
+            **(
+                {}
+                if latencies is None
+                else {
+                    "latency_timings": {
+                        "timed": latencies.timed,
+                        "seconds": round(latencies.seconds, 2),
+                    }
+                }
+            ),
         },
         units=units,
         levels=list(r.levels),

@@ -196,6 +196,7 @@ class Latencies:
         self.cache = cache
         self.device = device_key(backend.NAME, device)
         self.timed = 0  # timings measured by this object (the rest came from the cache)
+        self.seconds = 0.0  # what they took (set by ``analysis.time_levels``)
 
     def key(self, name: str, spec: LayerSpec | None) -> str:
         layer = self.denoiser.get_submodule(name)
