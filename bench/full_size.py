@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -229,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the Python that has openvino and nncf (default: %(default)s, `make peer`)",
     )
     p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a variant that fails is recorded with its error and the run goes on to the next",
+    )
+    p.add_argument(
         "--markdown",
         type=Path,
         metavar="RESULTS_JSON",
@@ -266,115 +272,137 @@ def main(argv: list[str] | None = None) -> None:
         "peer": None if peer is None else {k: v for k, v in peer.items() if k != "variants"},
     }
     peer_rows = [] if peer is None else peer["variants"]
+    calls = {"calibration": calibration, "trajectory": trajectory, "timing": [timing_call]}
     for variant in args.variants:
-        name, granularity, backend, compiled = parse_variant(variant)
-        frozen = variant.endswith("+freeze")
-        print(f"[{variant}] quantizing", flush=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        extra = {}
-        impl = None
-        calls = {"trajectory": trajectory, "timing": [timing_call]}
-        if name in FLOAT:
-            model = fp
-            if FLOAT[name] is not None:  # a bf16 copy, its inputs cast the same way
-                model = copy.deepcopy(fp).to(FLOAT[name])
-                calls = {k: cast_calls(v, FLOAT[name]) for k, v in calls.items()}
-        else:
-            recipe = get_recipe(name).with_granularity(granularity)
-            backend = backend or recipe.backend
-            impl = backends.get(backend)
-            if recipe.mixed_precision:
-                budget = None
-                if args.budget_fp16_ratio is not None:
-                    budget = int(args.budget_fp16_ratio * params * 2)
-                # random weights, no pipeline: each unit measured on its block alone
-                result = analyze_denoiser(
-                    fp,
-                    recipe,
-                    calibration,
-                    trajectory,
-                    backend=backend,
-                    scope="block",
-                    budget_bytes=budget,
-                    checks=args.checks,
-                )
-                model = result.model
-                extra = {
-                    "budget_bytes": budget,
-                    "levels": dict(sorted(_counts(result.choice.levels).items())),
-                    "predicted_sqnr_db": round(result.choice.predicted_sqnr_db, 3),
-                    "time_sensitive_layers": len(result.treatments.time_sensitive),
-                    "smoothed_layers": len(result.treatments.smoothing),
-                    "latency_timings": result.table.measured_on.get("latency_timings"),
-                    "replayed_checks": [
-                        {"predicted_db": c.predicted_db, "measured_db": c.measured_db}
-                        for c in result.table.checks
-                    ],
-                }
-            else:
-                model = quantize_denoiser(fp, recipe, calibration, backend=backend).model
-        quantize_seconds = time.perf_counter() - start
-        nbytes = (
-            sum(p.numel() * p.element_size() for p in model.parameters())
-            if impl is None
-            else impl.nbytes(model)
-        )
-        sqnr = None
-        if name != "fp":
-            test = [o.float().cpu() for o in replay(model, calls["trajectory"])]
-            sqnr = round(
-                sqnr_db(
-                    torch.cat([r.flatten() for r in reference]),
-                    torch.cat([t.flatten() for t in test]),
-                ),
-                2,
-            )
-        if device == "cuda":
-            if name != "fp":
-                fp.cpu()  # the peak below is then the quantized model's alone
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        runner, compile_seconds = model, None
-        timing = calls["timing"][0]
-        if compiled:
-            runner = torch.compile(model)
-            t0 = time.perf_counter()
-            # +freeze: Inductor folds the weights into the graph as constants (its CPU path
-            # then packs them for oneDNN once); the compiling call is where it happens
-            with torch.no_grad(), torch._inductor.config.patch(freezing=frozen):
-                runner(*timing.args, **timing.kwargs)
-            compile_seconds = round(time.perf_counter() - t0, 1)
-        latency = step_latency_ms(runner, timing, device, args.repeats)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-        if device == "cuda" and name != "fp":
-            fp.to(device)
-        row = {
-            "variant": variant,
-            "backend": None if impl is None else impl.NAME,
-            "compiled": compiled,
-            "weight_bytes": nbytes,
-            "ratio_to_fp16": round(nbytes / (params * 2), 4),
-            "step_latency_ms": round(latency, 1),
-            "compile_seconds": compile_seconds,
-            "quantize_seconds": round(quantize_seconds, 1),
-            "sqnr_random_db": sqnr,
-            **extra,
-        }
-        if peak is not None:
-            row["peak_cuda_bytes"] = peak
+        try:
+            row = measure(variant, fp, calls, reference, args)
+        except Exception as e:  # recorded, and the run goes on when asked
+            if not args.keep_going:
+                raise
+            traceback.print_exc()
+            row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del runner, model
-        result = None  # an analysis holds its quantized copy
-        gc.collect()
+        gc.collect()  # the variant's models went with measure()'s frame
         torch._dynamo.reset()
+        if args.device == "cuda":
+            fp.to(args.device)
         # every row as it comes: a run killed later (out of memory) keeps what it measured
         _write(out, header, rows + peer_rows, complete=False)
     _write(out, header, rows + peer_rows, complete=True)
     print(f"wrote {out}")
+
+
+def measure(
+    variant: str,
+    fp: torch.nn.Module,
+    calls: dict[str, list[Call]],
+    reference: list[torch.Tensor],
+    args: argparse.Namespace,
+) -> dict:
+    """One variant's row: built (quantized, planned where its recipe is SQNR-driven) from
+    ``fp``, its SQNR on the trajectory against ``reference``, its step time (compiled after
+    a warm-up call where asked) and its bytes; on CUDA, its peak memory alone."""
+    device = args.device
+    params = sum(p.numel() for p in fp.parameters())
+    calibration, trajectory = calls["calibration"], calls["trajectory"]
+    calls = {"trajectory": trajectory, "timing": calls["timing"]}
+    name, granularity, backend, compiled = parse_variant(variant)
+    frozen = variant.endswith("+freeze")
+    print(f"[{variant}] quantizing", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    extra: dict = {}
+    impl = None
+    if name in FLOAT:
+        model = fp
+        if FLOAT[name] is not None:  # a bf16 copy, its inputs cast the same way
+            model = copy.deepcopy(fp).to(FLOAT[name])
+            calls = {k: cast_calls(v, FLOAT[name]) for k, v in calls.items()}
+    else:
+        recipe = get_recipe(name).with_granularity(granularity)
+        backend = backend or recipe.backend
+        impl = backends.get(backend)
+        if recipe.mixed_precision:
+            budget = None
+            if args.budget_fp16_ratio is not None:
+                budget = int(args.budget_fp16_ratio * params * 2)
+            # random weights, no pipeline: each unit measured on its block alone
+            result = analyze_denoiser(
+                fp,
+                recipe,
+                calibration,
+                trajectory,
+                backend=backend,
+                scope="block",
+                budget_bytes=budget,
+                checks=args.checks,
+            )
+            model = result.model
+            extra = {
+                "budget_bytes": budget,
+                "levels": dict(sorted(_counts(result.choice.levels).items())),
+                "predicted_sqnr_db": round(result.choice.predicted_sqnr_db, 3),
+                "time_sensitive_layers": len(result.treatments.time_sensitive),
+                "smoothed_layers": len(result.treatments.smoothing),
+                "latency_timings": result.table.measured_on.get("latency_timings"),
+                "replayed_checks": [
+                    {"predicted_db": c.predicted_db, "measured_db": c.measured_db}
+                    for c in result.table.checks
+                ],
+            }
+        else:
+            model = quantize_denoiser(fp, recipe, calibration, backend=backend).model
+    quantize_seconds = time.perf_counter() - start
+    nbytes = (
+        sum(p.numel() * p.element_size() for p in model.parameters())
+        if impl is None
+        else impl.nbytes(model)
+    )
+    sqnr = None
+    if name != "fp":
+        test = [o.float().cpu() for o in replay(model, calls["trajectory"])]
+        sqnr = round(
+            sqnr_db(
+                torch.cat([r.flatten() for r in reference]),
+                torch.cat([t.flatten() for t in test]),
+            ),
+            2,
+        )
+    if device == "cuda":
+        if name != "fp":
+            fp.cpu()  # the peak below is then the quantized model's alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    runner, compile_seconds = model, None
+    timing = calls["timing"][0]
+    if compiled:
+        runner = torch.compile(model)
+        t0 = time.perf_counter()
+        # +freeze: Inductor folds the weights into the graph as constants (its CPU path
+        # then packs them for oneDNN once); the compiling call is where it happens
+        with torch.no_grad(), torch._inductor.config.patch(freezing=frozen):
+            runner(*timing.args, **timing.kwargs)
+        compile_seconds = round(time.perf_counter() - t0, 1)
+    latency = step_latency_ms(runner, timing, device, args.repeats)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    row = {
+        "variant": variant,
+        "backend": None if impl is None else impl.NAME,
+        "compiled": compiled,
+        "weight_bytes": nbytes,
+        "ratio_to_fp16": round(nbytes / (params * 2), 4),
+        "step_latency_ms": round(latency, 1),
+        "compile_seconds": compile_seconds,
+        "quantize_seconds": round(quantize_seconds, 1),
+        "sqnr_random_db": sqnr,
+        **extra,
+    }
+    if peak is not None:
+        row["peak_cuda_bytes"] = peak
+    return row
 
 
 def _write(out: Path, header: dict, rows: list[dict], complete: bool) -> None:
@@ -401,21 +429,29 @@ def run_peer(python: str, arch: str, layers: int, repeats: int) -> dict:
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Each variant's step time over the anchors of the same run: torch fp32 compiled (and
     with freezing, where run), and OpenVINO's f32, bf16 and int8 steps where the peer ran."""
-    by = {r["variant"]: r["step_latency_ms"] for r in rows}
+    timed = [r for r in rows if "step_latency_ms" in r]  # not the failed ones
+    by = {r["variant"]: r["step_latency_ms"] for r in timed}
     anchors = [a for a in ANCHORS if a in by]
     return {
         r["variant"]: {f"over {a}": round(r["step_latency_ms"] / by[a], 3) for a in anchors}
-        for r in rows
+        for r in timed
     }
 
 
 def markdown(record: dict) -> str:
     """A results file as the table the docs show: step time, its ratios over the run's
-    anchors, SQNR against fp32, bytes over fp16, and a planned variant's levels."""
-    anchors = [a for a in ANCHORS if any(r["variant"] == a for r in record["variants"])]
-    head = ["variant", "step ms", *[f"× {a}" for a in anchors], "SQNR vs fp32", "bytes × fp16"]
+    anchors, SQNR against the run's float model, bytes over fp16, a planned variant's levels
+    and, on CUDA, peak memory."""
+    anchors = [a for a in ANCHORS if any(f"over {a}" in v for v in record["ratios"].values())]
+    peaks = any("peak_cuda_bytes" in r for r in record["variants"])
+    head = ["variant", "step ms", *[f"× {a}" for a in anchors]]
+    head += [f"SQNR vs {record.get('dtype', 'fp32')}", "bytes × fp16"]
+    head += ["peak GiB"] if peaks else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in record["variants"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'].splitlines()[0]} |")
+            continue
         over = record["ratios"].get(r["variant"], {})
         sqnr = r.get("sqnr_random_db")
         levels = r.get("levels")
@@ -429,6 +465,9 @@ def markdown(record: dict) -> str:
             "" if sqnr is None else f"{sqnr:.2f} dB",
             "" if r.get("ratio_to_fp16") is None else f"{r['ratio_to_fp16']:g}",
         ]
+        if peaks:
+            peak = r.get("peak_cuda_bytes")
+            cells.append("" if peak is None else f"{peak / 2**30:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -76,14 +76,30 @@ def compile_denoiser(pipe) -> None:
     self. Compiling happens at its first calls, once per shape (then a dynamic batch); the
     int8 kernels of the x86 backend stay one extern call each, with the quantizing of their
     inputs and the scaling of their outputs fused around them. ``TORCHINDUCTOR_CACHE_DIR``,
-    where set, keeps the generated code for the next process. Idempotent."""
+    where set, keeps the generated code for the next process. Idempotent.
+
+    The compiled code is specialised on its inputs' strides, and an edit's latents come from
+    the VAE in channels-last strides (the image is permuted from HWC): a hook outside the
+    compiled code makes every tensor argument contiguous, so an edit runs the code that a
+    generation compiled instead of compiling its own."""
     import torch
 
     attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     denoiser = getattr(pipe, attr)
     if isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule):
         return  # compiled already: compiling it again would wrap it in a plain function
-    setattr(pipe, attr, torch.compile(denoiser))
+    compiled = torch.compile(denoiser)
+    compiled.register_forward_pre_hook(_contiguous, with_kwargs=True)
+    setattr(pipe, attr, compiled)
+
+
+def _contiguous(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    import torch
+
+    def fix(v):
+        return v.contiguous() if isinstance(v, torch.Tensor) else v
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
 
 
 def save_pipeline(pipe, folder: str | Path) -> None:

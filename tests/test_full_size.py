@@ -34,6 +34,7 @@ def test_the_markdown_table_shows_each_variant_over_the_anchors_of_its_run():
             "levels": {"w8a8": 90, "w8a8t": 3, "float": 18},
         },
         {"variant": "openvino-bf16", "step_latency_ms": 500.0, "sqnr_random_db": 30.5},
+        {"variant": "fp8@torchao", "error": "ValueError: no fp8 here\nsecond line"},
     ]
     table = full_size.markdown({"variants": rows, "ratios": full_size.ratios(rows)})
     lines = table.splitlines()
@@ -43,6 +44,23 @@ def test_the_markdown_table_shows_each_variant_over_the_anchors_of_its_run():
         "0.500× | 33.70 dB | 0.5 |"
     )
     assert lines[4].endswith("| 1.000× | 30.50 dB |  |")
+    assert lines[5] == "| fp8@torchao | failed: ValueError: no fp8 here |"
+    assert "fp8@torchao" not in full_size.ratios(rows)
+
+
+def test_a_failing_variant_stops_the_run_unless_asked_to_keep_going(tmp_path):
+    out = tmp_path / "fs.json"
+    args = ["--layers", "1", "--repeats", "1", "--out", str(out)]
+    variants = ["--variants", "fp8:token@torchao", "fp"]  # torchao's fp8 is CUDA-only
+    with pytest.raises(ValueError, match="fp8 needs a CUDA device"):
+        full_size.main([*args, *variants])
+    full_size.main([*args, "--keep-going", *variants])
+    result = json.loads(out.read_text())
+    failed, fp = result["variants"]
+    assert failed["variant"] == "fp8:token@torchao"
+    assert "fp8 needs a CUDA device" in failed["error"]
+    assert fp["variant"] == "fp" and fp["step_latency_ms"] > 0
+    assert result["complete"] is True
 
 
 @pytest.mark.slow  # a DiT-XL/2-wide block, quantized twice: about 20 s

@@ -29,7 +29,7 @@ from app.config import Settings, get_settings
 from app.queue.connect import worker_client
 from app.queue.consumer import Claimed, Consumer
 from app.queue.keys import Keys
-from app.queue.records import JobRequest, JobStatus
+from app.queue.records import JobStatus
 from app.registry import ModelSpec, RegistryError, load_registry
 from app.worker import pipeline
 
@@ -87,7 +87,7 @@ class Worker:
         metrics.VARIANT_INFO.labels(**self.labels, **variant.path()).set(1)
         compiled = variant.compile
         t0 = time.perf_counter()
-        self._warm_up(compiled)
+        pipeline.warm_up(self.loaded, self.spec, self.variant, compiled)
         warm_up_s = time.perf_counter() - t0
         metrics.MODEL_WARMUP_SECONDS.labels(**self.labels).set(warm_up_s)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
@@ -101,28 +101,6 @@ class Worker:
             " and compiled" if compiled else "",
             warm_up_s,
         )
-
-    def _warm_up(self, compiled: bool) -> None:
-        """Run the pipeline before taking jobs. Compiled, on every size at two batch sizes, so
-        that the code for each size and for any batch (dynamic shapes) exists before the first
-        job: a job never waits for the compiler."""
-        sizes = self.spec.sizes if compiled else self.spec.sizes[:1]
-        for size in sizes:
-            width, height = (int(x) for x in size.split("x"))
-            for n in (1, 2) if compiled else (1,):
-                request = JobRequest(
-                    model=self.spec.name,
-                    variant=self.variant,
-                    prompt=next(iter(self.spec.labels), "a"),
-                    n=n,
-                    width=width,
-                    height=height,
-                    steps=2,
-                    guidance_scale=self.spec.guidance,
-                    seed=0,
-                    class_id=next(iter(self.spec.labels.values()), None),
-                )
-                pipeline.run_batch(self.loaded, self.spec, [request], lambda *_: None)
 
     def _heartbeats(self) -> None:
         while True:

@@ -29,6 +29,7 @@ __all__ = [
     "pick_device",
     "reset_peak_memory",
     "run_batch",
+    "warm_up",
 ]
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -164,6 +165,56 @@ def run_batch(
         outputs.append(Output(images, latents[part]))
         start += r.n
     return outputs
+
+
+def warm_up(loaded: Loaded, spec: ModelSpec, variant: str, compiled: bool) -> None:
+    """Run the pipeline before the worker takes jobs. Eager: one image at the first size.
+    Compiled: every path a request can take, so that no job waits for the compiler: each size
+    at two batches with guidance (the batch then compiles dynamic), one image without guidance
+    where the model's range allows it (a batch of one is compiled on its own), and at the
+    first size a job with previews and an edit (with a mask where the model inpaints)."""
+    first = spec.sizes[0]
+
+    def request(size: str, **fields) -> JobRequest:
+        width, height = (int(x) for x in size.split("x"))
+        base = {
+            "model": spec.name,
+            "variant": variant,
+            "prompt": next(iter(spec.labels), "a"),
+            "n": 1,
+            "width": width,
+            "height": height,
+            "steps": 2,
+            "guidance_scale": spec.guidance,
+            "seed": 0,
+            "class_id": next(iter(spec.labels.values()), None),
+        }
+        return JobRequest(**{**base, **fields})
+
+    def run(job: JobRequest, **inputs) -> None:
+        previews = (lambda *_: None) if job.partial_images else None
+        run_batch(loaded, spec, [job], lambda *_: None, on_preview=previews, **inputs)
+
+    if not compiled:
+        run(request(first))
+        return
+    low, high = spec.guidance_range
+    guided = spec.guidance if spec.guidance > 1.0 else high  # > 1: the batch doubles
+    for size in spec.sizes:
+        if guided > 1.0:
+            for n in (1, 2):
+                run(request(size, n=n, guidance_scale=guided))
+        if low <= 1.0:
+            run(request(size, guidance_scale=1.0))
+    run(request(first, partial_images=1))
+    if spec.edits:
+        width, height = (int(x) for x in first.split("x"))
+        image = encode_image(np.full((height, width, 3), 128, np.uint8), "png")
+        run(request(first, image="warm-up", strength=0.5), image=image)
+        if spec.inpainting:
+            mask = encode_image(np.full((height, width, 3), 255, np.uint8), "png")
+            job = request(first, image="warm-up", mask="warm-up", strength=0.5)
+            run(job, image=image, mask=mask)
 
 
 def _edit(image: bytes, mask: bytes | None, strength: float) -> generate.Edit:
