@@ -11,7 +11,7 @@ from quantization import backends
 from quantization.analysis import find_units
 from quantization.api import analyze_denoiser
 from quantization.latency import Latencies, LatencyCache, device_key, input_shapes
-from quantization.plan import BlockOption, explain, greedy_plan
+from quantization.plan import SPEED_MIN_SHARE, BlockOption, explain, greedy_plan
 from quantization.table import SensitivityTable
 from quantization.types import LayerSpec, Recipe, get_recipe, level_spec
 from tests import tiny
@@ -82,7 +82,8 @@ def test_levels_are_checked_by_name():
         level_spec("w9a9", None, "tensor")
     with pytest.raises(ValueError, match="unknown levels"):
         Recipe("bad", "", "int8", "int8", levels=("w8a8", "w7a8"))
-    assert get_recipe("w8a8-static-sqnr").levels == ("w8a8", "w8a8t", "float")
+    assert level_spec("bf16", None, "tensor") == LayerSpec("bf16")
+    assert get_recipe("w8a8-static-sqnr").levels == ("w8a8", "w8a8t", "bf16", "float")
 
 
 def test_timings_are_cached_per_device_and_reused(tmp_path):
@@ -174,3 +175,14 @@ def test_once_the_target_is_met_faster_levels_are_taken_within_the_budget():
         b: [BlockOption(o.level, o.sqnr_db, o.weight_bytes) for o in v] for b, v in options.items()
     }
     assert greedy_plan(blind, target_sqnr_db=30.0, save_time=True).promotions == []
+
+
+def test_a_saving_too_small_for_the_timing_proxy_is_not_taken_for_speed():
+    # 100 units of 1 ms at the base: the plan takes 100 ms; "tiny" would save 0.1 % of it,
+    # "some" 1 %: only "some" goes float for speed.
+    options = {f"u{i}": _unit(60.0, 1.0, 61.0, 1.5, 2.0) for i in range(98)}
+    options["tiny"] = _unit(60.0, 1.0, 61.0, 1.5, 0.9)
+    options["some"] = _unit(60.0, 1.0, 61.0, 1.5, 0.0)
+    fast = greedy_plan(options, target_sqnr_db=30.0, save_time=True)
+    assert [p.block for p in fast.promotions] == ["some"]
+    assert 0.1 < SPEED_MIN_SHARE * 100 < 1.0

@@ -144,11 +144,48 @@ def test_a_reloaded_state_gives_the_same_outputs():
         x86.load_state(fresh, {k: v for k, v in tensors.items() if "bias" not in k}, meta)
 
 
+def test_bf16_layers_compute_in_bf16_weigh_half_and_reload():
+    x, ranges = _inputs()
+    fp, q = Net().eval(), Net().eval()
+    bf16 = LayerSpec("bf16")
+    assert bf16.level == "bf16" and bf16.granularity is None
+    x86.quantize_layers(q, {"conv": bf16, "proj": bf16}, ranges)
+    assert isinstance(q.conv, x86.Bf16Conv2d) and isinstance(q.proj, x86.Bf16Linear)
+    assert x86.layer_specs(q) == {"conv": bf16, "proj": bf16}
+    # half the float bytes: weights and biases in bf16
+    assert x86.nbytes(q) * 2 == sum(p.numel() * p.element_size() for p in fp.parameters())
+    before = x.clone()
+    with torch.no_grad():
+        want, got = fp(x), q(x)
+        h = torch.nn.functional.conv2d(
+            x.bfloat16(), fp.conv.weight.bfloat16(), fp.conv.bias.bfloat16(), padding=1
+        )
+        by_hand = torch.nn.functional.linear(
+            h.flatten(2).transpose(1, 2), fp.proj.weight.bfloat16(), fp.proj.bias.bfloat16()
+        )
+    assert got.dtype == torch.float32 and torch.equal(x, before)
+    assert torch.allclose(got, by_hand.float(), atol=1e-2)
+    error = (got - want).pow(2).mean() / want.pow(2).mean()
+    assert 30 < -10 * torch.log10(error) < 70  # bf16's rounding, not float, not garbage
+    tensors, meta = x86.state_dict(q)
+    fresh = Net().eval()
+    x86.prepare(
+        fresh,
+        {n: LayerPlan("bf16", None, None, None, n) for n in ("conv", "proj")},
+    )
+    x86.load_state(fresh, tensors, meta)
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh(x))
+    with pytest.raises(ValueError, match="no quantized activations"):
+        LayerSpec("bf16", "int8")
+
+
 @pytest.mark.parametrize(
     ("spec", "device", "names"),
     [
         (LayerSpec("int4", None, 128), "cpu", "quanto"),
         (W8A8, "cuda", "CPU kernels"),
+        (LayerSpec("bf16"), "cuda", "CPU kernels"),
     ],
 )
 def test_what_it_cannot_do_is_refused_naming_what_can(spec, device, names):

@@ -84,6 +84,8 @@ def build_extensions() -> list[str]:
 
 def check(spec: LayerSpec, device: str = "cpu") -> None:
     """Raise ValueError if this backend cannot quantize a layer so."""
+    if spec.weights == "bf16":
+        raise ValueError("bf16 layers are the x86 backend's (--backend x86)")
     if spec.granularity == "token":
         raise ValueError(
             "optimum-quanto has static per-tensor activation scales only; per-token (dynamic) "

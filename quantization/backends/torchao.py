@@ -78,6 +78,8 @@ def _fp8_capable(device: str) -> bool:
 
 def check(spec: LayerSpec, device: str = "cpu") -> None:
     """Raise ValueError if this backend cannot quantize a layer so on ``device``."""
+    if spec.weights == "bf16":
+        raise ValueError("bf16 layers are the x86 backend's (--backend x86)")
     if spec.granularity == "timestep":
         raise ValueError(
             "static scales per timestep range are the quanto backend's (--backend quanto): "
