@@ -333,7 +333,11 @@ def quantize_layers(
             install_smoothing(layer, smoothing[name])
             attach_smoothing(new, getattr(layer, SMOOTH_BUFFER).detach().clone())
         new.set_weight(_tensor(layer, "weight"), getattr(layer, "bias", None))
-        if spec.activations is not None and spec.granularity != "token":
+        if (
+            isinstance(new, _Int8Layer)
+            and spec.activations is not None
+            and spec.granularity != "token"
+        ):
             if name not in ranges:
                 raise ValueError(f"{name} has static activations but no calibrated range")
             try:
