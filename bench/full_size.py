@@ -15,7 +15,9 @@ after its warm-up; the compile time is reported apart) or ``+freeze`` for ``torc
 Inductor's freezing (weights folded into the graph as constants). SQNR-driven recipes are planned on
 the calls below and their plans replayed on them (``--checks``: the planner's offset fitted
 to each replay). ``--peer openvino`` times OpenVINO on the same weights and inputs in the
-same run (``bench.openvino_peer``, in the Python given by ``--peer-python``).
+same run (``bench.openvino_peer``, in the Python given by ``--peer-python``). ``--rounds N``
+times every variant again at the end, in turn, N rounds, and reports each one's median over
+them: this shared machine drifts by more than 10 % over a run, variant to variant.
 
 SD-1.5 UNet: UNet2DConditionModel with SD 1.5's configuration (320/640/1280/1280 channels,
 2 layers per block, cross-attention on 77 x 768 text states), 64x64x4 latents (512 px images).
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -170,17 +173,18 @@ def cast_calls(calls: list[Call], dtype: torch.dtype) -> list[Call]:
     ]
 
 
-def step_latency_ms(model, call: Call, device: str, repeats: int) -> float:
+def step_latency_ms(model, call: Call, device: str, repeats: int, warm: bool = True) -> float:
+    """The median of ``repeats`` calls, after one that warms up (``warm``: not timed)."""
     times = []
     with torch.no_grad():  # quanto tensors do not support inference mode
-        for i in range(repeats + 1):
+        for i in range(repeats + warm):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             model(*call.args, **call.kwargs)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if i:  # the first call warms up (kernels, extension builds)
+            if i or not warm:  # the first call warms up (kernels, extension builds)
                 times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -230,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         help="the Python that has openvino and nncf (default: %(default)s, `make peer`)",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="after every variant is measured, time them all again once per round, in turn, "
+        "and report each one's median over the rounds (keeps every variant in memory)",
+    )
+    p.add_argument(
         "--keep-going",
         action="store_true",
         help="a variant that fails is recorded with its error and the run goes on to the next",
@@ -273,9 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     peer_rows = [] if peer is None else peer["variants"]
     calls = {"calibration": calibration, "trajectory": trajectory, "timing": [timing_call]}
+    kept: dict[str, tuple[Callable, Call]] = {}  # --rounds: each variant's runner and call
     for variant in args.variants:
         try:
-            row = measure(variant, fp, calls, reference, args)
+            row, runner = measure(variant, fp, calls, reference, args)
+            if args.rounds:
+                kept[variant] = runner
+            del runner
         except Exception as e:  # recorded, and the run goes on when asked
             if not args.keep_going:
                 raise
@@ -289,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             fp.to(args.device)
         # every row as it comes: a run killed later (out of memory) keeps what it measured
         _write(out, header, rows + peer_rows, complete=False)
+    if kept:
+        interleave(kept, rows, args)
     _write(out, header, rows + peer_rows, complete=True)
     print(f"wrote {out}")
 
@@ -299,10 +316,11 @@ def measure(
     calls: dict[str, list[Call]],
     reference: list[torch.Tensor],
     args: argparse.Namespace,
-) -> dict:
+) -> tuple[dict, tuple[Callable, Call]]:
     """One variant's row: built (quantized, planned where its recipe is SQNR-driven) from
     ``fp``, its SQNR on the trajectory against ``reference``, its step time (compiled after
-    a warm-up call where asked) and its bytes; on CUDA, its peak memory alone."""
+    a warm-up call where asked) and its bytes; on CUDA, its peak memory alone. Also what
+    runs one step of it (its runner and the timing call), for ``--rounds``."""
     device = args.device
     params = sum(p.numel() for p in fp.parameters())
     calibration, trajectory = calls["calibration"], calls["trajectory"]
@@ -402,7 +420,25 @@ def measure(
     }
     if peak is not None:
         row["peak_cuda_bytes"] = peak
-    return row
+    return row, (runner, timing)
+
+
+def interleave(kept: dict[str, tuple[Callable, Call]], rows: list[dict], args) -> None:
+    """``--rounds``: every kept variant timed once per round, in turn, round after round; its
+    ``step_latency_ms`` becomes the median of its rounds (the time it took alone, when it was
+    measured, is kept as ``step_latency_ms_alone``). Variants timed minutes apart on a shared
+    machine drift apart by more than the gaps between them; interleaved, each round sees the
+    same machine. The peer's rows, timed in their own process first, are not re-timed."""
+    times: dict[str, list[float]] = {v: [] for v in kept}
+    for r in range(args.rounds):
+        print(f"[rounds] {r + 1}/{args.rounds}", flush=True)
+        for variant, (runner, call) in kept.items():
+            times[variant].append(step_latency_ms(runner, call, args.device, 1, warm=False))
+    for row in rows:
+        if row["variant"] in times:
+            row["step_latency_ms_alone"] = row["step_latency_ms"]
+            row["step_latency_ms"] = round(statistics.median(times[row["variant"]]), 1)
+            row["step_latency_ms_rounds"] = [round(t, 1) for t in times[row["variant"]]]
 
 
 def _write(out: Path, header: dict, rows: list[dict], complete: bool) -> None:

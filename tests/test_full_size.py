@@ -77,3 +77,16 @@ def test_one_layer_at_full_width_quantizes_on_both_backends(tmp_path):
         assert rows[name]["ratio_to_fp16"] < 0.75  # int8 weights, float embedding tables
         assert rows[name]["sqnr_random_db"] > 20.0
     assert result["command"].startswith("python -m bench.full_size --layers 1")
+
+
+def test_rounds_time_every_variant_again_in_turn_and_report_the_median(tmp_path):
+    out = tmp_path / "fs.json"
+    args = ["--layers", "1", "--repeats", "1", "--out", str(out), "--rounds", "3"]
+    full_size.main([*args, "--variants", "fp", "fp+compile"])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    for row in rows.values():
+        assert len(row["step_latency_ms_rounds"]) == 3
+        assert row["step_latency_ms"] == pytest.approx(
+            sorted(row["step_latency_ms_rounds"])[1], abs=0.1
+        )
+        assert row["step_latency_ms_alone"] > 0
