@@ -35,7 +35,8 @@ class Edit:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float (1, 3, H, W) in [-1, 1], what a VAE encodes."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).float().div(127.5).sub(1.0)
+    # np.array copies: a decoded upload is read-only, which torch.from_numpy warns about
+    pixels = torch.from_numpy(np.array(image, np.float32)).div(127.5).sub(1.0)
     return pixels.permute(2, 0, 1).unsqueeze(0)
 
 
