@@ -20,10 +20,11 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.slow  # compiles the t2i-digits UNet at three batch shapes: about a minute
-def test_after_a_compiled_warm_up_no_job_compiles():
-    spec = load_registry(DEFAULT_REGISTRY).models["t2i-digits"]
-    assert spec.edits and spec.inpainting and spec.guidance_range[0] <= 1.0
+@pytest.mark.slow  # compiles each denoiser at three batch shapes: about a minute each
+@pytest.mark.parametrize("model", ["t2i-digits", "dit-digits"])
+def test_after_a_compiled_warm_up_no_job_compiles(model):
+    spec = load_registry(DEFAULT_REGISTRY).models[model]
+    assert spec.edits and spec.guidance_range[0] <= 1.0
     variant = dataclasses.replace(spec.variants["fp32"], compile=True)
     spec = dataclasses.replace(spec, variants={**spec.variants, "fp32": variant})
     torch._dynamo.reset()
@@ -39,7 +40,8 @@ def test_after_a_compiled_warm_up_no_job_compiles():
         base = {
             "model": spec.name,
             "variant": "fp32",
-            "prompt": "a red seven on a black background",
+            "prompt": "a red seven on a black background" if model == "t2i-digits" else "seven",
+            "class_id": next(iter(spec.labels.values()), None),
             "n": 1,
             "width": width,
             "height": height,
@@ -61,6 +63,8 @@ def test_after_a_compiled_warm_up_no_job_compiles():
                 {"image": image},
             ),
         }
+        if not spec.inpainting:  # a class-conditional DiT edits without a mask
+            del jobs["inpaint"]
         for name, (fields, inputs) in jobs.items():
             request = JobRequest(**{**base, **fields})
             seen: list[int] = []
