@@ -424,12 +424,16 @@ def measure(
 
 
 def interleave(kept: dict[str, tuple[Callable, Call]], rows: list[dict], args) -> None:
-    """``--rounds``: every kept variant timed once per round, in turn, round after round; its
+    """``--rounds``: every kept variant called once untimed (the dynamo reset between
+    variants makes each compile again), then timed once per round, in turn, round after round; its
     ``step_latency_ms`` becomes the median of its rounds (the time it took alone, when it was
     measured, is kept as ``step_latency_ms_alone``). Variants timed minutes apart on a shared
     machine drift apart by more than the gaps between them; interleaved, each round sees the
     same machine. The peer's rows, timed in their own process first, are not re-timed."""
     times: dict[str, list[float]] = {v: [] for v in kept}
+    print("[rounds] warming up", flush=True)  # the dynamo reset after each variant: recompiles
+    for runner, call in kept.values():
+        step_latency_ms(runner, call, args.device, 1, warm=False)
     for r in range(args.rounds):
         print(f"[rounds] {r + 1}/{args.rounds}", flush=True)
         for variant, (runner, call) in kept.items():

@@ -33,6 +33,7 @@ __all__ = [
     "Checked",
     "Treatments",
     "check",
+    "check_levels",
     "choose",
     "find_units",
     "fit_to_replay",
@@ -103,6 +104,29 @@ def plan_at_levels(
                 protect,
             )
     return plan
+
+
+def check_levels(backend: Backend, recipe: Recipe, device: str) -> None:
+    """Before anything is measured: every level the recipe may give a unit (its base spec for
+    a uniform one) is one ``backend`` can build on ``device``, else a ValueError that names
+    the level and what the backend said (a level it cannot build would otherwise fail the
+    analysis minutes in, at the first unit promoted to it)."""
+    levels = recipe.levels or (None,)
+    for level in levels:
+        spec = (
+            recipe.base_spec()
+            if level is None
+            else level_spec(level, recipe.group_size, recipe.granularity)
+        )
+        if spec is None:
+            continue
+        try:
+            backend.check(spec, device)
+        except ValueError as e:
+            where = "its base" if level is None else f"level {level}"
+            raise ValueError(
+                f"recipe {recipe.name} on the {backend.NAME} backend, {where}: {e}"
+            ) from None
 
 
 def uniform_plan(units: list[Unit], recipe: Recipe) -> dict[str, LayerPlan]:

@@ -14,6 +14,7 @@ from quantization import backends
 from quantization.activations import collect_stats, ranges_for
 from quantization.analysis import (
     Treatments,
+    check_levels,
     choose,
     choose_treatments,
     find_units,
@@ -117,6 +118,7 @@ def analyze_denoiser(
     ``latency_cache`` (default: the device's cache file)."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     impl = backends.get(backend or r.backend)
+    check_levels(impl, r, str(next(denoiser.parameters()).device))
     blocks = find_units(denoiser, impl.LAYERS, "block")
     layers = [layer for b in blocks for layer in b.layers]
     stats = collect_stats(denoiser, layers, calibration_calls) if r.static else None

@@ -17,6 +17,7 @@ from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
 from quantization.activations import ActivationStats, collect_stats, ranges_for
 from quantization.analysis import (
+    check_levels,
     find_units,
     fp_bytes,
 )
@@ -94,6 +95,7 @@ class Run:
         self.attr = denoiser_attr(pipe)
         self.denoiser: nn.Module = getattr(pipe, self.attr).eval()
         self.backend = backends.get(r.backend)
+        check_levels(self.backend, r.recipe, str(next(self.denoiser.parameters()).device))
         self.units = {
             k: find_units(self.denoiser, self.backend.LAYERS, k) for k in ("block", "module")
         }

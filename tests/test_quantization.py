@@ -14,7 +14,7 @@ from pipelines.generate import guided_prediction, sample
 from quality.metrics import sqnr_db
 from quantization import QuantizeOptions, backends, load_quantized, quantize
 from quantization.activations import collect_stats, ranges_for
-from quantization.analysis import find_units, uniform_plan
+from quantization.analysis import check_levels, find_units, uniform_plan
 from quantization.api import analyze_denoiser, quantize_denoiser
 from quantization.artifact import ArtifactError, open_source, save_artifact, sha256_of
 from quantization.blocks import find_blocks
@@ -625,3 +625,13 @@ def test_plan_files_are_validated():
     plan = plan_from_json({"a": {"weights": "int4", "activations": "none", "group_size": 64}})
     assert plan["a"].spec == LayerSpec("int4", None, 64)
     assert plan_from_json(plan_to_json(plan)) == plan
+
+
+def test_a_recipe_level_the_backend_cannot_build_is_refused_before_any_measurement():
+    model, calls = tiny.dit(), tiny.calls("dit")
+    with pytest.raises(ValueError, match=r"w8a8-static-sqnr on the quanto backend, level w8a8t"):
+        analyze_denoiser(model, "w8a8-static-sqnr", calls[:1], calls, backend="quanto")
+    with pytest.raises(ValueError, match=r"w8a8-static on the x86 backend, its base.*cuda"):
+        check_levels(backends.get("x86"), get_recipe("w8a8-static"), "cuda")
+    with pytest.raises(ValueError, match=r"level bf16: bf16 layers are the x86 backend's"):
+        check_levels(backends.get("torchao"), get_recipe("w8a8-static-sqnr"), "cpu")
