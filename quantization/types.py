@@ -104,8 +104,8 @@ def effective_group_size(in_features: int, wanted: int | None) -> int | None:
 LEVELS = ("w4a8", "w8a8", "w8a16", "float")
 # Every level a recipe may list: also "w8a8t", int8 with dynamic per-token activations
 # whatever the recipe's granularity (between static w8a8 and float, where the backend has it),
-# and "bf16", the layer computed in bfloat16 (half float's bytes; on a CPU with AVX-512 BF16
-# about twice float's speed).
+# and "bf16", the layer computed in bfloat16 (half float's bytes; on a CPU with AVX-512 BF16,
+# faster than float).
 LEVEL_NAMES = ("w4a8", "w8a8", "w8a8t", "w8a16", "bf16", "float")
 
 
