@@ -190,6 +190,24 @@ class _Int8Layer(nn.Module):
         return (x / scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8), scale
 
 
+class _Conv:
+    """A convolution's channels, stride, padding, dilation and groups, on its replacement."""
+
+    in_channels: int
+    out_channels: int
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+    def _take_geometry(self, conv: nn.Conv2d) -> None:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("the x86 backend's Conv2d takes numeric zero padding only")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.stride, self.padding = list(conv.stride), list(conv.padding)  # type: ignore[arg-type]
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+
+
 def _scaled(raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's output times the input's scale, plus the bias: one pass."""
     return raw.mul_(scale) if bias is None else torch.addcmul(bias, raw, scale)
@@ -212,17 +230,13 @@ class Int8Linear(_Int8Layer):
         return _scaled(raw, scale, self.bias).reshape(*lead, self.out_features).to(x.dtype)
 
 
-class Int8Conv2d(_Int8Layer):
+class Int8Conv2d(_Conv, _Int8Layer):
     """A Conv2d as oneDNN int8, same scheme as ``Int8Linear`` (dynamic scales: per tensor,
     an NCHW input has no tokens)."""
 
     def __init__(self, conv: nn.Conv2d, spec: LayerSpec):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("the x86 backend's Conv2d takes numeric zero padding only")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.stride, self.padding = list(conv.stride), list(conv.padding)  # type: ignore[arg-type]
-        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self._take_geometry(conv)
         self._init_buffers(conv.out_channels, tuple(conv.weight.shape), spec, conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,14 +286,10 @@ class Bf16Linear(_Bf16Layer):
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
-class Bf16Conv2d(_Bf16Layer):
+class Bf16Conv2d(_Conv, _Bf16Layer):
     def __init__(self, conv: nn.Conv2d, spec: LayerSpec):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("the x86 backend's Conv2d takes numeric zero padding only")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.stride, self.padding = list(conv.stride), list(conv.padding)  # type: ignore[arg-type]
-        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self._take_geometry(conv)
         self._init_buffers(tuple(conv.weight.shape), spec, conv.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
