@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     kept: dict[str, tuple[Callable, Call]] = {}  # --rounds: each variant's runner and call
     for variant in args.variants:
         try:
-            row, runner = measure(variant, fp, calls, reference, args)
+            row, runner = measure(variant, fp, params, calls, reference, args)
             if args.rounds:
                 kept[variant] = runner
             del runner
@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 def measure(
     variant: str,
     fp: torch.nn.Module,
+    params: int,
     calls: dict[str, list[Call]],
     reference: list[torch.Tensor],
     args: argparse.Namespace,
@@ -322,7 +323,6 @@ def measure(
     a warm-up call where asked) and its bytes; on CUDA, its peak memory alone. Also what
     runs one step of it (its runner and the timing call), for ``--rounds``."""
     device = args.device
-    params = sum(p.numel() for p in fp.parameters())
     calibration, trajectory = calls["calibration"], calls["trajectory"]
     calls = {"trajectory": trajectory, "timing": calls["timing"]}
     name, granularity, backend, compiled = parse_variant(variant)
@@ -432,8 +432,9 @@ def interleave(kept: dict[str, tuple[Callable, Call]], rows: list[dict], args) -
     same machine. The peer's rows, timed in their own process first, are not re-timed."""
     times: dict[str, list[float]] = {v: [] for v in kept}
     print("[rounds] warming up", flush=True)  # the dynamo reset after each variant: recompiles
-    for runner, call in kept.values():
-        step_latency_ms(runner, call, args.device, 1, warm=False)
+    with torch.no_grad():
+        for runner, call in kept.values():
+            runner(*call.args, **call.kwargs)
     for r in range(args.rounds):
         print(f"[rounds] {r + 1}/{args.rounds}", flush=True)
         for variant, (runner, call) in kept.items():
