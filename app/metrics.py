@@ -12,12 +12,16 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "BATCH_SIZE",
     "DENOISER_WEIGHT_BYTES",
+    "EVICTIONS",
     "FIDELITY_PSNR",
     "FIDELITY_SQNR",
     "FIDELITY_SSIM",
     "GENERATION_SECONDS",
     "IMAGES",
     "JOBS",
+    "LOADS",
+    "LOAD_FAILURES",
+    "LOAD_SECONDS",
     "MODEL_LOAD_SECONDS",
     "MODEL_WARMUP_SECONDS",
     "PEAK_MEMORY_BYTES",
@@ -26,6 +30,7 @@ __all__ = [
     "QUEUE_WAIT_SECONDS",
     "REQUESTS",
     "REQUEST_SECONDS",
+    "RESIDENT_BYTES",
     "STEP_SECONDS",
     "WORKERS_LIVE",
 ]
@@ -122,4 +127,28 @@ MODEL_WARMUP_SECONDS = Gauge(
     "t2i_model_warmup_seconds",
     "Seconds the worker's warm-up took before its first job (compiling, for compiled variants)",
     MV,
+)
+
+# Residency: the variants a worker hosts load at their first job and are evicted beyond its
+# memory budget (app.worker.residency).
+RESIDENT_BYTES = Gauge(
+    "t2i_resident_bytes",
+    "Bytes of weights a worker holds, per component (variant empty: shared by the model's "
+    "variants, e.g. its text encoder and VAE; 0 once evicted)",
+    (*MV, "component"),
+)
+LOADS = Counter("t2i_variant_loads_total", "Variants loaded by a worker", MV)
+LOAD_SECONDS = Histogram(
+    "t2i_variant_load_seconds",
+    "Seconds a variant took to load (warm-up included)",
+    MV,
+    buckets=_LATENCY_BUCKETS,
+)
+EVICTIONS = Counter(
+    "t2i_variant_evictions_total", "Variants evicted to keep a worker within its budget", MV
+)
+LOAD_FAILURES = Counter(
+    "t2i_variant_load_failures_total",
+    "Loads that failed (reason: load_failed, out_of_memory, over_budget)",
+    (*MV, "reason"),
 )

@@ -6,7 +6,9 @@ the worker resolves the same entries into a pipeline.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "VariantSpec",
+    "WorkerSpec",
     "load_registry",
+    "parse_bytes",
 ]
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -143,12 +147,29 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class WorkerSpec:
+    """One worker process's share of the registry: the variants it hosts on one device, and
+    how many bytes of weights it may hold at once (None: all of them, loaded at start)."""
+
+    name: str
+    device: str
+    variants: tuple[tuple[str, str], ...]  # (model, variant), in registry order
+    memory_budget: int | None = None
+    pinned: frozenset[tuple[str, str]] = frozenset()  # never evicted, loaded at start
+
+
+@dataclass(frozen=True)
 class Registry:
     models: dict[str, ModelSpec]
     path: Path
+    workers: dict[str, WorkerSpec] = field(default_factory=dict)
 
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
+
+    def served(self) -> list[tuple[str, str]]:
+        """Every (model, variant), in registry order."""
+        return [(m, v) for m, spec in self.models.items() for v in spec.variants]
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -162,7 +183,84 @@ def load_registry(path: str | Path) -> Registry:
     if not isinstance(entries, dict) or not entries:
         raise RegistryError(f"{path}: no [models.NAME] entries")
     models = {name: _model(name, entry, path.parent) for name, entry in entries.items()}
-    return Registry(models, path)
+    tables = raw.get("workers", {})
+    if not isinstance(tables, dict):
+        raise RegistryError(f"{path}: workers must be [workers.NAME] tables")
+    workers = {n: _worker(n, e, models) for n, e in tables.items()} or _default_workers(models)
+    return Registry(models, path, workers)
+
+
+def _default_workers(models: dict[str, ModelSpec]) -> dict[str, WorkerSpec]:
+    """Without [workers.NAME] tables: one worker per device, hosting every variant there."""
+    by_device: dict[str, list[tuple[str, str]]] = {}
+    for m, spec in models.items():
+        by_device.setdefault(spec.device, []).extend((m, v) for v in spec.variants)
+    return {d: WorkerSpec(d, d, tuple(targets)) for d, targets in by_device.items()}
+
+
+def _worker(name: str, entry: dict, models: dict[str, ModelSpec]) -> WorkerSpec:
+    where = f"workers.{name}"
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{where}: must be a table")
+    unknown = set(entry) - {"device", "variants", "memory_budget", "pin"}
+    if unknown:
+        raise RegistryError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    device = entry.get("device", "cpu")
+    everything = [(m, v) for m, spec in models.items() for v in spec.variants]
+    if "variants" in entry:
+        hosted = _matching(where, "variants", entry["variants"], everything)
+    else:  # every variant of the device
+        hosted = [(m, v) for m, v in everything if models[m].device == device]
+    for m, v in hosted:
+        if models[m].device.split(":")[0] != device.split(":")[0]:
+            raise RegistryError(f"{where}: {m}/{v} runs on {models[m].device}, not {device}")
+    pinned = _matching(where, "pin", entry.get("pin", []), hosted)
+    budget = entry.get("memory_budget")
+    try:
+        budget = None if budget is None else parse_bytes(budget)
+    except ValueError as exc:
+        raise RegistryError(f"{where}: memory_budget: {exc}") from None
+    return WorkerSpec(name, device, tuple(hosted), budget, frozenset(pinned))
+
+
+def _matching(
+    where: str, key: str, patterns: object, among: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The (model, variant) pairs that "MODEL/VARIANT" patterns (shell wildcards) name, in
+    registry order; a pattern that names nothing is an error."""
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise RegistryError(f'{where}: {key} must be a list of "MODEL/VARIANT" patterns')
+    chosen = set()
+    for pattern in patterns:
+        if pattern.count("/") != 1:
+            raise RegistryError(f'{where}: {key}: {pattern!r} is not "MODEL/VARIANT"')
+        found = {t for t in among if fnmatch.fnmatchcase(f"{t[0]}/{t[1]}", pattern)}
+        if not found:
+            raise RegistryError(f"{where}: {key}: {pattern!r} names no variant it can host")
+        chosen |= found
+    return [t for t in among if t in chosen]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: object) -> int:
+    """Bytes from an int or a string like "1.5GiB", "800 MB", "2e9"."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"{value!r} is not a size (e.g. 2GiB, 800MB, 1500000000)")
+        try:
+            value = float(match.group(1)) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a size") from None
+    if value <= 0:
+        raise ValueError(f"{value!r} must be positive")
+    return int(value)
 
 
 def _model(name: str, entry: dict, base: Path) -> ModelSpec:

@@ -1,9 +1,11 @@
-"""``python -m app``: Redis (when REDIS_URL is unset), a worker per registry variant, the API.
+"""``python -m app``: Redis (when REDIS_URL is unset), the registry's workers, the API.
 
 On a fresh machine this is the whole service on 127.0.0.1:8000. Redis is a ``redis-server``
 from PATH, with append-only persistence under ``T2I_DATA_DIR`` so queued jobs survive a
-restart; an already running one on the port is reused. Workers that die are restarted (their
-jobs are taken over by the others meanwhile). Ctrl-C stops everything in order. The processes
+restart; an already running one on the port is reused. A worker process hosts many variants
+(the registry's ``[workers.NAME]``; by default one per device, with every variant there).
+Workers that die are restarted (their jobs wait for them, or are taken over by other workers
+of the same variants). Ctrl-C stops everything in order. The processes
 themselves are app.supervisor's.
 """
 
@@ -19,7 +21,7 @@ import uvicorn
 
 from app.config import get_settings
 from app.registry import load_registry
-from app.supervisor import StartError, Supervisor, Worker, start_redis
+from app.supervisor import StartError, Supervisor, WorkerProcess, start_redis
 
 log = logging.getLogger("app.run")
 
@@ -48,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
     registry = load_registry(settings.registry)
-    targets = [(m, v) for m, spec in registry.models.items() for v in spec.variants]
+    targets = registry.served()
     if args.only:
         unknown = set(args.only) - {f"{m}/{v}" for m, v in targets}
         if unknown:
             parser.error(f"not in the registry: {', '.join(sorted(unknown))}")
-        targets = [t for t in targets if f"{t[0]}/{t[1]}" in args.only]
+    hosts = {}
+    for name, hosted in registry.workers.items():
+        chosen = [t for t in hosted.variants if not args.only or f"{t[0]}/{t[1]}" in args.only]
+        if chosen:
+            hosts[name] = (chosen, hosted)
     env = dict(os.environ)
     redis_server = None
     if "REDIS_URL" not in os.environ:
@@ -63,18 +69,22 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{exc}; or point REDIS_URL at a running Redis")
         env["REDIS_URL"] = os.environ["REDIS_URL"] = redis_server.url
         get_settings.cache_clear()
-    # Share the cores: many workers each with all the cores' threads thrash a small machine.
-    env.setdefault("T2I_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // len(targets))))
+    # Share the cores: several workers each with all the cores' threads thrash a small machine.
+    env.setdefault("T2I_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // len(hosts))))
     first_port = args.workers_metrics_port
-    workers = Supervisor(
-        Worker(model, variant, env, metrics_port=first_port + i if first_port else None)
-        for i, (model, variant) in enumerate(targets)
-    ).start()
+    processes = []
+    for i, (name, (chosen, hosted)) in enumerate(hosts.items()):
+        port = first_port + i if first_port else None
+        if chosen == list(hosted.variants):  # the registry's worker, budget and pins included
+            processes.append(WorkerProcess(chosen, env, metrics_port=port, worker=name))
+        else:
+            processes.append(WorkerProcess(chosen, env, metrics_port=port))
+    workers = Supervisor(processes).start()
     log.info(
         "API on http://%s:%d (workers: %s)",
         args.host,
         args.port,
-        ", ".join(f"{m}/{v}" for m, v in targets),
+        "; ".join(str(w) for w in processes),
     )
     try:
         uvicorn.run(

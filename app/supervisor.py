@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -28,7 +28,7 @@ __all__ = [
     "RedisServer",
     "StartError",
     "Supervisor",
-    "Worker",
+    "WorkerProcess",
     "settings_env",
     "start_redis",
     "stop_processes",
@@ -141,52 +141,72 @@ def _default_name() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"  # what the worker picks itself
 
 
-class Worker:
-    """One ``python -m app.worker`` subprocess serving (model, variant), with ``env`` as its
-    whole environment. Unnamed, it gets a fresh host-random name at every start."""
+class WorkerProcess:
+    """One ``python -m app.worker`` subprocess serving ``variants`` ((model, variant) pairs,
+    on one device), with ``env`` as its whole environment. Unnamed, it gets a fresh
+    host-random name at every start. ``memory_budget``: the bytes of weights it may hold
+    ("2GiB"; None: the registry's, else no limit). ``worker``: the registry's
+    ``[workers.NAME]`` that lists ``variants`` (its budget and pins apply)."""
 
     def __init__(
         self,
-        model: str,
-        variant: str,
+        variants: Sequence[tuple[str, str]],
         env: Mapping[str, str],
         name: str | None = None,
         metrics_port: int | None = None,
+        memory_budget: str | None = None,
+        worker: str | None = None,
     ) -> None:
-        self.model, self.variant, self.env = model, variant, dict(env)
+        if not variants:
+            raise ValueError("a worker serves at least one variant")
+        self.variants, self.env = list(variants), dict(env)
         self.fixed_name, self.metrics_port = name, metrics_port
+        self.memory_budget, self.worker = memory_budget, worker
         self.name = name or _default_name()
         self.process: subprocess.Popen | None = None
         self.started = 0.0  # unix time of the latest start: heartbeats older than it are stale
 
+    def __str__(self) -> str:
+        return f"{self.name} ({', '.join(f'{m}/{v}' for m, v in self.variants)})"
+
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "app.worker", "--model", self.model]
-        command += ["--variant", self.variant, "--name", self.name]
+        command = [sys.executable, "-m", "app.worker"]
+        if self.worker is not None:
+            command += ["--worker", self.worker]
+        elif len(self.variants) == 1:
+            ((model, variant),) = self.variants
+            command += ["--model", model, "--variant", variant]
+        else:
+            command += ["--serve", *(f"{m}/{v}" for m, v in self.variants)]
+        command += ["--name", self.name]
+        if self.memory_budget is not None:
+            command += ["--memory-budget", self.memory_budget]
         if self.metrics_port is not None:
             command += ["--metrics-port", str(self.metrics_port)]
         return command
 
-    def start(self) -> Worker:
+    def start(self) -> WorkerProcess:
         """Spawns the process (a fresh one, with a fresh name unless it was given one)."""
         self.name = self.fixed_name or _default_name()
         self.started = time.time()
         self.process = subprocess.Popen(self.command(), env=self.env)
         return self
 
-    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> Worker:
-        """Until a heartbeat of this very process is in Redis (its score in the variant's
-        worker set is at least the start time); StartError at once if the process exits."""
+    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> WorkerProcess:
+        """Until a heartbeat of this very process is in Redis (its score in its variants'
+        worker sets is at least the start time: it heartbeats once it has loaded what it
+        loads at start); StartError at once if the process exits."""
         url = self.env.get("REDIS_URL", Settings.model_fields["redis_url"].default)
         prefix = self.env.get("T2I_KEY_PREFIX", Settings.model_fields["key_prefix"].default)
-        key = Keys(prefix).workers(self.model, self.variant)
+        key = Keys(prefix).workers(*self.variants[0])
         client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise StartError(
-                        f"worker {self.name} ({self.model}/{self.variant}) exited with "
-                        f"{self.process.returncode} before its first heartbeat"
+                        f"worker {self} exited with {self.process.returncode} "
+                        "before its first heartbeat"
                     )
                 try:
                     beat = client.zscore(key, self.name)
@@ -216,7 +236,7 @@ class Supervisor:
 
     def __init__(
         self,
-        workers: Iterable[Worker],
+        workers: Iterable[WorkerProcess],
         restart_delay_s: float = RESTART_DELAY_S,
         watch_every_s: float = WATCH_EVERY_S,
     ) -> None:
@@ -239,13 +259,7 @@ class Supervisor:
                 code = worker.process.poll()
                 if code in (None, 0):
                     continue
-                log.warning(
-                    "worker %s (%s/%s) exited with %s; restarting",
-                    worker.name,
-                    worker.model,
-                    worker.variant,
-                    code,
-                )
+                log.warning("worker %s exited with %s; restarting", worker, code)
                 if self.stopping.wait(self.restart_delay_s):
                     return
                 with self._lock:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from app.supervisor import StartError, Worker, settings_env, start_redis, stop_processes
+from app.supervisor import StartError, WorkerProcess, settings_env, start_redis, stop_processes
 
 __all__ = ["Stack", "free_port", "start_prometheus", "wait_for"]
 
@@ -84,7 +84,7 @@ class Stack:
 
         wait_for(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, 30, "the API")
         self.workers: dict[str, subprocess.Popen] = {}  # name -> its latest process
-        self._workers: dict[str, Worker] = {}
+        self._workers: dict[str, WorkerProcess] = {}
         self.prefix = self.env["T2I_KEY_PREFIX"]
 
     def start_worker(
@@ -99,7 +99,9 @@ class Stack:
         """Starts worker ``name`` (settings on top of the stack's); ``wait``: until its first
         heartbeat (not one left by an earlier, killed worker of that name)."""
         env = dict(self.env, **settings_env(settings))
-        worker = Worker(model, variant, env, name=name, metrics_port=metrics_port).start()
+        worker = WorkerProcess(
+            [(model, variant)], env, name=name, metrics_port=metrics_port
+        ).start()
         self._workers[name], self.workers[name] = worker, worker.process
         if wait:
             worker.wait_ready(180)

@@ -18,6 +18,7 @@ safetensors and JSON are written or read; nothing is unpickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -38,11 +39,13 @@ __all__ = [
     "ArtifactError",
     "denoiser_sizes",
     "load_quantized",
+    "load_quantized_denoiser",
     "open_source",
     "read_analysis",
     "save_analysis",
     "save_artifact",
     "sha256_of",
+    "shared_components",
 ]
 
 FORMAT = "quantized-diffusers/2"
@@ -274,18 +277,26 @@ def build_quantized_denoiser(
     return model
 
 
-def load_quantized(path: str | Path, *, device: str = "cpu", compile: bool = False):
-    """The pipeline of an artifact, its denoiser quantized as planned, on ``device``; refuses
-    tampered files. ``compile``: the denoiser ``torch.compile``d, exactly as a worker serving
-    the variant with ``compile = true`` runs it (it makes this same call); the compiling
-    happens at the first calls."""
+def load_quantized_denoiser(path: str | Path) -> tuple[dict, torch.nn.Module]:
+    """The artifact's manifest and its quantized denoiser alone (on the CPU), for a server
+    that brings the other components itself (``shared_components`` says which are the
+    source's own); refuses tampered files."""
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
     plan = plan_from_json(json.loads((path / PLAN_FILE).read_text()))
     if set(plan) != set(manifest["layers"]):
         raise ArtifactError(f"{path}: plan.json and manifest.json list different layers")
-    model = build_quantized_denoiser(path, manifest, plan)
+    return manifest, build_quantized_denoiser(path, manifest, plan)
+
+
+def load_quantized(path: str | Path, *, device: str = "cpu", compile: bool = False):
+    """The pipeline of an artifact, its denoiser quantized as planned, on ``device``; refuses
+    tampered files. ``compile``: the denoiser ``torch.compile``d, exactly as a worker serving
+    the variant with ``compile = true`` runs it (the worker loads the same denoiser with
+    ``load_quantized_denoiser`` and compiles it the same way); the compiling happens at the
+    first calls."""
+    manifest, model = load_quantized_denoiser(path)
     components: dict = {manifest["denoiser"]: model}
     pipe = load_pipeline(path, torch_dtype=DTYPES[manifest["dtype"]], **components)
     pipe.set_progress_bar_config(disable=True)
@@ -293,6 +304,52 @@ def load_quantized(path: str | Path, *, device: str = "cpu", compile: bool = Fal
     if compile:
         compile_denoiser(pipe)
     return pipe
+
+
+def shared_components(path: str | Path, source: str | Path) -> set[str]:
+    """The artifact's components other than its denoiser whose files are byte for byte the
+    source folder's (same names, sizes and sha256): a server may use the source's copy,
+    loaded once for every variant. The artifact's weight digests come from its manifest."""
+    path, source = Path(path), Path(source)
+    manifest = read_manifest(path)
+    listed = {rel: info["sha256"] for rel, info in manifest["files"].items()}
+    index = json.loads((path / "model_index.json").read_text())
+    same = set()
+    for name, value in index.items():
+        if name.startswith("_") or name == manifest["denoiser"] or not isinstance(value, list):
+            continue
+        ours, theirs = path / name, source / name
+        if not ours.is_dir() or not theirs.is_dir():
+            continue
+        files = sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+        if files != sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file()):
+            continue
+        if all(_same_file(ours / f, theirs / f, listed.get(f"{name}/{f}")) for f in files):
+            same.add(name)
+    return same
+
+
+# what save_pretrained writes into a config that says where and by which version it was saved
+_PROVENANCE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version"}
+
+
+def _same_file(ours: Path, theirs: Path, digest: str | None) -> bool:
+    if ours.suffix == ".json":  # a config: equal but for where and by what it was saved
+        a, b = (json.loads(p.read_text()) for p in (ours, theirs))
+        if isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({k: v for k, v in d.items() if k not in _PROVENANCE_KEYS} for d in (a, b))
+        return a == b
+    if ours.stat().st_size != theirs.stat().st_size:
+        return False
+    if digest is None:  # a vocabulary or other small file: compared directly
+        return ours.read_bytes() == theirs.read_bytes()
+    return _digest(theirs, theirs.stat().st_mtime_ns) == digest
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: Path, mtime_ns: int) -> str:
+    """sha256 of a source file, once per process (its mtime in the key)."""
+    return sha256_of(path)
 
 
 ANALYSIS_TENSORS = "analysis.safetensors"

@@ -11,16 +11,16 @@ import time
 import pytest
 import redis
 
-from app.supervisor import StartError, Supervisor, Worker, settings_env, start_redis
+from app.supervisor import StartError, Supervisor, WorkerProcess, settings_env, start_redis
 from bench.stack import free_port
 
 
-class Scripted(Worker):
-    """A Worker whose process runs ``code`` instead of ``python -m app.worker``."""
+class Scripted(WorkerProcess):
+    """A WorkerProcess whose process runs ``code`` instead of ``python -m app.worker``."""
 
     def __init__(self, code: str, name: str | None = None) -> None:
         nobody = f"redis://127.0.0.1:{free_port()}/0"  # no Redis answers there
-        super().__init__("dit-digits", "fp32", dict(os.environ, REDIS_URL=nobody), name)
+        super().__init__([("dit-digits", "fp32")], dict(os.environ, REDIS_URL=nobody), name)
         self.code = code
 
     def command(self) -> list[str]:
@@ -41,7 +41,7 @@ def test_settings_env_names_variables_as_settings_reads_them():
 
 
 def test_worker_command_is_the_worker_module_with_its_name_and_port():
-    worker = Worker("dit-digits", "w8a8", {}, name="w1", metrics_port=0)
+    worker = WorkerProcess([("dit-digits", "w8a8")], {}, name="w1", metrics_port=0)
     assert worker.command()[1:] == [
         "-m",
         "app.worker",
@@ -54,7 +54,17 @@ def test_worker_command_is_the_worker_module_with_its_name_and_port():
         "--metrics-port",
         "0",
     ]
-    assert "--metrics-port" not in Worker("dit-digits", "fp32", {}).command()
+    assert "--metrics-port" not in WorkerProcess([("dit-digits", "fp32")], {}).command()
+    several = WorkerProcess([("dit-digits", "fp32"), ("t2i-digits", "w8a8")], {}, name="w2")
+    assert several.command()[3:] == [
+        "--serve",
+        "dit-digits/fp32",
+        "t2i-digits/w8a8",
+        "--name",
+        "w2",
+    ]
+    registry = WorkerProcess([("dit-digits", "fp32")], {}, name="w3", worker="cpu")
+    assert registry.command()[3:] == ["--worker", "cpu", "--name", "w3"]
 
 
 def test_waiting_fails_at_once_with_the_exit_code_of_a_dead_worker():

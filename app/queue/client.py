@@ -202,6 +202,22 @@ class JobQueue:
         since = time.time() - 3 * self.heartbeat_s
         return int(await self.redis.zcount(self.keys.workers(model, variant), since, "+inf"))
 
+    async def resident(self, model: str, variant: str) -> tuple[int, int | None]:
+        """How many live workers hold the variant loaded, and its denoiser's bytes there
+        (None: none holds it). One round trip."""
+        since = time.time() - 3 * self.heartbeat_s
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self.keys.workers(model, variant), since, "+inf")
+        pipe.hgetall(self.keys.resident(model, variant))
+        live, held = await pipe.execute()
+        live = {w.decode() if isinstance(w, bytes) else w for w in live}
+        sizes = [
+            int(json.loads(v).get("bytes", 0))
+            for k, v in held.items()
+            if (k.decode() if isinstance(k, bytes) else k) in live
+        ]
+        return len(sizes), max(sizes) if sizes else None
+
     async def retry_after(self, model: str, variant: str, depth: int) -> int:
         """Seconds until the queue has room: depth x recent mean job time / live workers."""
         recent = [

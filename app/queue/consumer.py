@@ -20,7 +20,7 @@ from app.queue import scripts
 from app.queue.keys import GROUP, Keys
 from app.queue.records import Job, JobStatus, decode
 
-__all__ = ["Claimed", "Consumer"]
+__all__ = ["Claimed", "Consumer", "take_any"]
 
 
 @dataclass
@@ -78,8 +78,9 @@ class Consumer:
 
     # --- taking jobs -------------------------------------------------------------------------
 
-    def take(self, count: int, block_ms: int) -> list[Claimed]:
-        """Up to ``count`` jobs to run now: those left by dead workers first, then new ones.
+    def take(self, count: int, block_ms: int | None) -> list[Claimed]:
+        """Up to ``count`` jobs to run now: those left by dead workers first, then new ones
+        (waiting up to ``block_ms`` for one; None: not at all).
 
         Jobs that turn out cancelled, already finished or expired are acknowledged and skipped;
         a poison job is dead-lettered.
@@ -90,6 +91,11 @@ class Consumer:
                 GROUP, self.name, {self.stream: ">"}, count=count, block=block_ms
             )
             entries = [(_s(eid), data) for eid, data in reply[0][1]] if reply else []
+        return self.start(entries)
+
+    def start(self, entries: list[tuple[str, dict]]) -> list[Claimed]:
+        """Mark the jobs of entries read from this stream as started, and return those that
+        can run."""
         claimed = []
         for stream_id, data in entries:
             job_id = _s(data.get(b"job", data.get("job", b"")))
@@ -183,7 +189,28 @@ class Consumer:
             self.redis.xclaim(self.stream, GROUP, self.name, 0, holding, justid=True)
 
     def leave(self) -> None:
-        self.redis.zrem(self.keys.workers(self.model, self.variant), self.name)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.workers(self.model, self.variant), self.name)
+        pipe.hdel(self.keys.resident(self.model, self.variant), self.name)
+        pipe.execute()
+
+    def resident(self, denoiser_bytes: int | None) -> None:
+        """Say this worker holds the variant loaded (its denoiser's bytes), or not (None)."""
+        key = self.keys.resident(self.model, self.variant)
+        if denoiser_bytes is None:
+            self.redis.hdel(key, self.name)
+        else:
+            self.redis.hset(key, self.name, json.dumps({"bytes": denoiser_bytes}))
+
+    def loading(self, claimed: list[Claimed]) -> None:
+        """Tell the jobs' event streams that they wait for their variant to load."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in claimed:
+            pipe.xadd(
+                self.keys.events(c.job.id),
+                {"type": "loading", "model": self.model, "variant": self.variant},
+            )
+        pipe.execute()
 
     def upload(self, sha256: str) -> bytes | None:
         """An edit's input (``Keys.upload``), or None once it has expired."""
@@ -255,3 +282,22 @@ def _s(value) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def take_any(
+    consumers: list[Consumer], count: int, block_ms: int
+) -> list[tuple[Consumer, list[Claimed]]]:
+    """Wait up to ``block_ms`` for new entries on any of the consumers' streams (one call;
+    they share a client and a consumer name) and start the jobs read, per consumer."""
+    by_stream = {c.stream: c for c in consumers}
+    first = consumers[0]
+    reply = first.redis.xreadgroup(
+        GROUP, first.name, {s: ">" for s in by_stream}, count=count, block=block_ms
+    )
+    taken = []
+    for stream, entries in reply or []:
+        consumer = by_stream[_s(stream)]
+        claimed = consumer.start([(_s(eid), data) for eid, data in entries])
+        if claimed:
+            taken.append((consumer, claimed))
+    return taken

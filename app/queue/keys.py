@@ -25,6 +25,11 @@ class Keys:
         """Sorted set of worker ids by their last heartbeat (unix seconds)."""
         return f"{self.prefix}:workers:{model}:{variant}"
 
+    def resident(self, model: str, variant: str) -> str:
+        """Hash: worker id -> JSON of what it holds of the variant loaded (its bytes); a
+        worker that evicts the variant or leaves removes its field."""
+        return f"{self.prefix}:resident:{model}:{variant}"
+
     def durations(self, model: str, variant: str) -> str:
         """List of the latest job durations in seconds, for Retry-After estimates."""
         return f"{self.prefix}:durations:{model}:{variant}"

@@ -17,18 +17,22 @@ from PIL import Image
 from app.provenance import image_parameters, save_options
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
+from app.worker.components import Components, Identity, estimate_bytes, module_bytes
 from pipelines import generate
 from pipelines.loader import compile_denoiser, load_pipeline
 
 __all__ = [
     "Loaded",
     "Output",
+    "component_identities",
     "encode_image",
+    "estimate_bytes_needed",
     "load",
     "peak_memory",
     "pick_device",
     "reset_peak_memory",
     "run_batch",
+    "user_of",
     "warm_up",
 ]
 
@@ -51,36 +55,130 @@ class Output:
     latents: np.ndarray  # float32 (n, C, h, w)
 
 
+NOT_SHARED = {"scheduler"}  # stateful while it runs: each variant's pipeline has its own
+
+
+def user_of(spec: ModelSpec, variant: VariantSpec) -> str:
+    return f"{spec.name}/{variant.name}"
+
+
 def load(
     spec: ModelSpec,
     variant: VariantSpec,
     device: str,
+    components: Components | None = None,
+    *,
     metadata: bool = True,
     compile_cache: str | None = None,
 ) -> Loaded:
-    """The pipeline of a variant on ``device``: full precision or a quantized artifact, its
-    denoiser ``torch.compile``d when the variant says so (compiled at the worker's warm-up;
-    ``compile_cache`` keeps the generated code, so a restarted worker reuses it).
-    ``metadata``: its images carry their parameters and what made them."""
+    """The pipeline of a variant on ``device``: full precision or a quantized artifact's
+    denoiser, with the model's other components taken from ``components`` where another
+    variant loaded them already (and held there for the next), its denoiser ``torch.compile``d
+    when the variant says so (compiled at the worker's warm-up; ``compile_cache`` keeps the
+    generated code, so a restarted worker reuses it). A quantized denoiser is built exactly as
+    ``quantization.load_quantized`` builds it. ``metadata``: its images carry their parameters
+    and what made them."""
     t0 = time.perf_counter()
+    components = components if components is not None else Components()
     if variant.compile and compile_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+    user, dtype = user_of(spec, variant), variant.dtype
+    given: dict = {}
     if variant.quantized:
-        from quantization.artifact import load_quantized
+        from quantization.artifact import load_quantized_denoiser
 
-        # the very call a user makes to run the artifact as served
-        pipe = load_quantized(variant.artifact, device=device, compile=variant.compile)
-        weight_bytes = int(variant.manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
+        manifest, denoiser = load_quantized_denoiser(variant.artifact)
+        attr, folder = manifest["denoiser"], str(variant.artifact)
+        given[attr] = denoiser
+        weight_bytes = int(manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
     else:
-        pipe = load_pipeline(spec.source, torch_dtype=TORCH_DTYPES[variant.dtype])
-        denoiser = getattr(pipe, "transformer", None) or pipe.unet
-        weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
-        pipe.to(device)
-        if variant.compile:
-            compile_denoiser(pipe)
+        folder = spec.source
+        attr = _denoiser_name(folder)
+    identities = component_identities(spec, variant, device)
+    for name, identity in identities.items():
+        module = components.get(identity)
+        if module is not None and name not in given:
+            given[name] = module
+    pipe = load_pipeline(folder, torch_dtype=TORCH_DTYPES[dtype], **given)
+    pipe.to(device)
+    for name, identity in identities.items():
+        if getattr(pipe, name, None) is not None:
+            components.hold(identity, getattr(pipe, name), user)
+    if not variant.quantized:
+        weight_bytes = module_bytes(getattr(pipe, attr))
+    if variant.compile:
+        compile_denoiser(pipe)
     pipe.set_progress_bar_config(disable=True)
     made_by = _made_by(spec, variant, pipe) if metadata else None
     return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0, made_by)
+
+
+def component_identities(spec: ModelSpec, variant: VariantSpec, device: str) -> dict[str, Identity]:
+    """What each component of a variant's pipeline is, by identity: a quantized variant's
+    denoiser is its artifact's; its other components are the model's own where the artifact
+    holds byte-identical copies (``shared_components``), so they are shared with the model's
+    other variants. The scheduler is left out (never shared)."""
+    if variant.quantized:
+        from quantization.artifact import shared_components
+
+        folder = str(variant.artifact)
+        same = shared_components(folder, spec.source) if Path(spec.source).is_dir() else set()
+    else:
+        folder, same = spec.source, None
+    identities = {}
+    for name in _component_names(folder):
+        if name in NOT_SHARED:
+            continue
+        source = spec.source if same is None or name in same else folder
+        identities[name] = Identity(source, name, variant.dtype, device)
+    return identities
+
+
+def estimate_bytes_needed(
+    spec: ModelSpec, variant: VariantSpec, device: str, components: Components
+) -> int:
+    """Bytes that loading the variant adds to what ``components`` holds: its denoiser, and
+    the components it shares that no resident variant holds yet (read from the weight
+    files' headers; a quantized denoiser's from its manifest)."""
+    held = components.bytes()
+    total = 0
+    for name, identity in component_identities(spec, variant, device).items():
+        if identity in held:
+            continue
+        if variant.quantized and name == variant.manifest["denoiser"]:
+            total += int(variant.manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
+            continue
+        folder = _local_folder(identity.source)
+        if folder is not None:
+            total += estimate_bytes(folder / name, variant.dtype) or 0
+    return total
+
+
+def _local_folder(source: str) -> Path | None:
+    """A pipeline folder on disk: the source itself, or its snapshot in the local hub cache."""
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # not cached: its size is learnt by loading it
+        return None
+
+
+def _component_names(source: str) -> list[str]:
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source, local_files_only=True)
+    return [
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list | tuple) and value[0] is not None
+    ]
+
+
+def _denoiser_name(source: str) -> str:
+    return "transformer" if "transformer" in _component_names(source) else "unet"
 
 
 def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:

@@ -18,8 +18,9 @@ import httpx
 import pytest
 import uvicorn
 
+from app import supervisor
 from app.config import Settings
-from app.supervisor import StartError, Worker, settings_env, start_redis
+from app.supervisor import StartError, settings_env, start_redis
 from bench.stack import free_port
 from tests.waiting import wait_until
 
@@ -120,20 +121,27 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=90, **kwargs)
 
 
-class WorkerProcess(Worker):
-    """``python -m app.worker`` for one variant with ``service_env(settings)``, started at
-    once; ready once a heartbeat of this process is in Redis (app.supervisor.Worker)."""
+class WorkerProcess(supervisor.WorkerProcess):
+    """``python -m app.worker`` for one variant (``model``/``variant``), or for several
+    (``serves``), with ``service_env(settings)``, started at once; ready once a heartbeat of
+    this process is in Redis."""
 
     def __init__(
         self,
         settings: Settings,
-        model: str,
-        variant: str,
+        model: str | None = None,
+        variant: str | None = None,
         name: str | None = None,
         metrics_port: int | None = None,
+        *,
+        serves: list[tuple[str, str]] | None = None,
+        memory_budget: str | None = None,
+        env: dict[str, str] | None = None,
     ):
         name = name or f"w-{uuid.uuid4().hex[:6]}"
-        super().__init__(model, variant, service_env(settings), name, metrics_port or None)
+        variants = serves or [(model, variant)]
+        environment = service_env(settings, **(env or {}))
+        super().__init__(variants, environment, name, metrics_port or None, memory_budget)
         self.settings = settings
         self.start()
 
@@ -145,7 +153,7 @@ class WorkerProcess(Worker):
 
 
 @contextmanager
-def serving(settings: Settings, workers: Iterable[Worker]) -> Iterator[Server]:
+def serving(settings: Settings, workers: Iterable[supervisor.WorkerProcess]) -> Iterator[Server]:
     """The API in a Server once every worker process is ready; the workers stopped after,
     whatever happened. ``workers`` is read again at the end: given a dict's values, the
     workers that replaced killed ones are stopped too."""

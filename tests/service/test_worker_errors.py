@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from app.registry import load_registry
-from app.worker import pipeline
+from app.registry import WorkerSpec, load_registry
 from app.worker.main import Worker
 from tests.service.conftest import Server, make_settings
 
 
 def test_pipeline_error_fails_the_job_and_the_worker_lives_on(redis_url, registry_file):
     settings = make_settings(redis_url, registry_file)
-    spec = load_registry(registry_file).get("dit-digits")
-    worker = Worker(settings, spec, "fp32", "in-process")
-    worker.consumer.ensure_group()
-    worker.loaded = pipeline.load(spec, spec.variants["fp32"], "cpu")
-    forward = worker.loaded.pipe.transformer.forward
+    key = ("dit-digits", "fp32")
+    worker = Worker(settings, load_registry(registry_file), WorkerSpec("w", "cpu", (key,)), "w")
+    consumer = worker.consumers[key]
+    consumer.ensure_group()
+    loaded = worker.residency.get(worker._slot(key))
+    forward = loaded.pipe.transformer.forward
     calls = {"n": 0}
 
     def failing_once(*args, **kwargs):
@@ -27,14 +27,14 @@ def test_pipeline_error_fails_the_job_and_the_worker_lives_on(redis_url, registr
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(*args, **kwargs)
 
-    worker.loaded.pipe.transformer.forward = failing_once
+    loaded.pipe.transformer.forward = failing_once
     with Server(settings) as server, server.client() as http:
         body = {"model": "dit-digits", "prompt": "8", "steps": 3}
         first = http.post("/v1/jobs", json=body).json()["id"]
         second = http.post("/v1/jobs", json=body).json()["id"]
         for _ in range(2):
-            [claimed] = worker.consumer.take(1, 1000)
-            worker.run([claimed])
+            [claimed] = consumer.take(1, 1000)
+            worker.run(key, [claimed])
         failed = http.get(f"/v1/jobs/{first}").json()
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "generation_failed"

@@ -1,0 +1,157 @@
+"""Which of a worker's variants are loaded, under a budget of bytes.
+
+A variant loads at its first job; beyond the budget the least recently used variants that are
+not pinned are evicted first (their denoiser, and shared components nobody else uses). A load
+that fails (a corrupt artifact, out of memory, a variant too big for the budget) fails that
+variant's jobs with the reason, for ``RETRY_FAILED_S``; the worker and its other variants go
+on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app import metrics
+from app.worker.components import Components
+
+__all__ = ["LoadFailed", "Residency", "Slot"]
+
+log = logging.getLogger("app.worker.residency")
+
+RETRY_FAILED_S = 30.0  # a failed load is tried again at the first job after this long
+
+
+class LoadFailed(Exception):
+    """A variant could not be loaded; ``code`` names why (load_failed, out_of_memory,
+    over_budget)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Slot:
+    """How to bring one variant in: ``load()`` returns what runs its jobs (the caller's
+    object), ``needs()`` the bytes loading it would add to what ``components`` holds."""
+
+    key: tuple[str, str]  # (model, variant)
+    load: Callable[[], object]
+    needs: Callable[[], int]
+
+
+@dataclass
+class _Failure:
+    message: str
+    code: str
+    until: float
+
+
+class Residency:
+    def __init__(
+        self,
+        components: Components,
+        budget: int | None = None,
+        pinned: frozenset[tuple[str, str]] = frozenset(),
+        on_change: Callable[[tuple[str, str], object | None], None] | None = None,
+    ) -> None:
+        """``on_change(key, loaded)``: after a variant is loaded (``loaded``) or evicted
+        (None), to publish it."""
+        self.components, self.budget, self.pinned = components, budget, pinned
+        self.on_change = on_change or (lambda key, loaded: None)
+        self.resident: OrderedDict[tuple[str, str], object] = OrderedDict()  # LRU first
+        self.failures: dict[tuple[str, str], _Failure] = {}
+
+    def get(self, slot: Slot, on_loading: Callable[[], None] | None = None) -> object:
+        """The loaded variant, loading it first (after ``on_loading()``) when it is not
+        resident; LoadFailed when it cannot be."""
+        key = slot.key
+        if key in self.resident:
+            self.resident.move_to_end(key)
+            return self.resident[key]
+        failure = self.failures.get(key)
+        if failure is not None and time.monotonic() < failure.until:
+            raise LoadFailed(failure.message, failure.code)
+        if on_loading is not None:
+            on_loading()
+        labels = {"model": key[0], "variant": key[1]}
+        try:
+            self._make_room(slot)
+            t0 = time.perf_counter()
+            loaded = slot.load()
+        except LoadFailed as exc:
+            self._failed(key, str(exc), exc.code)
+            raise
+        except Exception as exc:
+            self.components.release(_user(key))  # what it took before failing
+            gc.collect()
+            message, code = describe_failure(exc)
+            self._failed(key, message, code)
+            raise LoadFailed(message, code) from exc
+        seconds = time.perf_counter() - t0
+        self.failures.pop(key, None)
+        self.resident[key] = loaded
+        metrics.LOADS.labels(**labels).inc()
+        metrics.LOAD_SECONDS.labels(**labels).observe(seconds)
+        self.on_change(key, loaded)
+        log.info("loaded %s/%s in %.1f s (%d bytes held)", *key, seconds, self.components.total())
+        return loaded
+
+    def _make_room(self, slot: Slot) -> None:
+        """Evict until loading ``slot`` fits the budget (what it needs grows when an eviction
+        drops a shared component it uses)."""
+        if self.budget is None:
+            return
+        key = slot.key
+        while self.components.total() + (needed := slot.needs()) > self.budget:
+            victims = [k for k in self.resident if k not in self.pinned and k != key]
+            if not victims:
+                held = self.components.total()
+                raise LoadFailed(
+                    f"{key[0]}/{key[1]} needs {needed:,} bytes; the worker's memory budget is "
+                    f"{self.budget:,} and its pinned or running variants hold {held:,}",
+                    "over_budget",
+                )
+            self.evict(victims[0])
+
+    def evict(self, key: tuple[str, str]) -> None:
+        self.resident.pop(key, None)
+        dropped = self.components.release(_user(key))
+        gc.collect()
+        metrics.EVICTIONS.labels(model=key[0], variant=key[1]).inc()
+        self.on_change(key, None)
+        log.info(
+            "evicted %s/%s (%d components dropped; %d bytes held)",
+            *key,
+            len(dropped),
+            self.components.total(),
+        )
+
+    def _failed(self, key: tuple[str, str], message: str, code: str) -> None:
+        log.error("cannot load %s/%s: %s", *key, message)
+        metrics.LOAD_FAILURES.labels(model=key[0], variant=key[1], reason=code).inc()
+        self.failures[key] = _Failure(message, code, time.monotonic() + RETRY_FAILED_S)
+
+
+def _user(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """A load's exception as (message, code): out of memory (torch's or the allocator's), or
+    any other failure with its type."""
+    name, text = type(exc).__name__, str(exc)
+    lowered = text.lower()
+    if (
+        isinstance(exc, MemoryError)
+        or "OutOfMemory" in name
+        or "out of memory" in lowered
+        or "can't allocate memory" in lowered
+    ):
+        return f"out of memory while loading: {text}".strip(), "out_of_memory"
+    return f"cannot load the variant: {name}: {text}", "load_failed"
