@@ -30,6 +30,8 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> Model
         for variant in spec.variants.values():
             summary = variant.summary()
             summary["workers"] = await queue.live_workers(spec.name, variant.name)
+            holders, nbytes = await queue.resident(spec.name, variant.name)
+            summary["resident"], summary["resident_bytes"] = holders > 0, nbytes
             depth, oldest = await queue.queued(spec.name, variant.name)
             summary["queue_depth"], summary["oldest_queued_s"] = depth, oldest
             variants.append(VariantInfo(**summary))

@@ -3,9 +3,9 @@
 The variants are a registry worker's (``--worker NAME``, the ``[workers.NAME]`` table or the
 default worker of a device) or named (``--serve MODEL/VARIANT ...``; ``--model M --variant V``
 for one). They share the components they have in common (app.worker.components) and load
-under the worker's memory budget (app.worker.residency): those pinned, and as many others as
-fit, at start (warmed up), the rest at their first job, the least recently used evicted to
-make room. Jobs are taken from every variant's stream in turn, up to ``T2I_BATCH_MAX`` of one
+under the worker's memory budget (app.worker.residency): without a budget all of them at
+start (warmed up); with one, those pinned at start and the others at their first job, the
+least recently used evicted to make room. Jobs are taken from every variant's stream in turn, up to ``T2I_BATCH_MAX`` of one
 variant (same size / steps / guidance) run as one pipeline call (app.worker.batch). A variant
 that cannot load fails its own jobs with the reason; the worker and the other variants go on.
 SIGTERM or SIGINT: stop taking jobs, finish the current one, leave, exit 0.
@@ -77,8 +77,8 @@ class Worker:
     # --- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Join the streams, load what is pinned and what fits the budget (warmed up), then
-        start the heartbeats: a worker is live once it can serve."""
+        """Join the streams, load every variant (with a budget: those pinned) and warm them
+        up, then start the heartbeats: a worker is live once it can serve."""
         if self.settings.torch_threads:
             import torch
 
@@ -90,15 +90,11 @@ class Worker:
             dropped = consumer.reconcile()
             if dropped:
                 log.info("dropped %d queued entries whose jobs can no longer run", dropped)
-        first = sorted(self.consumers, key=lambda k: k not in self.hosted.pinned)
-        for key in first:
-            budget = self.hosted.memory_budget
-            slot = self._slot(key)
-            over = budget is not None and self.components.total() + slot.needs() > budget
-            if over and key not in self.hosted.pinned:
-                continue  # loads at its first job
-            with contextlib.suppress(LoadFailed):  # its jobs will get the reason
-                self.residency.get(slot)
+        budget = self.hosted.memory_budget
+        for key in self.consumers:  # without a budget all of them; with one, those pinned
+            if budget is None or key in self.hosted.pinned:
+                with contextlib.suppress(LoadFailed):  # its jobs will get the reason
+                    self.residency.get(self._slot(key))
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         log.info(
             "worker %s serves %s on %s (resident: %s)",

@@ -152,6 +152,7 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
         or "OutOfMemory" in name
         or "out of memory" in lowered
         or "can't allocate memory" in lowered
+        or "cannot allocate memory" in lowered
     ):
         return f"out of memory while loading: {text}".strip(), "out_of_memory"
     return f"cannot load the variant: {name}: {text}", "load_failed"
