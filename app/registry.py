@@ -12,8 +12,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.labels import Match, find_class, label_key
+from app.sizes import parse_size
 from pipelines.schedulers import names_for
 
 __all__ = [
@@ -172,6 +176,89 @@ class Registry:
         return [(m, v) for m, spec in self.models.items() for v in spec.variants]
 
 
+# --- the file, as pydantic reads it: types, ranges and unknown keys; an error names its entry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _VariantEntry(_Strict):
+    dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    artifact: str | None = None
+    require_worker: bool | None = None  # None: the model's
+    compile: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> _VariantEntry:
+        if self.artifact is not None and self.dtype is not None:
+            raise ValueError("a variant is an artifact (its manifest says its dtype) or a dtype")
+        return self
+
+
+class _ModelEntry(_Strict):
+    source: str
+    kind: Literal["class-conditional", "text-to-image"] | None = None  # None: the folder's
+    device: str = "cpu"
+    default_steps: int | None = Field(None, ge=1)
+    max_steps: int = Field(100, ge=1)
+    guidance: float | None = None
+    guidance_range: tuple[float, float] = (1.0, 20.0)
+    sizes: list[str] | None = Field(None, min_length=1)
+    default_variant: str | None = None
+    shadow_prompt: str | None = None
+    require_worker: bool = False
+    compile: bool = False
+    variants: dict[str, _VariantEntry] = Field(
+        default_factory=lambda: {"fp32": _VariantEntry(dtype="fp32")}, min_length=1
+    )
+
+    @field_validator("guidance_range", "guidance", mode="before")
+    @classmethod
+    def _numbers(cls, value):  # TOML's 20 and 20.0 are both a guidance
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, list):
+            return tuple(
+                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
+            )
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, value):
+        for size in value or ():
+            parse_size(size)
+        return value
+
+
+class _WorkerEntry(_Strict):
+    device: str = "cpu"
+    variants: list[str] | None = None  # None: every variant of its device
+    memory_budget: int | str | None = None
+    pin: list[str] = []
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, value):
+        return None if value is None else parse_bytes(value)
+
+
+class _RegistryFile(_Strict):
+    models: dict[str, _ModelEntry] = Field(min_length=1)
+    workers: dict[str, _WorkerEntry] = {}
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "not a key of this table"
+    if error["type"] == "missing" and where in ("models",):
+        return "no [models.NAME] entries"
+    return f"{where}: {message}"
+
+
 def load_registry(path: str | Path) -> Registry:
     """Parse and check the registry; an error names the entry at fault."""
     path = Path(path)
@@ -179,15 +266,14 @@ def load_registry(path: str | Path) -> Registry:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RegistryError(f"cannot read the registry {path}: {exc}") from exc
-    entries = raw.get("models")
-    if not isinstance(entries, dict) or not entries:
-        raise RegistryError(f"{path}: no [models.NAME] entries")
-    models = {name: _model(name, entry, path.parent) for name, entry in entries.items()}
-    tables = raw.get("workers", {})
-    if not isinstance(tables, dict):
-        raise RegistryError(f"{path}: workers must be [workers.NAME] tables")
-    workers = {n: _worker(n, e, models) for n, e in tables.items()} or _default_workers(models)
-    return Registry(models, path, workers)
+    try:
+        parsed = _RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_problem(e) for e in exc.errors())
+        raise RegistryError(f"{path}: {problems}") from None
+    models = {name: _model(name, entry, path.parent) for name, entry in parsed.models.items()}
+    workers = {n: _worker(n, e, models) for n, e in parsed.workers.items()}
+    return Registry(models, path, workers or _default_workers(models))
 
 
 def _default_workers(models: dict[str, ModelSpec]) -> dict[str, WorkerSpec]:
@@ -198,38 +284,27 @@ def _default_workers(models: dict[str, ModelSpec]) -> dict[str, WorkerSpec]:
     return {d: WorkerSpec(d, d, tuple(targets)) for d, targets in by_device.items()}
 
 
-def _worker(name: str, entry: dict, models: dict[str, ModelSpec]) -> WorkerSpec:
+def _worker(name: str, entry: _WorkerEntry, models: dict[str, ModelSpec]) -> WorkerSpec:
     where = f"workers.{name}"
-    if not isinstance(entry, dict):
-        raise RegistryError(f"{where}: must be a table")
-    unknown = set(entry) - {"device", "variants", "memory_budget", "pin"}
-    if unknown:
-        raise RegistryError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-    device = entry.get("device", "cpu")
+    device = entry.device
     everything = [(m, v) for m, spec in models.items() for v in spec.variants]
-    if "variants" in entry:
-        hosted = _matching(where, "variants", entry["variants"], everything)
+    if entry.variants is not None:
+        hosted = _matching(where, "variants", entry.variants, everything)
     else:  # every variant of the device
         hosted = [(m, v) for m, v in everything if models[m].device == device]
     for m, v in hosted:
         if models[m].device.split(":")[0] != device.split(":")[0]:
             raise RegistryError(f"{where}: {m}/{v} runs on {models[m].device}, not {device}")
-    pinned = _matching(where, "pin", entry.get("pin", []), hosted)
-    budget = entry.get("memory_budget")
-    try:
-        budget = None if budget is None else parse_bytes(budget)
-    except ValueError as exc:
-        raise RegistryError(f"{where}: memory_budget: {exc}") from None
+    pinned = _matching(where, "pin", entry.pin, hosted)
+    budget = entry.memory_budget
     return WorkerSpec(name, device, tuple(hosted), budget, frozenset(pinned))
 
 
 def _matching(
-    where: str, key: str, patterns: object, among: list[tuple[str, str]]
+    where: str, key: str, patterns: list[str], among: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
     """The (model, variant) pairs that "MODEL/VARIANT" patterns (shell wildcards) name, in
     registry order; a pattern that names nothing is an error."""
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise RegistryError(f'{where}: {key} must be a list of "MODEL/VARIANT" patterns')
     chosen = set()
     for pattern in patterns:
         if pattern.count("/") != 1:
@@ -263,45 +338,41 @@ def parse_bytes(value: object) -> int:
     return int(value)
 
 
-def _model(name: str, entry: dict, base: Path) -> ModelSpec:
+def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
+    """What the file says, completed from the model's folder (defaults.json, model_index,
+    labels) and checked against it."""
     where = f"models.{name}"
-    if "source" not in entry:
-        raise RegistryError(f"{where}: no source")
-    source = _resolve(entry["source"], base)
+    source = _resolve(entry.source, base)
     folder = Path(source) if Path(source).is_dir() else None
     defaults = _read_json(folder / "defaults.json") if folder else {}
     index = _read_json(folder / "model_index.json") if folder else {}
-    kind = entry.get("kind") or defaults.get("kind")
+    kind = entry.kind or defaults.get("kind")
     if kind is None:
         kind = CLASS_CONDITIONAL if index.get("_class_name") in _CLASS_PIPELINES else TEXT_TO_IMAGE
-    if kind not in (CLASS_CONDITIONAL, TEXT_TO_IMAGE):
-        raise RegistryError(f"{where}: kind must be {CLASS_CONDITIONAL!r} or {TEXT_TO_IMAGE!r}")
-    switches = {k: entry.get(k, False) for k in _SWITCHES}  # the model's, for its variants
     variants = {
-        v: _variant(f"{where}.variants.{v}", v, e, base, switches) for v, e in _variants(entry)
+        v: _variant(f"{where}.variants.{v}", v, e, base, entry) for v, e in entry.variants.items()
     }
-    default_variant = entry.get("default_variant", next(iter(variants)))
+    default_variant = entry.default_variant or next(iter(variants))
     if default_variant not in variants:
         raise RegistryError(f"{where}: default_variant {default_variant!r} is not a variant")
     height, width = defaults.get("height"), defaults.get("width")
-    sizes = tuple(entry.get("sizes") or ([f"{width}x{height}"] if height else ["512x512"]))
-    for size in sizes:
-        _parse_size(size, where)
-    low, high = (float(x) for x in entry.get("guidance_range", (1.0, 20.0)))
+    sizes = tuple(entry.sizes or ([f"{width}x{height}"] if height else ["512x512"]))
+    low, high = entry.guidance_range
+    guidance = entry.guidance if entry.guidance is not None else defaults.get("guidance_scale", 5.0)
     spec = ModelSpec(
         name=name,
         source=source,
         kind=kind,
         variants=variants,
         default_variant=default_variant,
-        device=entry.get("device", "cpu"),
-        default_steps=int(entry.get("default_steps", defaults.get("num_inference_steps", 20))),
-        max_steps=int(entry.get("max_steps", 100)),
-        guidance=float(entry.get("guidance", defaults.get("guidance_scale", 5.0))),
+        device=entry.device,
+        default_steps=entry.default_steps or int(defaults.get("num_inference_steps", 20)),
+        max_steps=entry.max_steps,
+        guidance=float(guidance),
         guidance_range=(low, high),
         sizes=sizes,
         labels=_labels(folder) if kind == CLASS_CONDITIONAL and folder else {},
-        shadow_prompt=entry.get("shadow_prompt"),
+        shadow_prompt=entry.shadow_prompt,
         scheduler=_scheduler(folder),
         pipeline=index.get("_class_name"),
     )
@@ -320,23 +391,17 @@ def _model(name: str, entry: dict, base: Path) -> ModelSpec:
     return spec
 
 
-def _variants(entry: dict):
-    variants = entry.get("variants") or {"fp32": {"dtype": "fp32"}}
-    if not isinstance(variants, dict):
-        raise RegistryError("variants must be a table")
-    return variants.items()
-
-
-_SWITCHES = ("require_worker", "compile")  # true/false, on a model (its default) or a variant
-
-
-def _variant(where: str, name: str, entry: dict, base: Path, defaults: dict) -> VariantSpec:
-    switches = {k: entry.get(k, defaults[k]) for k in _SWITCHES}
-    for key, value in switches.items():
-        if not isinstance(value, bool):
-            raise RegistryError(f"{where}: {key} must be true or false")
-    if "artifact" in entry:
-        folder = Path(_resolve(entry["artifact"], base))
+def _variant(
+    where: str, name: str, entry: _VariantEntry, base: Path, model: _ModelEntry
+) -> VariantSpec:
+    switches = {
+        "require_worker": model.require_worker
+        if entry.require_worker is None
+        else entry.require_worker,
+        "compile": model.compile if entry.compile is None else entry.compile,
+    }
+    if entry.artifact is not None:
+        folder = Path(_resolve(entry.artifact, base))
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
             raise RegistryError(f"{where}: {folder} is not a quantized artifact (no manifest.json)")
@@ -344,10 +409,7 @@ def _variant(where: str, name: str, entry: dict, base: Path, defaults: dict) -> 
         return VariantSpec(
             name, manifest.get("dtype", "fp32"), folder, **switches, manifest=manifest
         )
-    dtype = entry.get("dtype", "fp32")
-    if dtype not in DTYPES:
-        raise RegistryError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
-    return VariantSpec(name, dtype, **switches)
+    return VariantSpec(name, entry.dtype or "fp32", **switches)
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -375,11 +437,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}: {exc}") from exc
-
-
-def _parse_size(size: str, where: str) -> tuple[int, int]:
-    try:
-        width, height = (int(x) for x in size.lower().split("x"))
-    except ValueError:
-        raise RegistryError(f"{where}: size {size!r} is not WxH") from None
-    return width, height

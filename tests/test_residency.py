@@ -175,9 +175,10 @@ def test_worker_tables_pick_variants_by_pattern_with_a_budget_and_pins(tmp_path)
     [
         ('variants = ["c/*"]', "workers.w: variants: 'c/\\*' names no variant"),
         ('variants = ["b/fp32"]', "b/fp32 runs on cuda, not cpu"),
-        ('memory_budget = "lots"', "workers.w: memory_budget: 'lots' is not a size"),
+        ('memory_budget = "lots"', "workers.w.memory_budget: 'lots' is not a size"),
         ('pin = ["a"]', "'a' is not \"MODEL/VARIANT\""),
-        ("replicas = 2", "unknown keys replicas"),
+        ("replicas = 2", "workers.w.replicas: not a key of this table"),
+        ('variants = "a/*"', "workers.w.variants: Input should be a valid list"),
     ],
 )
 def test_a_bad_worker_table_is_refused_naming_it(tmp_path, table, message):
