@@ -3,7 +3,8 @@ run; nothing may be lost.
 
     python -m bench.kill_drill [--jobs 50] [--steps 40] [--freeze-s 10]
 
-Two dit-digits/fp32 workers share a queue. While the jobs run, the worker holding a job is
+Two workers, each hosting dit-digits' fp32 and w4a8-sqnr variants (as one worker process hosts
+many), share the fp32 queue. While the jobs run, the worker holding a job is
 SIGKILLed (then restarted, as `python -m app` or Kubernetes would), twice; later, with a job
 running, redis-server is stopped with SIGSTOP for ``--freeze-s`` seconds, then continued. At the
 end every job must be completed, and each job's image must equal the image of a direct pipeline
@@ -27,6 +28,7 @@ from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL, VARIANT = "dit-digits", "fp32"
+HOSTED = [(MODEL, VARIANT), (MODEL, "w4a8-sqnr")]  # what each worker process serves
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     freezes: list[dict] = []
     try:
         for name in ("worker-a", "worker-b"):
-            stack.start_worker(name, MODEL, VARIANT)
+            stack.start_worker(name, serves=HOSTED)
         http = httpx.Client(base_url=stack.url, timeout=30)
         ids = []
         for i in range(args.jobs):
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                         }
                     )
                     print(f"SIGKILL {victim} at step {running[0]['step']} of a job ({done} done)")
-                    stack.start_worker(victim, MODEL, VARIANT, wait=False)
+                    stack.start_worker(victim, serves=HOSTED, wait=False)
             if args.freeze_s and not freezes and done >= freeze_at:
                 running = [v for v in views.values() if v["status"] == "in_progress"]
                 if running:

@@ -90,17 +90,21 @@ class Stack:
     def start_worker(
         self,
         name: str,
-        model: str,
-        variant: str,
+        model: str | None = None,
+        variant: str | None = None,
         wait: bool = True,
         metrics_port: int = 0,
+        serves: list[tuple[str, str]] | None = None,
+        memory_budget: str | None = None,
         **settings: str,
     ) -> None:
-        """Starts worker ``name`` (settings on top of the stack's); ``wait``: until its first
-        heartbeat (not one left by an earlier, killed worker of that name)."""
+        """Starts worker ``name`` for ``model``/``variant`` or for the variants ``serves``
+        (settings on top of the stack's); ``wait``: until its first heartbeat (not one left by
+        an earlier, killed worker of that name)."""
         env = dict(self.env, **settings_env(settings))
+        variants = serves or [(model, variant)]
         worker = WorkerProcess(
-            [(model, variant)], env, name=name, metrics_port=metrics_port
+            variants, env, name=name, metrics_port=metrics_port, memory_budget=memory_budget
         ).start()
         self._workers[name], self.workers[name] = worker, worker.process
         if wait:
