@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines import schedulers
+from pipelines import capabilities, schedulers
 from pipelines.edit import Edit, dit_image_to_image, edit_pipeline
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "preview_steps",
     "run",
     "sample",
+    "vae_latents",
 ]
 
 
@@ -40,9 +41,7 @@ class Samples:
 
 def is_class_conditional(pipe) -> bool:
     """A DiT-style pipeline, asked with class ids rather than prompts."""
-    from diffusers import DiTPipeline
-
-    return isinstance(pipe, DiTPipeline)
+    return type(pipe).__name__ in capabilities.CLASS_CONDITIONAL
 
 
 def guided_prediction(pipe, guidance_scale: float) -> Callable | None:
@@ -118,6 +117,10 @@ def run(
     if len(conditions) != len(seeds):
         raise ValueError("one seed per condition")
     schedulers.use(pipe, scheduler)
+    sampler = type(pipe.scheduler).__name__
+    asked = on_preview is not None and len(preview_at) > 0
+    if asked and not capabilities.previews(type(pipe).__name__, sampler):
+        raise ValueError(f"{type(pipe).__name__} sampled by {sampler} makes no previews")
     total = schedulers.steps_run(num_inference_steps, None if edit is None else edit.strength)
     previews = {step: k for k, step in enumerate(preview_at)}
     latents: list[torch.Tensor] = []
@@ -138,7 +141,8 @@ def run(
         done += 1
         if on_preview is not None and done in previews:
             clean = predicted_clean(pipe.scheduler, out, model_output, timestep, sample)
-            on_preview(previews[done], done, _pixels(decode, vae, clean[: len(conditions)]))
+            pixels = _preview(pipe, decode, clean[: len(conditions)], height, width)
+            on_preview(previews[done], done, pixels)
         if on_step is not None:
             on_step(min(done, total), total)
         return out
@@ -196,7 +200,7 @@ def final_latents(
 def decode(pipe, latents: torch.Tensor) -> np.ndarray:
     """uint8 (N, H, W, 3) images of latents as ``final_latents`` returns them."""
     vae = pipe.vae
-    return _pixels(vae.decode, vae, latents.to(vae.device) * vae.config.scaling_factor)
+    return _pixels(vae.decode(latents.to(vae.device, vae.dtype)).sample)
 
 
 def _call(pipe, conditions, seeds, steps, guidance_scale, negative_prompt, height, width, edit):
@@ -250,16 +254,21 @@ def _call(pipe, conditions, seeds, steps, guidance_scale, negative_prompt, heigh
 
 
 def predicted_clean(scheduler, out, model_output, timestep, sample) -> torch.Tensor:
-    """The clean latents the denoiser predicts at this step: the scheduler's own
-    ``pred_original_sample`` where it returns one (DDIM, Euler), else from the model output and
-    the noise level, ``x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a)`` (a = alphas_cumprod[t]) for
-    epsilon prediction, its counterpart for v-prediction."""
+    """The clean latents the denoiser predicts at the step ``scheduler.step`` just took and
+    returned ``out`` for: the scheduler's own ``pred_original_sample`` where it returns one
+    (DDIM, Euler); for flow matching (SD3, Flux) ``x0 = x_t - sigma * v``, sigma being the
+    scheduler's own for that step (its step index has moved on by one); else, from the model
+    output and the noise level, ``x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a)`` (a =
+    alphas_cumprod[t]) for epsilon prediction, its counterpart for v-prediction."""
     clean = out[1] if isinstance(out, tuple) and len(out) > 1 else None
     clean = getattr(out, "pred_original_sample", clean)
     if clean is not None:
         return clean
-    alpha = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
     x, m = sample.float(), model_output.float()
+    if type(scheduler).__name__ in capabilities.FLOW_MATCHING:
+        sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample.device, torch.float32)
+        return x - sigma * m
+    alpha = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return (x - (1 - alpha).sqrt() * m) / alpha.sqrt()
@@ -268,9 +277,44 @@ def predicted_clean(scheduler, out, model_output, timestep, sample) -> torch.Ten
     return m  # "sample": the output is the clean image
 
 
-def _pixels(decode, vae, clean: torch.Tensor) -> np.ndarray:
-    """uint8 (N, H, W, 3) of latents, decoded as the pipelines decode their last ones."""
-    decoded = decode(clean.to(vae.dtype) / vae.config.scaling_factor).sample
+def vae_latents(
+    pipe, latents: torch.Tensor, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """Latents as the denoiser sees them, made what the pipeline hands the VAE's decoder at
+    its end: Flux's 2x2 patches unpacked (sampled at ``height`` x ``width``; None: the
+    pipeline's default size), divided by the VAE's scaling factor (de-normalised where the VAE
+    states latents_mean / latents_std, as SDXL does), the VAE's shift added (SD3, Flux)."""
+    config = pipe.vae.config
+    if latents.ndim == 3:  # Flux: (N, h/2 * w/2, 4C)
+        scale = pipe.vae_scale_factor
+        height = height or pipe.default_sample_size * scale
+        width = width or pipe.default_sample_size * scale
+        latents = pipe._unpack_latents(latents, height, width, scale)
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (mean, std))
+        return latents * std / config.scaling_factor + mean
+    z = latents / config.scaling_factor
+    shift = getattr(config, "shift_factor", None)
+    return z if shift is None else z + shift
+
+
+def _preview(pipe, decode, clean: torch.Tensor, height, width) -> np.ndarray:
+    """uint8 (N, H, W, 3) of clean latents, decoded as the pipeline decodes its last ones.
+    PixArt samples at the nearest size of its aspect-ratio bins and resizes the decoded image
+    to the size asked (``use_resolution_binning``): its previews are resized the same way."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    decoded = decode(vae_latents(pipe, clean, height, width).to(pipe.vae.dtype)).sample
+    binned = isinstance(getattr(pipe, "image_processor", None), PixArtImageProcessor)
+    if binned and height and width and decoded.shape[-2:] != (height, width):
+        decoded = pipe.image_processor.resize_and_crop_tensor(decoded, width, height)
+    return _pixels(decoded)
+
+
+def _pixels(decoded: torch.Tensor) -> np.ndarray:
+    """uint8 (N, H, W, 3) of the VAE's decoded images (in [-1, 1])."""
     pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return np.rint(pixels * 255).astype(np.uint8)
 
