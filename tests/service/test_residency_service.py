@@ -76,10 +76,18 @@ def test_a_budget_of_two_denoisers_serves_three_variants_by_evicting(redis_url, 
         scrape = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         evictions = sum(_metric(scrape, "t2i_variant_evictions_total", v) for _, v in DIT)
         assert evictions > 0
-        resident = [
-            v for v in http.get("/v1/models").json()["data"][0]["variants"] if v["resident"]
-        ]
+        variants = http.get("/v1/models").json()["data"][0]["variants"]
+        resident = [v for v in variants if v["resident"]]
         assert len(resident) == 2 and all(v["resident_bytes"] > 0 for v in resident)
+        [away] = [v["id"] for v in variants if not v["resident"]]
+        asked = {"model": "dit-digits", "variant": away, "prompt": "a seven", "steps": 2}
+        job = http.post("/v1/jobs", json=asked).json()
+        assert _wait(http, job["id"])["status"] == "completed"
+        events = http.get(f"/v1/jobs/{job['id']}/events").text  # ended: the whole stream
+        kinds = [
+            line.split(": ", 1)[1] for line in events.splitlines() if line.startswith("event:")
+        ]
+        assert "loading" in kinds and kinds.index("loading") < kinds.index("progress")
         assert worker.process.poll() is None
 
 
