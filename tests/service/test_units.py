@@ -172,6 +172,16 @@ def test_ids_have_one_format():
         assert not is_id(bad), bad
 
 
+def test_sizes_have_one_format():
+    from app.sizes import Size, parse_size
+
+    assert parse_size("512x768") == Size(512, 768) and parse_size("32X32") == Size(32, 32)
+    assert str(parse_size("512x768")) == "512x768"
+    for bad in ("", "big", "512", "512x", "x512", "0x512", "-1x5", " 32x32", "3_2x32", "1x2x3"):
+        with pytest.raises(ValueError, match="not WxH"):
+            parse_size(bad)
+
+
 def test_registry_switches_apply_per_model_and_per_variant(tmp_path):
     registry = _registry(
         tmp_path,
