@@ -14,23 +14,25 @@ import logging
 import math
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api.deps import check_rate, check_workers
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.queue.client import JobQueue
 from app.queue.records import ANONYMOUS, TERMINAL, Job, JobStatus
 from app.registry import ModelSpec, Registry
-from app.resolve import edit_inputs, job_request, variant_name
+from app.resolve import model_spec, variant_name
+from app.schemas import CompareRequest
+from app.submission import submit_variants
+from app.uploads import decode_base64
 from quality.metrics import psnr_db, sqnr_db, ssim
 
-__all__ = ["Comparison", "Row", "collect", "compare", "shadow_loop", "submit"]
+__all__ = ["Comparison", "Row", "collect", "compare", "shadow_loop", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -124,64 +126,23 @@ def check_variants(
     return names, reference
 
 
-async def submit(
-    settings: Settings,
-    registry: Registry,
-    queue: JobQueue,
-    spec: ModelSpec,
-    *,
-    prompt: str,
-    variants: list[str] | None = None,
-    reference: str | None = None,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    size: str | None = None,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    partial_images: int | None = None,
-    image: bytes | None = None,
-    mask: bytes | None = None,
-    strength: float | None = None,
-    owner: str = ANONYMOUS,
+async def start(
+    settings: Settings, registry: Registry, queue: JobQueue, body: CompareRequest, owner: str
 ) -> Comparison:
-    """Queue one job per variant (same prompt, seed and settings; an edit when ``image`` is
-    given), all or none, and store the comparison."""
-    names, reference = check_variants(settings, spec, variants, reference)
-    seed = secrets.randbelow(2**31) if seed is None else seed
-    # decoding and resizing an image is CPU work: off the event loop
-    inputs = (registry, spec.name, size, image, mask)
-    size, picture, shape = (
-        await run_in_threadpool(edit_inputs, *inputs) if image else edit_inputs(*inputs)
+    """Queue one job per variant (same prompt, seed and settings; an edit when ``body.image``
+    is given), all or none, and store the comparison."""
+    spec = model_spec(registry, body.model)
+    image = None if body.image is None else decode_base64(body.image, "image")
+    mask = None if body.mask is None else decode_base64(body.mask, "mask")
+    names, reference = check_variants(settings, spec, body.variants, body.reference)
+    seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+    submitted = await submit_variants(
+        settings, registry, queue, body, names, seed, owner=owner, image=image, mask=mask
     )
-    requests = [
-        job_request(
-            settings,
-            registry,
-            model=spec.name,
-            prompt=prompt,
-            variant=name,
-            size=size,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            negative_prompt=negative_prompt,
-            scheduler=scheduler,
-            partial_images=partial_images,
-            image=picture,
-            mask=shape,
-            strength=strength,
-        )
-        for name in names
-    ]
-    await check_workers(registry, queue, requests)
-    await check_rate(queue, settings, owner)
-    await queue.store_uploads(picture, shape)
-    submitted = await queue.submit_all(requests, owner=owner)
     result = Comparison(
         uuid.uuid4().hex,
         spec.name,
-        prompt,
+        body.prompt,
         seed,
         reference,
         [
@@ -199,7 +160,7 @@ async def collect(queue: JobQueue, comparison: Comparison, wait_s: float) -> Com
     to finish. When the last one has, the fidelity of each variant against the reference is
     measured, stored with the comparison and set on the gauges — once, so reading an older
     comparison again does not move the gauges back."""
-    waited = [None] * len(comparison.rows)
+    waited: Sequence[Job | None] = [None] * len(comparison.rows)
     if wait_s > 0:
         waited = await asyncio.gather(*(queue.wait(r.job_id, wait_s) for r in comparison.rows))
     for row, job in zip(comparison.rows, waited, strict=True):
@@ -243,9 +204,11 @@ async def _latents(queue: JobQueue, row: Row) -> np.ndarray | None:
     return np.frombuffer(blob, np.float32) if blob else None
 
 
-async def compare(settings, registry, queue, spec, **kwargs) -> Comparison:
-    """Submit and wait (at most the generation timeout) for the result."""
-    comparison = await submit(settings, registry, queue, spec, **kwargs)
+async def compare(
+    settings: Settings, registry: Registry, queue: JobQueue, body: CompareRequest, owner: str
+) -> Comparison:
+    """Start and wait (at most the generation timeout) for the result."""
+    comparison = await start(settings, registry, queue, body, owner)
     return await collect(queue, comparison, settings.generation_timeout_s)
 
 
@@ -263,15 +226,8 @@ async def shadow_loop(settings: Settings, registry: Registry, queue: JobQueue) -
                 live = [v for v in spec.variants if await queue.live_workers(spec.name, v) > 0]
                 if len(live) < 2 or all(spec.variants[v].quantized for v in live):
                     continue  # nothing to compare against full precision now
-                await compare(
-                    settings,
-                    registry,
-                    queue,
-                    spec,
-                    prompt=spec.shadow_prompt,
-                    variants=live,
-                    owner="shadow",
-                )
+                body = CompareRequest(model=spec.name, prompt=spec.shadow_prompt, variants=live)
+                await compare(settings, registry, queue, body, owner="shadow")
             except Exception as exc:  # a failed shadow run must not stop the next
                 log.warning("shadow compare of %s failed: %s", spec.name, exc)
 

@@ -1,10 +1,21 @@
-"""Request and response bodies on the wire (OpenAI Images fields plus our extensions)."""
+"""Request and response bodies on the wire (OpenAI Images fields plus our extensions).
+
+A request model turns itself into the JobRequest it asks for (``to_job_request``): it says
+what it asks as an ``app.resolve.Ask``, and ``app.resolve`` checks that against the registry
+and fills in the model's defaults. A new field is copied in one place, the model's ``_ask``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.config import Settings
+from app.queue.records import JobRequest
+from app.registry import Registry
+from app.resolve import Ask, EditInputs, job_request
 
 __all__ = [
     "CompareRequest",
@@ -76,6 +87,32 @@ class _ImageParameters(BaseModel):
         None, description="a sampler of the model's `capabilities.schedulers`; default: its own"
     )
 
+    def to_job_request(
+        self, settings: Settings, registry: Registry, edit: EditInputs | None
+    ) -> JobRequest:
+        """The job this request asks for (an edit of ``edit``'s image when given)."""
+        return job_request(settings, registry, self._ask(), edit)
+
+    def _ask(self) -> Ask:
+        return Ask(
+            model=self.model,
+            prompt=self.prompt,
+            variant=self.variant,
+            n=self.n,
+            size=self.size,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            negative_prompt=self.negative_prompt,
+            output_format=self.output_format,
+            output_compression=self.output_compression,
+            quality=self.quality,
+            background=self.background,
+            scheduler=self.scheduler,
+            partial_images=self.partial_images,
+            stream=self.stream,
+        )
+
 
 class GenerationRequest(_ImageParameters):
     """``POST /v1/images/generations``: OpenAI's parameters, each honoured or refused with 400
@@ -88,6 +125,9 @@ class GenerationRequest(_ImageParameters):
     style: Literal["vivid", "natural"] | None = Field(
         None, description="DALL-E 3's; refused: these models have no style control"
     )
+
+    def _ask(self) -> Ask:
+        return replace(super()._ask(), moderation=self.moderation, style=self.style)
 
 
 class EditRequest(_ImageParameters):
@@ -105,6 +145,9 @@ class EditRequest(_ImageParameters):
         None, description="gpt-image's; refused: `strength` sets how much of the input stays"
     )
 
+    def _ask(self) -> Ask:
+        return replace(super()._ask(), strength=self.strength)
+
 
 class JobSubmission(GenerationRequest):
     """``POST /v1/jobs``: a generation, or with `image` an edit (base64 or data URLs)."""
@@ -112,6 +155,9 @@ class JobSubmission(GenerationRequest):
     image: str | None = Field(None, description="an image to edit: base64 or a data URL")
     mask: str | None = Field(None, description="its mask (transparent = edit): base64 or data URL")
     strength: float | None = Field(None, gt=0, le=1, description="as for /v1/images/edits")
+
+    def _ask(self) -> Ask:
+        return replace(super()._ask(), strength=self.strength)
 
 
 class ImageData(BaseModel):
@@ -189,6 +235,30 @@ class CompareRequest(BaseModel):
     mask: str | None = Field(None, description="its mask, transparent = edit")
     strength: float | None = Field(None, gt=0, le=1, description="as for edits")
 
+    def to_job_requests(
+        self,
+        settings: Settings,
+        registry: Registry,
+        edit: EditInputs | None,
+        variants: list[str],
+        seed: int,
+    ) -> list[JobRequest]:
+        """One job per variant of ``variants`` (checked by ``app.comparison``), all at
+        ``seed``."""
+        ask = Ask(
+            model=self.model,
+            prompt=self.prompt,
+            size=self.size,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=seed,
+            negative_prompt=self.negative_prompt,
+            scheduler=self.scheduler,
+            partial_images=self.partial_images,
+            strength=self.strength,
+        )
+        return [job_request(settings, registry, replace(ask, variant=v), edit) for v in variants]
+
 
 class CompareVariant(BaseModel):
     variant: str
@@ -251,6 +321,10 @@ class VariantInfo(BaseModel):
     require_worker: bool
     compile: bool
     workers: int
+    resident: bool = Field(description="a live worker holds it loaded (else its next job loads it)")
+    resident_bytes: int | None = Field(
+        None, description="its denoiser's bytes in the worker's memory, when resident"
+    )
     queue_depth: int
     oldest_queued_s: float | None = None
 

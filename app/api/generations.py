@@ -11,19 +11,30 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Header, Request, UploadFile
+from fastapi import APIRouter, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 
-from app.api.deps import Owner, QueueDep, RegistryDep, SettingsDep
-from app.api.jobs import KEEPALIVE_S, image_url, job_gone, submit
+from app.api.deps import (
+    KEEPALIVE_S,
+    Owner,
+    QueueDep,
+    RegistryDep,
+    SettingsDep,
+    Views,
+    ViewsDep,
+    job_gone,
+)
+from app.config import Settings
 from app.errors import ConflictError, InvalidRequest, JobFailed, Timeout, error_body
 from app.queue.client import JobQueue
 from app.queue.records import TERMINAL, Job, JobStatus
 from app.schemas import EditRequest, GenerationRequest, ImageData, ImagesResponse
+from app.sizes import Size
+from app.submission import submit
 
 __all__ = ["router"]
 
@@ -42,15 +53,17 @@ MAX_FORM_FIELDS = 64
 )
 async def create_images(
     body: GenerationRequest,
-    request: Request,
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
     owner: Owner,
+    views: ViewsDep,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
 ):
-    submitted = await submit(body, settings, registry, queue, owner, idempotency_key)
-    return await _answer(body, submitted.id, request, settings, queue, "image_generation")
+    submitted = await submit(
+        settings, registry, queue, body, owner=owner, idempotency_key=idempotency_key
+    )
+    return await _answer(body, submitted.id, views, settings, queue, "image_generation")
 
 
 def _edit_form_schema() -> dict:
@@ -90,6 +103,7 @@ async def edit_images(
     registry: RegistryDep,
     queue: QueueDep,
     owner: Owner,
+    views: ViewsDep,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
 ):
     """Image-to-image (no mask) or inpainting (a mask whose transparent pixels are painted
@@ -103,8 +117,17 @@ async def edit_images(
         body = EditRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    submitted = await submit(body, settings, registry, queue, owner, idempotency_key, image, mask)
-    return await _answer(body, submitted.id, request, settings, queue, "image_edit")
+    submitted = await submit(
+        settings,
+        registry,
+        queue,
+        body,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        image=image,
+        mask=mask,
+    )
+    return await _answer(body, submitted.id, views, settings, queue, "image_edit")
 
 
 async def _read_form(form: FormData) -> tuple[bytes, bytes | None, dict]:
@@ -131,7 +154,14 @@ async def _read_form(form: FormData) -> tuple[bytes, bytes | None, dict]:
     return image, mask, fields
 
 
-async def _answer(body, job_id: str, request: Request, settings, queue: JobQueue, kind: str):
+async def _answer(
+    body: GenerationRequest | EditRequest,
+    job_id: str,
+    views: Views,
+    settings: Settings,
+    queue: JobQueue,
+    kind: str,
+):
     if body.stream:
         return StreamingResponse(
             _events(queue, job_id, body, kind, settings.generation_timeout_s),
@@ -150,28 +180,13 @@ async def _answer(body, job_id: str, request: Request, settings, queue: JobQueue
     data = []
     for k in range(job.images):
         if body.response_format == "url":
-            data.append(ImageData(url=image_url(request, job.id, k)))
+            data.append(ImageData(url=views.image_url(job.id, k)))
             continue
         raw = await queue.image(job.id, k)
         if raw is None:
             raise InvalidRequest(f"the images of job {job.id} have expired", param="id")
         data.append(ImageData(b64_json=base64.b64encode(raw).decode()))
-    r = job.request
-    return ImagesResponse(
-        created=int(job.finished_at or time.time()),
-        data=data,
-        id=job.id,
-        model=r.model,
-        variant=r.variant,
-        seed=r.seed,
-        steps=r.steps,
-        guidance_scale=r.guidance_scale,
-        negative_prompt=r.negative_prompt,
-        scheduler=r.scheduler,
-        strength=r.strength,
-        output_format=r.output_format,
-        timings={**job.timings, **{k: job.result.get(k) for k in ("step_ms_median",)}},
-    )
+    return views.images(job, data)
 
 
 def _raise_unless_completed(job: Job) -> None:
@@ -182,7 +197,7 @@ def _raise_unless_completed(job: Job) -> None:
 
 
 async def _events(
-    queue: JobQueue, job_id: str, body, kind: str, timeout_s: float
+    queue: JobQueue, job_id: str, body: GenerationRequest | EditRequest, kind: str, timeout_s: float
 ) -> AsyncIterator[str]:
     """OpenAI's image stream: one ``{kind}.partial_image`` per preview as the worker makes it,
     then ``{kind}.completed`` with the image; a failure, cancellation or the generation
@@ -238,7 +253,7 @@ async def _final(queue: JobQueue, job_id: str, kind: str, common: dict) -> str:
     raw = await queue.image(job_id, 0)
     if raw is None:
         return _error(f"the image of job {job_id} has expired", "not_found")
-    size = f"{job.request.width}x{job.request.height}"
+    size = str(Size(job.request.width, job.request.height))
     return _sse(
         f"{kind}.completed",
         b64_json=base64.b64encode(raw).decode(),

@@ -10,7 +10,7 @@ from app.errors import InvalidRequest, NotFound
 from app.labels import Match, find_class, label_key
 from app.queue.records import JobRequest, JobStatus, decode, encode_new
 from app.registry import RegistryError, load_registry
-from app.resolve import job_request
+from app.resolve import Ask, job_request
 from tests.service.conftest import MODELS
 
 
@@ -36,11 +36,12 @@ def test_shipped_registry_serves_both_models_with_their_artifacts():
     ("text", "message"),
     [
         ("", r"no \[models\.NAME\]"),
-        ("[models.a]\ndevice='cpu'", "no source"),
-        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nkind='video'", "kind must be"),
+        ("[models.a]\ndevice='cpu'", "models.a.source: Field required"),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nkind='video'", "models.a.kind: Input"),
+        (f"[models.a]\nsource='{MODELS / 't2i-digits'}'\nstep=3", "models.a.step: not a key"),
         (
             f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n[models.a.variants.x]\ndtype='int3'",
-            "dtype must be",
+            "models.a.variants.x.dtype: Input should be 'fp32', 'fp16' or 'bf16'",
         ),
         (
             f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n"
@@ -71,17 +72,17 @@ def test_settings_validate_at_start(monkeypatch):
 def test_resolution_fills_defaults_and_draws_a_seed():
     registry = load_registry(MODELS / "registry.toml")
     settings = Settings()
-    r = job_request(settings, registry, model="t2i-digits", prompt="a red 7 on black")
+    r = job_request(settings, registry, Ask(model="t2i-digits", prompt="a red 7 on black"))
     assert (r.variant, r.steps, r.guidance_scale, r.width, r.height) == ("fp32", 20, 4.5, 32, 32)
     assert 0 <= r.seed < 2**31 and r.class_id is None
-    d = job_request(settings, registry, model="dit-digits", prompt=" Seven ", variant="w8a8")
+    d = job_request(settings, registry, Ask(model="dit-digits", prompt=" Seven ", variant="w8a8"))
     assert d.class_id == 7 and d.variant == "w8a8"
     for unknown in ("w2", ""):  # an empty name is no name, not the default
         with pytest.raises(NotFound) as missing:
-            job_request(settings, registry, model="dit-digits", prompt="7", variant=unknown)
+            job_request(settings, registry, Ask(model="dit-digits", prompt="7", variant=unknown))
         assert missing.value.param == "variant" and missing.value.status == 404
     with pytest.raises(InvalidRequest) as bad:
-        job_request(settings, registry, model="dit-digits", prompt="7", steps=101)
+        job_request(settings, registry, Ask(model="dit-digits", prompt="7", steps=101))
     assert bad.value.param == "steps"
 
 
@@ -112,9 +113,9 @@ def test_the_most_specific_label_wins_and_two_classes_are_refused():
     assert find_class("a tiger cat and a retriever", labels).class_id is None
     registry, settings = load_registry(MODELS / "registry.toml"), Settings()
     with pytest.raises(InvalidRequest, match=r"several classes.*7.*1") as two:
-        job_request(settings, registry, model="dit-digits", prompt="a 7 next to a 1")
+        job_request(settings, registry, Ask(model="dit-digits", prompt="a 7 next to a 1"))
     with pytest.raises(InvalidRequest, match="must name one of its classes") as none:
-        job_request(settings, registry, model="dit-digits", prompt="a cat")
+        job_request(settings, registry, Ask(model="dit-digits", prompt="a cat"))
     assert two.value.param == none.value.param == "prompt"
 
 
@@ -124,7 +125,9 @@ def test_images_carry_their_parameters_in_every_format(output_format):
     from app.worker.pipeline import encode_image
 
     registry = load_registry(MODELS / "registry.toml")
-    r = job_request(Settings(), registry, model="t2i-digits", prompt="a red 7 — «quoted»", seed=5)
+    r = job_request(
+        Settings(), registry, Ask(model="t2i-digits", prompt="a red 7 — «quoted»", seed=5)
+    )
     params = image_parameters(r, 1, {"model": "t2i-digits", "variant": "fp32"})
     pixels = np.zeros((32, 32, 3), np.uint8)
     data = encode_image(pixels, output_format, None, params)
@@ -202,5 +205,5 @@ require_worker = true
     assert not spec.variants["eager"].compile and spec.variants["eager"].require_worker
     assert spec.guidance == 4.5 and spec.default_steps == 20  # the folder's defaults.json
     for key in ("compile", "require_worker"):
-        with pytest.raises(RegistryError, match=f"{key} must be true or false"):
+        with pytest.raises(RegistryError, match=f"models.a.{key}: Input should be a valid bool"):
             _registry(tmp_path, f"[models.a]\nsource='{MODELS / 't2i-digits'}'\n{key}='yes'")
