@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.labels import Match, find_class, label_key
-from app.sizes import parse_size
+from app.sizes import Size, parse_size
 from pipelines.schedulers import names_for
 
 __all__ = [
@@ -356,7 +356,7 @@ def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
     if default_variant not in variants:
         raise RegistryError(f"{where}: default_variant {default_variant!r} is not a variant")
     height, width = defaults.get("height"), defaults.get("width")
-    sizes = tuple(entry.sizes or ([f"{width}x{height}"] if height else ["512x512"]))
+    sizes = tuple(entry.sizes or [str(Size(width, height)) if height else "512x512"])
     low, high = entry.guidance_range
     guidance = entry.guidance if entry.guidance is not None else defaults.get("guidance_scale", 5.0)
     spec = ModelSpec(

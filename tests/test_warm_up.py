@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from app.config import DEFAULT_REGISTRY
 from app.queue.records import JobRequest
 from app.registry import load_registry
+from app.sizes import parse_size
 from app.worker import pipeline
 
 
@@ -34,7 +35,8 @@ def test_after_a_compiled_warm_up_no_job_compiles(model):
         warmed = _graphs()
         assert warmed >= 2  # batch 1 apart, then a dynamic batch
 
-        width, height = (int(x) for x in spec.sizes[0].split("x"))
+        size = parse_size(spec.sizes[0])
+        width, height = size.width, size.height
         image = pipeline.encode_image(np.full((height, width, 3), 40, np.uint8), "png")
         mask = pipeline.encode_image(np.full((height, width, 3), 255, np.uint8), "png")
         base = {

@@ -5,8 +5,9 @@ default worker of a device) or named (``--serve MODEL/VARIANT ...``; ``--model M
 for one). They share the components they have in common (app.worker.components) and load
 under the worker's memory budget (app.worker.residency): without a budget all of them at
 start (warmed up); with one, those pinned at start and the others at their first job, the
-least recently used evicted to make room. Jobs are taken from every variant's stream in turn, up to ``T2I_BATCH_MAX`` of one
-variant (same size / steps / guidance) run as one pipeline call (app.worker.batch). A variant
+least recently used evicted to make room. Jobs are taken from every variant's stream in turn,
+up to ``T2I_BATCH_MAX`` of one variant (same size / steps / guidance) run as one pipeline
+call (app.worker.batch). A variant
 that cannot load fails its own jobs with the reason; the worker and the other variants go on.
 SIGTERM or SIGINT: stop taking jobs, finish the current one, leave, exit 0.
 """

@@ -7,7 +7,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from PIL import Image
 from app.provenance import image_parameters, save_options
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
+from app.sizes import parse_size
 from app.worker.components import Components, Identity, estimate_bytes, module_bytes
 from pipelines import generate
 from pipelines.loader import compile_denoiser, load_pipeline
@@ -274,7 +275,7 @@ def warm_up(loaded: Loaded, spec: ModelSpec, variant: str, compiled: bool) -> No
     first = spec.sizes[0]
 
     def request(size: str, **fields) -> JobRequest:
-        width, height = (int(x) for x in size.split("x"))
+        width, height = astuple(parse_size(size))
         base = {
             "model": spec.name,
             "variant": variant,
@@ -306,7 +307,7 @@ def warm_up(loaded: Loaded, spec: ModelSpec, variant: str, compiled: bool) -> No
             run(request(size, guidance_scale=1.0))
     run(request(first, partial_images=1))
     if spec.edits:
-        width, height = (int(x) for x in first.split("x"))
+        width, height = astuple(parse_size(first))
         image = encode_image(np.full((height, width, 3), 128, np.uint8), "png")
         run(request(first, image="warm-up", strength=0.5), image=image)
         if spec.inpainting:
