@@ -93,6 +93,11 @@ class Consumer:
             entries = [(_s(eid), data) for eid, data in reply[0][1]] if reply else []
         return self.start(entries)
 
+    def oldest_wait(self) -> float | None:
+        """Seconds the oldest job still queued (not taken) has waited; None when none is."""
+        first = self.redis.zrange(self.keys.queued(self.model, self.variant), 0, 0, withscores=True)
+        return max(0.0, time.time() - float(first[0][1])) if first else None
+
     def start(self, entries: list[tuple[str, dict]]) -> list[Claimed]:
         """Mark the jobs of entries read from this stream as started, and return those that
         can run."""

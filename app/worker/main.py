@@ -216,17 +216,36 @@ class Worker:
 
     def _take(self, block_ms: int) -> list[tuple[Key, list[Claimed]]]:
         """Jobs of one variant, the streams looked at in turn (each first in its turn, so a
-        busy variant does not starve the others); when none has any, a wait on all at once."""
+        busy variant does not starve the others). A variant that is not resident is taken in
+        its turn only once its oldest job has waited as long as loading it takes (evicting
+        another for one job at a time would thrash), or when no resident variant has work;
+        when none has any, a wait on all at once."""
         keys = list(self.consumers)
-        for i in range(len(keys)):
-            key = keys[(self.turn + i) % len(keys)]
+        order = [keys[(self.turn + i) % len(keys)] for i in range(len(keys))]
+        later = []
+        for key in order:
+            if not self._worth_loading(key):
+                later.append(key)
+                continue
             claimed = self.consumers[key].take(self.settings.batch_max, None)
             if claimed:
-                self.turn = (self.turn + i + 1) % len(keys)
+                self.turn = (keys.index(key) + 1) % len(keys)
+                return [(key, claimed)]
+        for key in later:  # nothing else to do: load it now
+            claimed = self.consumers[key].take(self.settings.batch_max, None)
+            if claimed:
+                self.turn = (keys.index(key) + 1) % len(keys)
                 return [(key, claimed)]
         consumers = list(self.consumers.values())
         taken = take_any(consumers, self.settings.batch_max, block_ms)
         return [((c.model, c.variant), claimed) for c, claimed in taken]
+
+    def _worth_loading(self, key: Key) -> bool:
+        """Resident, or its oldest queued job has waited as long as its last load took."""
+        if self.hosted.memory_budget is None or key in self.residency.resident:
+            return True
+        waited = self.consumers[key].oldest_wait()
+        return waited is not None and waited >= self.residency.load_cost(key)
 
     # --- one batch -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ __all__ = ["LoadFailed", "Residency", "Slot"]
 log = logging.getLogger("app.worker.residency")
 
 RETRY_FAILED_S = 30.0  # a failed load is tried again at the first job after this long
+FIRST_LOAD_COST_S = 5.0  # what a load is taken to cost before one has been timed
 
 
 class LoadFailed(Exception):
@@ -66,6 +67,11 @@ class Residency:
         self.on_change = on_change or (lambda key, loaded: None)
         self.resident: OrderedDict[tuple[str, str], object] = OrderedDict()  # LRU first
         self.failures: dict[tuple[str, str], _Failure] = {}
+        self.load_seconds: dict[tuple[str, str], float] = {}  # the latest load of each
+
+    def load_cost(self, key: tuple[str, str]) -> float:
+        """Seconds loading the variant is expected to take: its latest load's."""
+        return self.load_seconds.get(key, FIRST_LOAD_COST_S)
 
     def get(self, slot: Slot, on_loading: Callable[[], None] | None = None) -> object:
         """The loaded variant, loading it first (after ``on_loading()``) when it is not
@@ -94,6 +100,7 @@ class Residency:
             self._failed(key, message, code)
             raise LoadFailed(message, code) from exc
         seconds = time.perf_counter() - t0
+        self.load_seconds[key] = seconds
         self.failures.pop(key, None)
         self.resident[key] = loaded
         metrics.LOADS.labels(**labels).inc()
