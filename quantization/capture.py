@@ -35,9 +35,10 @@ def timestep_of(args: tuple, kwargs: dict) -> float | None:
     """The timestep a diffusers denoiser is called at (``timestep=`` or its 2nd argument);
     one value per call: the first where the batch carries one per sample."""
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if t is None:
-        return None
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0])
+    # a block's call may hold anything there (PixArt's adaln_single: its added_cond_kwargs)
+    return float(t) if isinstance(t, int | float) else None
 
 
 def detach(value):

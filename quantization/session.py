@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.generate import decode, final_latents, sample
+from pipelines.generate import decode, final_latents, sample, vae_latents
 from pipelines.loader import sampling_settings
 from quality.metrics import psnr_db, sqnr_db
 from quantization import backends
@@ -172,7 +172,8 @@ class Run:
             [u.name for u in self.units["block"]],
             self.backend,
             levels,
-            lambda z: decode(self.pipe, z),
+            # the denoiser's input made a VAE latent (Flux's are packed in 2x2 patches)
+            lambda z: decode(self.pipe, vae_latents(self.pipe, z)),
         )
         stage.update()
         return t
