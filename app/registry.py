@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.labels import Match, find_class, label_key
 from app.sizes import Size, parse_size
+from pipelines.capabilities import Capabilities, capabilities
 from pipelines.schedulers import names_for
 
 __all__ = [
@@ -36,15 +37,6 @@ __all__ = [
 DTYPES = ("fp32", "fp16", "bf16")
 CLASS_CONDITIONAL = "class-conditional"
 TEXT_TO_IMAGE = "text-to-image"
-_CLASS_PIPELINES = {"DiTPipeline"}
-# pipelines whose components diffusers' image-to-image and inpainting pipelines take
-# (``pipelines.edit``); DiT gets our image-to-image and no inpainting
-_EDITABLE = {
-    "StableDiffusionPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusion3Pipeline",
-    "FluxPipeline",
-}
 
 
 class RegistryError(ValueError):
@@ -133,13 +125,23 @@ class ModelSpec:
         return names_for(self.kind == CLASS_CONDITIONAL, self.scheduler)
 
     @property
+    def offered(self) -> Capabilities:
+        """What the code runs for the folder's pipeline and sampler (pipelines.capabilities):
+        ``GET /v1/models`` promises exactly this."""
+        return capabilities(self.pipeline, self.scheduler)
+
+    @property
     def edits(self) -> bool:
         """Image-to-image: an input image noised to a strength and denoised."""
-        return self.pipeline in _EDITABLE or self.pipeline in _CLASS_PIPELINES
+        return self.offered.edits
 
     @property
     def inpainting(self) -> bool:
-        return self.pipeline in _EDITABLE
+        return self.offered.inpainting
+
+    @property
+    def previews(self) -> bool:
+        return self.offered.previews
 
     def class_id(self, prompt: str) -> int | None:
         """The class a class-conditional prompt names ("a seven", "the digit 7, please",
@@ -343,12 +345,13 @@ def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
     labels) and checked against it."""
     where = f"models.{name}"
     source = _resolve(entry.source, base)
-    folder = Path(source) if Path(source).is_dir() else None
+    folder = Path(source) if Path(source).is_dir() else _cached(source)
     defaults = _read_json(folder / "defaults.json") if folder else {}
     index = _read_json(folder / "model_index.json") if folder else {}
     kind = entry.kind or defaults.get("kind")
     if kind is None:
-        kind = CLASS_CONDITIONAL if index.get("_class_name") in _CLASS_PIPELINES else TEXT_TO_IMAGE
+        conditional = capabilities(index.get("_class_name"), None).class_conditional
+        kind = CLASS_CONDITIONAL if conditional else TEXT_TO_IMAGE
     variants = {
         v: _variant(f"{where}.variants.{v}", v, e, base, entry) for v, e in entry.variants.items()
     }
@@ -416,6 +419,16 @@ def _resolve(value: str, base: Path) -> str:
     """A path relative to the registry file when it exists there; otherwise as given (hub id)."""
     candidate = Path(value) if Path(value).is_absolute() else base / value
     return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _cached(hub_id: str) -> Path | None:
+    """A hub id's snapshot in the local cache (its configs are read from there), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not cached, or not a hub id: its folder is not read
+        return None
 
 
 def _scheduler(folder: Path | None) -> str | None:

@@ -152,6 +152,8 @@ def job_request(
         raise InvalidRequest(
             f"partial_images must lie in 0..{MAX_PARTIAL_IMAGES}", param="partial_images"
         )
+    if partial_images and not spec.previews:
+        raise InvalidRequest(f"{spec.name} makes no previews", param="partial_images")
     strength = _edit_strength(spec, edit, ask.strength)
     if edit is not None and steps_run(steps, strength) < 1:
         raise InvalidRequest(

@@ -67,6 +67,6 @@ def capabilities(spec: ModelSpec) -> ModelCapabilities:
         output_formats=list(CONTENT_TYPES),
         edits=spec.edits,
         inpainting=spec.inpainting,
-        previews=True,
+        previews=spec.previews,
         max_partial_images=MAX_PARTIAL_IMAGES,
     )

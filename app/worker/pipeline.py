@@ -305,7 +305,8 @@ def warm_up(loaded: Loaded, spec: ModelSpec, variant: str, compiled: bool) -> No
                 run(request(size, n=n, guidance_scale=guided))
         if low <= 1.0:
             run(request(size, guidance_scale=1.0))
-    run(request(first, partial_images=1))
+    if spec.previews:
+        run(request(first, partial_images=1))
     if spec.edits:
         width, height = astuple(parse_size(first))
         image = encode_image(np.full((height, width, 3), 128, np.uint8), "png")
