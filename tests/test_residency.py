@@ -114,6 +114,10 @@ def test_module_bytes_count_parameters_and_buffers():
     model = torch.nn.BatchNorm1d(3)  # weight, bias: 3 floats; running stats: 6 floats + 1 long
     assert module_bytes(model) == 4 * (3 + 3 + 3 + 3) + 8
     assert module_bytes("a tokenizer") == 0
+    shared = torch.nn.Linear(4, 4, bias=False)
+    tied = torch.nn.ModuleDict({"embed": shared, "head": torch.nn.Linear(4, 4, bias=False)})
+    tied["head"].weight = shared.weight  # one tensor under two names
+    assert module_bytes(tied) == 4 * 16
 
 
 def test_estimates_are_read_from_safetensors_headers(tmp_path):

@@ -76,22 +76,27 @@ class Components:
 
 
 def module_bytes(module: object) -> int:
-    """Bytes of a module's parameters and buffers (0 for a tokenizer or a scheduler). A
-    quantized tensor subclass counts its own data: its storage, not a float view of it."""
+    """Bytes of a module's parameters and buffers (0 for a tokenizer or a scheduler), each
+    tensor once (a tied weight has two names). A quantized tensor subclass counts its own
+    data: its storage, not a float view of it."""
     if not isinstance(module, torch.nn.Module):
         return 0
-    total = 0
-    for _, tensor in module.state_dict(keep_vars=True).items():
-        total += _tensor_bytes(tensor)
-    return total
+    seen: set[tuple[int, int]] = set()
+    return sum(_tensor_bytes(t, seen) for t in module.state_dict(keep_vars=True).values())
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    inner = getattr(tensor, "__tensor_flatten__", None)
-    if inner is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+def _tensor_bytes(tensor: torch.Tensor, seen: set[tuple[int, int]]) -> int:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
+        tensor, "__tensor_flatten__"
+    ):
         names, _ = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
-    return tensor.numel() * tensor.element_size()
+        return sum(_tensor_bytes(getattr(tensor, n), seen) for n in names)
+    nbytes = tensor.numel() * tensor.element_size()
+    key = (tensor.data_ptr(), nbytes)
+    if nbytes and key in seen:
+        return 0
+    seen.add(key)
+    return nbytes
 
 
 def estimate_bytes(folder: Path, dtype: str) -> int | None:

@@ -9,6 +9,8 @@ on.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import time
@@ -95,11 +97,12 @@ class Residency:
             raise
         except Exception as exc:
             self.components.release(_user(key))  # what it took before failing
-            gc.collect()
+            release_memory()
             message, code = describe_failure(exc)
             self._failed(key, message, code)
             raise LoadFailed(message, code) from exc
         seconds = time.perf_counter() - t0
+        release_memory()
         self.load_seconds[key] = seconds
         self.failures.pop(key, None)
         self.resident[key] = loaded
@@ -129,7 +132,7 @@ class Residency:
     def evict(self, key: tuple[str, str]) -> None:
         self.resident.pop(key, None)
         dropped = self.components.release(_user(key))
-        gc.collect()
+        release_memory()
         metrics.EVICTIONS.labels(model=key[0], variant=key[1]).inc()
         self.on_change(key, None)
         log.info(
@@ -143,6 +146,27 @@ class Residency:
         log.error("cannot load %s/%s: %s", *key, message)
         metrics.LOAD_FAILURES.labels(model=key[0], variant=key[1], reason=code).inc()
         self.failures[key] = _Failure(message, code, time.monotonic() + RETRY_FAILED_S)
+
+
+def release_memory() -> None:
+    """Collect, then hand the heap that freed tensors left back to the system (glibc keeps it
+    otherwise: a quantized denoiser is built as a float model first, and an evicted one's
+    pages stay counted in the worker's RSS)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
 
 
 def _user(key: tuple[str, str]) -> str:
