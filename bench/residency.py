@@ -6,7 +6,8 @@ dit-digits' fp32, w8a8 and w4a8-sqnr (denoisers of 11.5, 5.7 and 5.2 MB beside o
 VAE; any two fit 19 MB, all three do not) behind a real API and Redis. ``--requests`` requests
 go round-robin over the three variants from ``--clients`` clients (OpenAI's
 ``/v1/images/generations``, 2 steps), first with no budget (every variant loaded at start),
-then under the budget (loaded at first use, the least recently used evicted). Per case:
+then under the budget (loaded at first use, the least recently used evicted). The variants
+run eager: a compiled one's warm-up would dominate every load. Per case:
 latency p50 / p99 per request, the worker's loads and evictions from its /metrics, failures.
 Writes ``residency.json`` and ``residency.md``.
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +37,21 @@ def counter(scrape: str, name: str) -> float:
     )
 
 
-def run_case(budget: str | None, requests: int, clients: int) -> dict:
-    stack = Stack(T2I_TORCH_THREADS="1", T2I_BATCH_MAX="4")
+def registry(folder: Path) -> Path:
+    """The three variants, eager (a compiled variant's warm-up would dominate every load)."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    path = folder / "registry-residency.toml"
+    text = f'[models.dit-digits]\nsource = "{models / "dit-digits"}"\nsizes = ["32x32"]\n'
+    text += '[models.dit-digits.variants.fp32]\ndtype = "fp32"\n'
+    for name in ("w8a8", "w4a8-sqnr"):
+        artifact = models / "quantized" / f"dit-digits-{name}"
+        text += f'[models.dit-digits.variants.{name}]\nartifact = "{artifact}"\n'
+    path.write_text(text)
+    return path
+
+
+def run_case(budget: str | None, requests: int, clients: int, folder: Path) -> dict:
+    stack = Stack(torch_threads="1", batch_max="4", registry=str(registry(folder)))
     port = free_port()
     try:
         stack.start_worker("residency", serves=VARIANTS, memory_budget=budget, metrics_port=port)
@@ -103,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="19MB")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
-    cases = [run_case(b, args.requests, args.clients) for b in (None, args.budget)]
+    with tempfile.TemporaryDirectory(prefix="t2i-residency-") as tmp:
+        cases = [run_case(b, args.requests, args.clients, Path(tmp)) for b in (None, args.budget)]
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.residency " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "residency.json").write_text(
