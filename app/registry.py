@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from app.labels import Match, find_class, label_key
 from app.sizes import Size, parse_size
@@ -251,7 +252,7 @@ class _RegistryFile(_Strict):
     workers: dict[str, _WorkerEntry] = {}
 
 
-def _problem(error: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     where = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -298,7 +299,7 @@ def _worker(name: str, entry: _WorkerEntry, models: dict[str, ModelSpec]) -> Wor
         if models[m].device.split(":")[0] != device.split(":")[0]:
             raise RegistryError(f"{where}: {m}/{v} runs on {models[m].device}, not {device}")
     pinned = _matching(where, "pin", entry.pin, hosted)
-    budget = entry.memory_budget
+    budget = None if entry.memory_budget is None else parse_bytes(entry.memory_budget)
     return WorkerSpec(name, device, tuple(hosted), budget, frozenset(pinned))
 
 
@@ -359,7 +360,8 @@ def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
     if default_variant not in variants:
         raise RegistryError(f"{where}: default_variant {default_variant!r} is not a variant")
     height, width = defaults.get("height"), defaults.get("width")
-    sizes = tuple(entry.sizes or [str(Size(width, height)) if height else "512x512"])
+    stated = str(Size(int(width), int(height))) if height and width else "512x512"
+    sizes = tuple(entry.sizes or [stated])
     low, high = entry.guidance_range
     guidance = entry.guidance if entry.guidance is not None else defaults.get("guidance_scale", 5.0)
     spec = ModelSpec(
@@ -397,22 +399,17 @@ def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
 def _variant(
     where: str, name: str, entry: _VariantEntry, base: Path, model: _ModelEntry
 ) -> VariantSpec:
-    switches = {
-        "require_worker": model.require_worker
-        if entry.require_worker is None
-        else entry.require_worker,
-        "compile": model.compile if entry.compile is None else entry.compile,
-    }
+    require_worker = model.require_worker if entry.require_worker is None else entry.require_worker
+    compile = model.compile if entry.compile is None else entry.compile
     if entry.artifact is not None:
         folder = Path(_resolve(entry.artifact, base))
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
             raise RegistryError(f"{where}: {folder} is not a quantized artifact (no manifest.json)")
         manifest = _read_json(manifest_file)
-        return VariantSpec(
-            name, manifest.get("dtype", "fp32"), folder, **switches, manifest=manifest
-        )
-    return VariantSpec(name, entry.dtype or "fp32", **switches)
+        dtype = manifest.get("dtype", "fp32")
+        return VariantSpec(name, dtype, folder, require_worker, compile, manifest=manifest)
+    return VariantSpec(name, entry.dtype or "fp32", None, require_worker, compile)
 
 
 def _resolve(value: str, base: Path) -> str:

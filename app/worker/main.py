@@ -66,7 +66,7 @@ class Worker:
             for m, v in hosted.variants
         }
         self.components = Components()
-        self.residency = Residency(
+        self.residency: Residency[pipeline.Loaded] = Residency(
             self.components, hosted.memory_budget, hosted.pinned, self._published
         )
         self.stopping = threading.Event()
@@ -105,7 +105,7 @@ class Worker:
             ", ".join(f"{m}/{v}" for m, v in self.residency.resident) or "none",
         )
 
-    def _slot(self, key: Key) -> Slot:
+    def _slot(self, key: Key) -> Slot[pipeline.Loaded]:
         spec = self.registry.models[key[0]]
         variant = spec.variants[key[1]]
         return Slot(

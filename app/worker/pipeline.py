@@ -88,6 +88,7 @@ def load(
     if variant.quantized:
         from quantization.artifact import load_quantized_denoiser
 
+        assert variant.artifact is not None
         manifest, denoiser = load_quantized_denoiser(variant.artifact)
         attr, folder = manifest["denoiser"], str(variant.artifact)
         given[attr] = denoiser
@@ -185,7 +186,7 @@ def _denoiser_name(source: str) -> str:
 def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:
     """Model, variant and scheduler; for an artifact its recipe and the sha256 of its manifest
     (which holds the sha256 of every weight file, so it names the weights exactly)."""
-    made_by = {
+    made_by: dict = {
         "model": spec.name,
         "variant": variant.name,
         "dtype": variant.dtype,
@@ -196,7 +197,7 @@ def _made_by(spec: ModelSpec, variant: VariantSpec, pipe) -> dict:
 
         made_by["recipe"] = variant.manifest.get("recipe", {}).get("name")
         made_by["backend"] = variant.manifest.get("backend")
-        made_by["artifact_sha256"] = sha256_of(Path(variant.artifact) / "manifest.json")
+        made_by["artifact_sha256"] = sha256_of(Path(str(variant.artifact)) / "manifest.json")
     return made_by
 
 
@@ -215,13 +216,15 @@ def run_batch(
     whichever batch it is in. ``image`` / ``mask``: the PNG inputs of an edit. With
     ``partial_images``, ``on_preview(k, step, previews)`` gets each job's encoded previews."""
     first = requests[0]
-    conditions, seeds = [], []
+    conditions: list = []
+    seeds: list[int] = []
     for r in requests:
         condition = r.class_id if spec.kind == CLASS_CONDITIONAL else r.prompt
         conditions += [condition] * r.n
         seeds += [r.seed + i for i in range(r.n)]
 
     def previews(k: int, step: int, pixels: np.ndarray) -> None:
+        assert on_preview is not None
         parts, start = [], 0
         for r in requests:
             parts.append(
@@ -233,6 +236,10 @@ def run_batch(
             start += r.n
         on_preview(k, step, parts)
 
+    edit = None
+    if image is not None:
+        assert first.strength is not None  # resolve sets it on every edit
+        edit = _edit(image, mask, first.strength)
     samples = generate.run(
         loaded.pipe,
         conditions,
@@ -243,7 +250,7 @@ def run_batch(
         height=first.height,
         width=first.width,
         scheduler=first.scheduler,
-        edit=None if image is None else _edit(image, mask, first.strength),
+        edit=edit,
         on_step=on_step,
         preview_at=generate.preview_steps(first.steps_run, first.partial_images),
         on_preview=previews if on_preview is not None else None,

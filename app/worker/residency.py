@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from app import metrics
 from app.worker.components import Components
@@ -38,13 +39,16 @@ class LoadFailed(Exception):
         self.code = code
 
 
+T = TypeVar("T")  # what a load returns: the worker's loaded pipeline
+
+
 @dataclass(frozen=True)
-class Slot:
+class Slot(Generic[T]):
     """How to bring one variant in: ``load()`` returns what runs its jobs (the caller's
     object), ``needs()`` the bytes loading it would add to what ``components`` holds."""
 
     key: tuple[str, str]  # (model, variant)
-    load: Callable[[], object]
+    load: Callable[[], T]
     needs: Callable[[], int]
 
 
@@ -55,19 +59,19 @@ class _Failure:
     until: float
 
 
-class Residency:
+class Residency(Generic[T]):
     def __init__(
         self,
         components: Components,
         budget: int | None = None,
         pinned: frozenset[tuple[str, str]] = frozenset(),
-        on_change: Callable[[tuple[str, str], object | None], None] | None = None,
+        on_change: Callable[[tuple[str, str], T | None], None] | None = None,
     ) -> None:
         """``on_change(key, loaded)``: after a variant is loaded (``loaded``) or evicted
         (None), to publish it."""
         self.components, self.budget, self.pinned = components, budget, pinned
         self.on_change = on_change or (lambda key, loaded: None)
-        self.resident: OrderedDict[tuple[str, str], object] = OrderedDict()  # LRU first
+        self.resident: OrderedDict[tuple[str, str], T] = OrderedDict()  # LRU first
         self.failures: dict[tuple[str, str], _Failure] = {}
         self.load_seconds: dict[tuple[str, str], float] = {}  # the latest load of each
 
@@ -75,7 +79,7 @@ class Residency:
         """Seconds loading the variant is expected to take: its latest load's."""
         return self.load_seconds.get(key, FIRST_LOAD_COST_S)
 
-    def get(self, slot: Slot, on_loading: Callable[[], None] | None = None) -> object:
+    def get(self, slot: Slot[T], on_loading: Callable[[], None] | None = None) -> T:
         """The loaded variant, loading it first (after ``on_loading()``) when it is not
         resident; LoadFailed when it cannot be."""
         key = slot.key
@@ -112,7 +116,7 @@ class Residency:
         log.info("loaded %s/%s in %.1f s (%d bytes held)", *key, seconds, self.components.total())
         return loaded
 
-    def _make_room(self, slot: Slot) -> None:
+    def _make_room(self, slot: Slot[T]) -> None:
         """Evict until loading ``slot`` fits the budget (what it needs grows when an eviction
         drops a shared component it uses)."""
         if self.budget is None:
