@@ -1,0 +1,472 @@
+"""LoRA adapters applied beside a denoiser's layers, never merged into them.
+
+``read`` turns an adapter file (safetensors, diffusers/PEFT or kohya layout) into an
+``Adapter``; ``check`` holds it against a denoiser (every key a Linear or Conv2d layer it has,
+ranks and shapes matching). ``attach`` wraps the target layers once in ``LoRALayer``s that
+compute ``y = base(x) + B((A x) * s)``, where ``base`` is whatever module was there (float,
+or a quantized layer of any backend: its weights are never read, dequantized or changed),
+and A, B and the per-rank scales ``s`` are fixed-shape buffers (padded to ``max_rank``).
+``set_adapters`` copies a set of adapters into those buffers, stacked along the rank
+dimension, or zeroes them for none: a ``torch.compile``d denoiser takes the buffers as
+graph inputs and does not recompile when the adapter changes. docs/lora.md has the layouts,
+the maths and the measured switch cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "LayerLoRA",
+    "LoRALayer",
+    "attach",
+    "check",
+    "detach",
+    "kohya_name",
+    "read",
+    "set_adapters",
+]
+
+# the denoiser's prefix in a diffusers/PEFT file (a bare PEFT model: base_model.model.)
+PEFT_PREFIXES = ("unet.", "transformer.", "base_model.model.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+PARTS = {  # key suffix -> (layout, matrix)
+    ".lora_A.weight": ("peft", "A"),
+    ".lora_B.weight": ("peft", "B"),
+    ".lora_down.weight": ("kohya", "A"),
+    ".lora_up.weight": ("kohya", "B"),
+}
+# module names of diffusers denoisers that contain "_": a kohya key joins every part of a
+# module's name with "_", so these are rejoined (longest first) and every other "_" is a "."
+KOHYA_WORDS = frozenset(
+    (
+        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "single_transformer_blocks",
+        "to_q", "to_k", "to_v", "to_out", "to_add_out", "add_q_proj", "add_k_proj", "add_v_proj",
+        "proj_in", "proj_out", "proj_out_1", "proj_out_2", "proj_mlp", "time_emb_proj",
+        "conv_shortcut", "conv_in", "conv_out", "time_embedding", "linear_1", "linear_2",
+        "add_embedding", "encoder_hid_proj", "ff_context", "norm1_context", "norm_out",
+        "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder",
+        "context_embedder", "x_embedder", "pos_embed", "caption_projection", "adaln_single",
+    )
+)  # fmt: skip
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be read, or does not fit the denoiser; names the file."""
+
+
+@dataclass(frozen=True)
+class LayerLoRA:
+    """One layer's low-rank pair: ``down`` (A: rank × in, or rank × in × kh × kw for a
+    Conv2d) and ``up`` (B: out × rank, or out × rank × 1 × 1); its delta is
+    ``alpha / rank · B A``."""
+
+    key: str  # the file's key stem, for messages
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter file as read: its layers keyed by the denoiser's module names."""
+
+    name: str
+    path: str
+    sha256: str
+    layout: str  # "peft" or "kohya"
+    layers: dict[str, LayerLoRA]
+
+    @property
+    def max_rank(self) -> int:
+        return max(layer.rank for layer in self.layers.values())
+
+
+def kohya_name(stem: str) -> str:
+    """A kohya module stem (``down_blocks_0_attentions_0_proj_in``) as the module name it
+    stands for (``down_blocks.0.attentions.0.proj_in``), through ``KOHYA_WORDS``."""
+    tokens = stem.split("_")
+    out, i = [], 0
+    while i < len(tokens):
+        for k in (3, 2):
+            word = "_".join(tokens[i : i + k])
+            if i + k <= len(tokens) and word in KOHYA_WORDS:
+                out.append(word)
+                i += k
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return ".".join(out)
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    return dict(header.get("__metadata__") or {})
+
+
+def _file_alpha(path: str, metadata: dict[str, str]) -> float | None:
+    """The alpha a file states for all its layers, if any: ``alpha`` in the metadata, or
+    ``<prefix>.lora_alpha`` in diffusers' ``lora_adapter_metadata`` (PEFT's LoraConfig)."""
+    if "alpha" in metadata:
+        return float(metadata["alpha"])
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = json.loads(raw)
+    for key, value in config.items():
+        if key.endswith("alpha_pattern") and value:
+            raise AdapterError(f"{path}: alpha per layer (alpha_pattern) is not supported")
+    alphas = {v for k, v in config.items() if k.endswith("lora_alpha")}
+    if len(alphas) > 1:
+        raise AdapterError(f"{path}: several lora_alpha values in its metadata: {alphas}")
+    return float(alphas.pop()) if alphas else None
+
+
+def _layer_name(path: str, key: str, layout: str, stem: str) -> str:
+    if layout == "peft":
+        for prefix in PEFT_PREFIXES:
+            if stem.startswith(prefix):
+                return stem[len(prefix) :]
+        if stem.startswith("text_encoder"):
+            raise AdapterError(f"{path}: {key}: text-encoder LoRA is not supported")
+        return stem
+    for prefix in KOHYA_PREFIXES:
+        if stem.startswith(prefix):
+            return kohya_name(stem[len(prefix) :])
+    if stem.startswith("lora_te"):
+        raise AdapterError(f"{path}: {key}: text-encoder LoRA is not supported")
+    raise AdapterError(f"{path}: {key}: a kohya key must start with {' or '.join(KOHYA_PREFIXES)}")
+
+
+def read(path: str | Path, name: str | None = None, sha256: str | None = None) -> Adapter:
+    """Read an adapter file. ``sha256``, when given, must be the file's (a registry pins it:
+    a flipped byte in the tensors is caught here, one in the header by safetensors).
+
+    Alpha per layer: its ``<stem>.alpha`` tensor, else the file's metadata (``alpha``, or
+    PEFT's ``lora_alpha`` in diffusers' ``lora_adapter_metadata``), else the rank (scale 1,
+    as diffusers loads a file that states none). A ``rank`` in the metadata must be every
+    layer's rank.
+    """
+    from safetensors.torch import load as load_bytes
+
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter file ({e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise AdapterError(f"{path}: sha256 is {digest}, the registry expects {sha256}")
+    try:
+        tensors = load_bytes(data)
+        metadata = _header_metadata(data)
+    except Exception as e:  # safetensors' own errors, a bad header, bad JSON
+        raise AdapterError(f"{path}: not a valid safetensors file ({e})") from None
+    if not tensors:
+        raise AdapterError(f"{path}: holds no tensors")
+    file_alpha = _file_alpha(path, metadata)
+
+    layouts: set[str] = set()
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # stem -> matrix -> (key, t)
+    alphas: dict[str, float] = {}
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise AdapterError(f"{path}: {key}: non-finite values")
+        if key.endswith(".alpha"):
+            alphas[key[: -len(".alpha")]] = float(value)
+            continue
+        suffix = next((s for s in PARTS if key.endswith(s)), None)
+        if suffix is None:
+            raise AdapterError(
+                f"{path}: {key}: not a LoRA key (lora_A/lora_B, lora_down/lora_up or alpha)"
+            )
+        layout, matrix = PARTS[suffix]
+        layouts.add(layout)
+        pairs.setdefault(key[: -len(suffix)], {})[matrix] = (key, value)
+    if len(layouts) > 1:
+        raise AdapterError(f"{path}: mixes the diffusers/PEFT and kohya layouts")
+    (layout,) = layouts
+
+    layers: dict[str, LayerLoRA] = {}
+    for stem, parts in pairs.items():
+        first_key = min(k for k, _ in parts.values())
+        if set(parts) != {"A", "B"}:
+            missing = ({"A", "B"} - set(parts)).pop()
+            raise AdapterError(f"{path}: {first_key}: its {missing} matrix is missing")
+        down, up = parts["A"][1].float(), parts["B"][1].float()
+        if down.dim() != up.dim() or down.dim() not in (2, 4):
+            raise AdapterError(
+                f"{path}: {first_key}: A and B must both be 2-D (Linear) or 4-D (Conv2d), "
+                f"got {tuple(down.shape)} and {tuple(up.shape)}"
+            )
+        if up.shape[1] != down.shape[0]:
+            raise AdapterError(
+                f"{path}: {first_key}: rank mismatch between A and B: A has {down.shape[0]} "
+                f"rows, B has {up.shape[1]} columns"
+            )
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise AdapterError(f"{path}: {first_key}: B of a Conv2d LoRA must be 1×1")
+        if "rank" in metadata and int(metadata["rank"]) != down.shape[0]:
+            raise AdapterError(
+                f"{path}: {first_key}: rank {down.shape[0]}, the metadata says {metadata['rank']}"
+            )
+        alpha = alphas.pop(stem, file_alpha if file_alpha is not None else float(down.shape[0]))
+        target = _layer_name(path, first_key, layout, stem)
+        if target in layers:
+            raise AdapterError(f"{path}: {first_key}: a second pair for layer {target}")
+        layers[target] = LayerLoRA(stem, down.contiguous(), up.contiguous(), alpha)
+    if alphas:
+        stray = sorted(alphas)[0]
+        raise AdapterError(f"{path}: {stray}.alpha: an alpha for a layer with no A/B pair")
+    layers = dict(sorted(layers.items(), key=lambda kv: kv[1].key))  # the file's key order
+    return Adapter(name or Path(path).stem, path, digest, layout, layers)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What a LoRA branch needs of the layer it sits beside."""
+
+    kind: str  # "linear" or "conv"
+    in_features: int
+    out_features: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+
+    def down_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.in_features, *self.kernel)
+
+    def up_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.out_features, rank) + ((1, 1) if self.kind == "conv" else ())
+
+
+def _geometry(module: nn.Module) -> _Geometry | None:
+    """A Linear's or Conv2d's shape, for float layers and the quantized layers of every
+    backend, read from the attributes they share: ``in_features`` / ``out_features`` (Linear,
+    quanto's QLinear and torchao's Linear with a quantized weight tensor, x86's Int8Linear /
+    Bf16Linear), ``in_channels`` / ``out_channels`` / ``stride`` / ``padding`` /
+    ``dilation`` / ``groups`` (Conv2d, QConv2d, x86's Int8Conv2d / Bf16Conv2d; the x86 layers
+    have no ``kernel_size``: the kernel is their weight's last two dims)."""
+    if isinstance(module, LoRALayer):
+        return module.geometry
+    attrs: dict[str, Any] = {
+        a: getattr(module, a)
+        for a in ("in_features", "out_features", "in_channels", "out_channels", "stride",
+                  "padding", "dilation", "groups", "padding_mode", "kernel_size")
+        if hasattr(module, a)
+    }  # fmt: skip
+    if "in_features" in attrs and "out_features" in attrs:
+        return _Geometry("linear", int(attrs["in_features"]), int(attrs["out_features"]))
+    if not {"in_channels", "out_channels", "stride", "padding"} <= set(attrs):
+        return None
+    kernel = attrs.get("kernel_size")
+    if kernel is None:
+        weight = getattr(module, "weight_int8", None)
+        weight = weight if weight is not None else getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            return None
+        kernel = tuple(weight.shape[2:])
+    if attrs.get("groups", 1) != 1 or attrs.get("padding_mode", "zeros") != "zeros":
+        return None
+    padding = attrs["padding"]
+    return _Geometry(
+        "conv",
+        int(attrs["in_channels"]),
+        int(attrs["out_channels"]),
+        tuple(int(k) for k in kernel),
+        tuple(int(s) for s in attrs["stride"]),
+        padding if isinstance(padding, str) else tuple(int(p) for p in padding),
+        tuple(int(d) for d in attrs.get("dilation", (1, 1))),
+    )
+
+
+def _layer(denoiser: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return denoiser.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def check(adapter: Adapter, denoiser: nn.Module) -> None:
+    """Raise AdapterError, naming the file and its first offending key, unless every layer
+    of ``adapter`` is a Linear or Conv2d of ``denoiser`` (float or quantized) with the
+    shapes its A and B need."""
+    for name, layer in adapter.layers.items():
+        where = f"{adapter.path}: {layer.key}"
+        module = _layer(denoiser, name)
+        if module is None:
+            raise AdapterError(f"{where}: unknown layer {name}: the denoiser has no such module")
+        geometry = _geometry(module)
+        if geometry is None:
+            raise AdapterError(
+                f"{where}: layer {name} is a {type(module).__name__}, not a Linear or an "
+                "ungrouped Conv2d"
+            )
+        for matrix, got, want in (
+            ("A", layer.down.shape, geometry.down_shape(layer.rank)),
+            ("B", layer.up.shape, geometry.up_shape(layer.rank)),
+        ):
+            if tuple(got) != want:
+                raise AdapterError(
+                    f"{where}: shape mismatch on {name} ({geometry.kind}): {matrix} expected "
+                    f"{want}, got {tuple(got)}"
+                )
+
+
+class LoRALayer(nn.Module):
+    """``base(x) + B((A x) * scale)``: a layer and a LoRA branch of fixed rank beside it.
+
+    ``base`` is called as it is (its hooks, e.g. SmoothQuant's input division, apply to its
+    own input only); the branch sees the layer's input. The buffers are not persistent: the
+    denoiser's saved state is the base's alone. Unused rank slots hold zeros.
+    """
+
+    lora_down: torch.Tensor
+    lora_up: torch.Tensor
+    lora_scale: torch.Tensor
+
+    def __init__(self, base: nn.Module, geometry: _Geometry, max_rank: int, dtype: torch.dtype):
+        super().__init__()
+        self.base = base
+        self.geometry = geometry
+        self.max_rank = max_rank
+        self.register_buffer(
+            "lora_down", torch.zeros(geometry.down_shape(max_rank), dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "lora_up", torch.zeros(geometry.up_shape(max_rank), dtype=dtype), persistent=False
+        )
+        self.register_buffer("lora_scale", torch.zeros(max_rank, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = x.to(self.lora_down.dtype)
+        g = self.geometry
+        if g.kind == "linear":
+            delta = F.linear(F.linear(h, self.lora_down) * self.lora_scale, self.lora_up)
+        else:
+            h = F.conv2d(h, self.lora_down, None, g.stride, g.padding, g.dilation)
+            delta = F.conv2d(h * self.lora_scale.view(-1, 1, 1), self.lora_up)
+        return y + delta.to(y.dtype)
+
+
+def attach(
+    denoiser: nn.Module,
+    max_rank: int,
+    targets: Iterable[str],
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Wrap each of ``targets`` (module names) in a ``LoRALayer`` with room for ``max_rank``
+    ranks, all zero (no adapter). Once, before ``torch.compile``; after any quantized state
+    is loaded (the wrapped layers' state-dict keys gain ``.base``; ``detach`` undoes it).
+
+    Args:
+        max_rank: the most ranks one layer takes, summed over the adapters of a request.
+        dtype: of the buffers and the branch's arithmetic (the denoiser's compute dtype).
+    Returns the names wrapped (already wrapped ones are refused, not wrapped twice).
+    """
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be at least 1, not {max_rank}")
+    names = sorted(set(targets))
+    plan = []
+    for name in names:
+        module = _layer(denoiser, name)
+        if module is None:
+            raise ValueError(f"unknown layer {name}: the denoiser has no such module")
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"{name} has a LoRA branch already")
+        geometry = _geometry(module)
+        if geometry is None:
+            raise ValueError(f"{name} is a {type(module).__name__}, not a Linear or a Conv2d")
+        plan.append((name, module, geometry))
+    for name, module, geometry in plan:
+        wrapped = LoRALayer(module, geometry, max_rank, dtype)
+        device = next(
+            (t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu")
+        )
+        _swap(denoiser, name, wrapped.to(device))
+    return names
+
+
+def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _lora_layers(denoiser: nn.Module) -> dict[str, LoRALayer]:
+    return {n: m for n, m in denoiser.named_modules() if isinstance(m, LoRALayer)}
+
+
+def detach(denoiser: nn.Module) -> None:
+    """Put every wrapped layer's base back in its place."""
+    for name, layer in _lora_layers(denoiser).items():
+        _swap(denoiser, name, layer.base)
+
+
+@torch.no_grad()
+def set_adapters(denoiser: nn.Module, adapters: Sequence[tuple[Adapter, float]]) -> None:
+    """Make ``adapters`` (each with its scale) the active set of an ``attach``ed denoiser;
+    ``[]`` for none.
+
+    Adapters are stacked along the rank dimension in the order given: on each layer the
+    first takes rank slots ``[0, r1)``, the next ``[r1, r1 + r2)``, and each slot's scale is
+    ``scale · alpha / rank`` of its adapter, so the branch computes exactly the sum of the
+    adapters' deltas. Every adapter is checked (its layers wrapped, shapes matching, ranks
+    within ``max_rank``) before any buffer is written: a refused set leaves the last one.
+    The buffers are written in place (no new tensors), so a compiled denoiser does not
+    recompile.
+    """
+    layers = _lora_layers(denoiser)
+    if not layers:
+        raise ValueError("the denoiser has no LoRA branches: call attach() first")
+    used = dict.fromkeys(layers, 0)
+    for adapter, _ in adapters:
+        for name, layer in adapter.layers.items():
+            if name not in layers:
+                raise AdapterError(
+                    f"{adapter.path}: {layer.key}: layer {name} has no LoRA branch "
+                    "(not among the targets attached)"
+                )
+        check(adapter, denoiser)
+        for name, layer in adapter.layers.items():
+            used[name] += layer.rank
+            if used[name] > layers[name].max_rank:
+                raise AdapterError(
+                    f"{adapter.path}: {layer.key}: ranks on {name} add up to {used[name]}, "
+                    f"more than max_rank {layers[name].max_rank}"
+                )
+    for module in layers.values():
+        module.lora_down.zero_()
+        module.lora_up.zero_()
+        module.lora_scale.zero_()
+    start = dict.fromkeys(layers, 0)
+    for adapter, scale in adapters:
+        for name, layer in adapter.layers.items():
+            module, r, i = layers[name], layer.rank, start[name]
+            module.lora_down[i : i + r].copy_(layer.down)
+            module.lora_up[:, i : i + r].copy_(layer.up)
+            module.lora_scale[i : i + r].fill_(scale * layer.scale)
+            start[name] = i + r
