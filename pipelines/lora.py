@@ -37,6 +37,7 @@ __all__ = [
     "kohya_name",
     "read",
     "set_adapters",
+    "targets",
 ]
 
 # the denoiser's prefix in a diffusers/PEFT file (a bare PEFT model: base_model.model.)
@@ -301,6 +302,11 @@ def _geometry(module: nn.Module) -> _Geometry | None:
         padding if isinstance(padding, str) else tuple(int(p) for p in padding),
         tuple(int(d) for d in attrs.get("dilation", (1, 1))),
     )
+
+
+def targets(denoiser: nn.Module) -> list[str]:
+    """The layers ``attach`` can wrap: every Linear and ungrouped Conv2d, float or quantized."""
+    return [n for n, m in denoiser.named_modules() if n and _geometry(m) is not None]
 
 
 def _layer(denoiser: nn.Module, name: str) -> nn.Module | None:
