@@ -100,7 +100,7 @@ class Adapter:
 
     @property
     def max_rank(self) -> int:
-        return max(layer.rank for layer in self.layers.values())
+        return max((layer.rank for layer in self.layers.values()), default=0)
 
 
 def kohya_name(stem: str) -> str:
@@ -162,8 +162,9 @@ def _layer_name(path: str, key: str, layout: str, stem: str) -> str:
 
 
 def read(path: str | Path, name: str | None = None, sha256: str | None = None) -> Adapter:
-    """Read an adapter file. ``sha256``, when given, must be the file's (a registry pins it:
-    a flipped byte in the tensors is caught here, one in the header by safetensors).
+    """Read an adapter file. ``sha256``, when given, must be the file's: a registry pins it,
+    as only the hash catches every flipped byte (one in the tensors reads as other numbers;
+    one in the header mostly breaks its JSON or offsets, but may rename a key).
 
     Alpha per layer: its ``<stem>.alpha`` tensor, else the file's metadata (``alpha``, or
     PEFT's ``lora_alpha`` in diffusers' ``lora_adapter_metadata``), else the rank (scale 1,
