@@ -26,12 +26,18 @@ CONV = [
 ]
 
 
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _pairs(model: nn.Module, names, rank: int, seed: int) -> dict[str, tuple]:
     """Random A, B for the named layers of ``model`` (conv: A with the layer's kernel, B 1×1)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name in names:
-        w = model.get_submodule(name).weight
+        w = _weight(model, name)
         a = torch.randn(rank, *w.shape[1:], generator=g) / w.shape[1] ** 0.5
         b = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.1
         out[name] = (a, b)
@@ -66,7 +72,7 @@ def _merged(model: nn.Module, adapters) -> nn.Module:
     with torch.no_grad():
         for adapter, scale in adapters:
             for name, layer in adapter.layers.items():
-                w = merged.get_submodule(name).weight
+                w = _weight(merged, name)
                 a, b = layer.down.double(), layer.up.double()
                 # a 1×1 conv after a conv: one conv of kernel B A
                 delta = b @ a if w.dim() == 2 else torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
