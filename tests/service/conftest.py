@@ -145,7 +145,9 @@ class WorkerProcess(supervisor.WorkerProcess):
         self.settings = settings
         self.start()
 
-    def wait_ready(self, timeout: float = 120.0) -> WorkerProcess:
+    def wait_ready(self, timeout: float = 300.0) -> WorkerProcess:
+        """A compiled variant compiles every path before the first heartbeat: about 100 s
+        on 2 idle cores for dit-digits on x86, 137 s with other jobs on the machine."""
         try:
             return super().wait_ready(timeout)
         except StartError as exc:  # a test failure, as it was before app.supervisor
