@@ -39,7 +39,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--start", type=float, default=time.time())
-    parser.add_argument("--timeout", type=float, default=900.0)
+    # a worker loads its variants one after the other: six from an empty compile cache took
+    # 283 s here, and 747 s with the machine busy with other work (deploy/README.md)
+    parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
     key = next(iter(os.environ.get("T2I_API_KEYS", "").split(",")), "") or None
     api_s, last, polls = None, None, 0

@@ -11,18 +11,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
+import app.worker.main as worker_main
 from app.config import Settings
 from app.queue.keys import Keys
-from app.registry import load_registry
+from app.registry import WorkerSpec, load_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "quantized-vs-fp.json"
 SETTINGS_DOC = (ROOT / "docs" / "service.md").read_text()
+KEDA_CRD = Path(__file__).resolve().parent / "keda.sh_scaledobjects.yaml"
 
 
 def _promtool() -> str:
@@ -101,17 +104,33 @@ def _known_env(name: str) -> bool:
     return name in fields or name == "HF_HUB_OFFLINE"
 
 
-def _worker_targets(commands) -> set[tuple[str, str]]:
-    found = set()
-    for command in commands:
-        if "app.worker" in command:
-            found.add(
-                (command[command.index("--model") + 1], command[command.index("--variant") + 1])
-            )
-    return found
+class _Parsed(Exception):
+    def __init__(self, hosted: WorkerSpec) -> None:
+        self.hosted = hosted
 
 
-def test_compose_is_consistent():
+def _hosted(command: list[str], registry: Path, monkeypatch) -> WorkerSpec:
+    """What a worker's command line hosts, read by app.worker's own parser and ``hosted_by``
+    (its ``main()`` stopped right after them); the test fails on a line it would refuse."""
+    assert command[:3] == ["python", "-m", "app.worker"], command
+    hosted_by = worker_main.hosted_by
+
+    def stop(args, parsed_registry):
+        raise _Parsed(hosted_by(args, parsed_registry))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker_main, "get_settings", lambda: Settings(registry=registry))
+        patch.setattr(worker_main, "hosted_by", stop)
+        try:
+            worker_main.main(command[3:])
+        except _Parsed as parsed:
+            return parsed.hosted
+        except SystemExit:
+            pytest.fail(f"{command}: app.worker refuses it with {registry} (its error is above)")
+    pytest.fail("app.worker's main() returned without calling hosted_by")
+
+
+def test_compose_is_consistent(monkeypatch):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"redis", "api", "prometheus", "grafana"} <= set(services)
@@ -127,15 +146,26 @@ def test_compose_is_consistent():
             assert _documented(key) or key == "HF_HUB_OFFLINE"
         if "app.worker" in " ".join(service.get("command", [])):
             assert env["REDIS_URL"] == "redis://redis:6379/0"
-    registry = load_registry(ROOT / "models" / "registry.toml")
-    served = {(m, v) for m, spec in registry.models.items() for v in spec.variants}
-    cpu = _worker_targets(s.get("command", []) for s in services.values() if "profiles" not in s)
-    assert cpu == served, "a CPU worker per registry variant"
-    gpu = {n: s for n, s in services.items() if "gpu" in s.get("profiles", [])}
-    assert gpu and _worker_targets(s["command"] for s in gpu.values()) <= served
-    for service in gpu.values():
+    registry = ROOT / "models" / "registry.toml"
+    served = set(load_registry(registry).served())
+    workers = {n: s for n, s in services.items() if "app.worker" in " ".join(s.get("command", []))}
+    hosted = {n: _hosted(s["command"], registry, monkeypatch) for n, s in workers.items()}
+    cpu = {t for n, spec in hosted.items() if "profiles" not in workers[n] for t in spec.variants}
+    assert cpu == served, "the CPU workers together host every registry variant"
+    gpu = [n for n, s in workers.items() if "gpu" in s.get("profiles", [])]
+    assert gpu and all(set(hosted[n].variants) <= served for n in gpu)
+    for name in gpu:
+        service = workers[name]
+        assert service["image"] == "${SERVICE_IMAGE_CUDA:-t2i-service:cuda}"
+        assert "/whl/cu" in service["build"]["args"]["TORCH_INDEX"]
         assert service["environment"]["T2I_DEVICE"] == "cuda"
         assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    for name, spec in hosted.items():
+        # healthy once every variant it hosts is warm: all of them load at start (no budget)
+        test = workers[name]["healthcheck"]["test"][-1]
+        warm = re.search(r"count\(b't2i_model_warmup_seconds\{'\) == (\d+)$", test)
+        assert warm and int(warm[1]) == len(spec.variants), f"{name}: {test}"
+        assert spec.memory_budget is None, f"{name}: with a budget not every variant loads at start"
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = {
         t
@@ -148,7 +178,6 @@ def test_compose_is_consistent():
         for c in job.get("dns_sd_configs", [])
         for name in c["names"]
     }
-    workers = {n for n, s in services.items() if "app.worker" in " ".join(s.get("command", []))}
     assert targets == {"api:8000"} | {f"{n}:9101" for n in workers}
     for name in workers:
         assert "--metrics-port" in services[name]["command"]
@@ -196,7 +225,39 @@ def test_kubernetes_manifests_validate_against_the_schemas():
         kubernetes_validate.validate(broken, desired_version="1.30", strict=True)
 
 
-def test_kubernetes_manifests_are_consistent(tmp_path):
+def _declared_only(schema: dict) -> dict:
+    """A CRD's schema that refuses the fields it does not declare, as kubernetes_validate's
+    strict mode does: the API server would drop them without a word (pruning)."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {k: _declared_only(v) for k, v in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = _declared_only(schema[key])
+    return schema
+
+
+def test_keda_scaled_objects_validate_against_the_crd():
+    crd = next(d for d in yaml.safe_load_all(KEDA_CRD.read_text()) if d)
+    (version,) = crd["spec"]["versions"]
+    validator = jsonschema.Draft7Validator(_declared_only(version["schema"]["openAPIV3Schema"]))
+    scaled = [d for d in _k8s_docs() if d["apiVersion"].startswith("keda.sh")]
+    assert scaled
+    for doc in scaled:
+        assert doc["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+        assert doc["kind"] == crd["spec"]["names"]["kind"]
+        validator.validate(doc)
+    broken = copy.deepcopy(scaled[0])
+    broken["spec"]["advanced"]["scalingModifier"] = broken["spec"]["advanced"].pop(
+        "scalingModifiers"
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(broken)
+
+
+def test_kubernetes_manifests_are_consistent(tmp_path, monkeypatch):
     docs = _k8s_docs()
     by_kind: dict[str, list[dict]] = {}
     for doc in docs:
@@ -206,46 +267,60 @@ def test_kubernetes_manifests_are_consistent(tmp_path):
     local = tmp_path / "registry.toml"
     local.write_text(text.replace("/srv/models", str(ROOT / "models")))
     registry = load_registry(local)
-    served = {(m, v) for m, spec in registry.models.items() for v in spec.variants}
+    served = set(registry.served())
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
     workers = {
         n: d
         for n, d in deployments.items()
         if "app.worker" in d["spec"]["template"]["spec"]["containers"][0]["command"]
     }
-    assert (
-        _worker_targets(
-            d["spec"]["template"]["spec"]["containers"][0]["command"] for d in workers.values()
-        )
-        == served
+    hosted = {
+        n: _hosted(d["spec"]["template"]["spec"]["containers"][0]["command"], local, monkeypatch)
+        for n, d in workers.items()
+    }
+    assert {t for spec in hosted.values() for t in spec.variants} == served, (
+        "the workers together host every registry variant"
     )
     keys = Keys(Settings().key_prefix)
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind["ScaledObject"]}
     assert set(scaled) == set(workers), "a ScaledObject per worker Deployment"
     settings = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "t2i-settings")
     redis_host = settings["data"]["REDIS_URL"].split("//")[1].split(":")[0]
+    budgets = {p["metadata"]["name"]: p for p in by_kind["PodDisruptionBudget"]}
     for name, deployment in workers.items():
-        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-        model, variant = (
-            command[command.index("--model") + 1],
-            command[command.index("--variant") + 1],
-        )
-        # scale to zero, woken by the first job: the stream's length (jobs waiting or running),
-        # not a consumer group's pending entries (none while no worker runs)
+        variants = hosted[name].variants
         spec = scaled[name]["spec"]
-        minimum = 1 if registry.models[model].variants[variant].require_worker else 0
-        assert spec["minReplicaCount"] == minimum < spec["maxReplicaCount"], name
+        # scale to zero, woken by the first job of any of its streams, unless a variant it
+        # hosts refuses jobs while no worker is live
+        required = any(registry.models[m].variants[v].require_worker for m, v in variants)
+        assert spec["minReplicaCount"] == int(required) < spec["maxReplicaCount"], name
         assert "replicas" not in deployment["spec"], f"{name}: KEDA sets the replicas"
-        trigger = spec["triggers"][0]
-        assert trigger["type"] == "redis-streams"
-        assert trigger["metadata"]["stream"] == keys.stream(model, variant)
-        assert "consumerGroup" not in trigger["metadata"]
-        assert int(trigger["metadata"]["streamLength"]) >= 1
-        assert trigger["metadata"]["activationLagCount"] == "0"
-        assert trigger["metadata"]["address"].split(":")[0] == redis_host
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        # KEDA's formula sums exactly the streams of the variants the Deployment hosts
+        triggers = {t["name"]: t for t in spec["triggers"]}
+        assert len(triggers) == len(spec["triggers"]) == len(variants), name
+        streams = {t["metadata"]["stream"] for t in triggers.values()}
+        assert streams == {keys.stream(m, v) for m, v in variants}, name
+        modifiers = spec["advanced"]["scalingModifiers"]
+        terms = [term.strip() for term in modifiers["formula"].split("+")]
+        assert sorted(terms) == sorted(triggers), f"{name}: {modifiers['formula']}"
+        assert modifiers["metricType"] == "AverageValue" and float(modifiers["target"]) >= 1
+        assert modifiers["activationTarget"] == "0", "the first job of any stream wakes it"
+        for trigger_name, trigger in triggers.items():
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", trigger_name), "a formula variable"
+            assert trigger["type"] == "redis-streams"
+            # the stream's length (jobs waiting or running), not a consumer group's pending
+            # entries (none while no worker runs)
+            assert "consumerGroup" not in trigger["metadata"]
+            assert trigger["metadata"]["address"].split(":")[0] == redis_host
+        template = deployment["spec"]["template"]
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        assert labels.items() <= template["metadata"]["labels"].items(), name
+        assert budgets[name]["spec"]["selector"]["matchLabels"] == labels, name
+        container = template["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env.get("T2I_DEVICE", hosted[name].device) == hosted[name].device == "cuda"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+        assert template["spec"]["terminationGracePeriodSeconds"] >= 60
     for key in settings["data"]:
         assert _known_env(key) and (_documented(key) or key == "HF_HUB_OFFLINE"), key
     api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]

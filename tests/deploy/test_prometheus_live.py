@@ -1,6 +1,6 @@
-"""A real Prometheus (Debian's package) scraping a running API and workers: scrapes pass
-``promtool check metrics``, every PromQL expression of the dashboard parses and runs, and the
-main panels return data after a few generations."""
+"""A real Prometheus (Debian's package) scraping a running API and a worker hosting two
+variants: scrapes pass ``promtool check metrics``, every PromQL expression of the dashboard
+parses and runs, and the main panels return data after a few generations."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ MAIN_PANELS = (
     "Fidelity: PSNR against FP",
     "Fidelity: SQNR of latents against FP",
     "Workers up",
+    "Resident weight bytes by variant and component",
+    "Variant loads and evictions",
 )
 
 
@@ -43,23 +45,18 @@ def scraped(redis_url, registry_file, tmp_path_factory):
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is missing (Debian package prometheus; make setup installs it)")
     settings = make_settings(redis_url, registry_file)
-    ports = {"fp32": free_port(), "w8a8": free_port()}
-    workers = [
-        WorkerProcess(settings, "dit-digits", v, f"prom-{v}", port) for v, port in ports.items()
-    ]
+    port = free_port()
+    serves = [("dit-digits", "fp32"), ("dit-digits", "w8a8")]
+    worker = WorkerProcess(settings, name="prom-worker", metrics_port=port, serves=serves)
     folder = tmp_path_factory.mktemp("prometheus")
     with Server(settings) as server:
-        for w in workers:
-            w.wait_ready()
-        targets = {
-            "api": [f"127.0.0.1:{server.port}"],
-            "workers": [f"127.0.0.1:{p}" for p in ports.values()],
-        }
+        worker.wait_ready()
+        targets = {"api": [f"127.0.0.1:{server.port}"], "workers": [f"127.0.0.1:{port}"]}
         rules = [str(RULES)]
         process, url = start_prometheus(folder, targets, "1s", rules)
         prom = httpx.Client(base_url=url, timeout=10)
         try:
-            wait_until(lambda: _query(prom, "sum(up)") == 3.0, 60, 0.5, what="3 targets up")
+            wait_until(lambda: _query(prom, "sum(up)") == 2.0, 60, 0.5, what="2 targets up")
             with server.client() as http:
                 for i in range(4):
                     for variant in ("fp32", "w8a8"):
@@ -73,15 +70,14 @@ def scraped(redis_url, registry_file, tmp_path_factory):
                 assert http.post("/v1/jobs", json=spare).status_code == 202
                 scrapes = {
                     "api": http.get("/metrics").text,
-                    "worker": httpx.get(f"http://127.0.0.1:{ports['w8a8']}/metrics").text,
+                    "worker": httpx.get(f"http://127.0.0.1:{port}/metrics").text,
                 }
             time.sleep(4)  # a few scrapes after the traffic
             yield prom, scrapes
         finally:
             process.terminate()
             process.wait(10)
-            for w in workers:
-                w.stop()
+            worker.stop()
 
 
 def _query(prom: httpx.Client, expr: str):

@@ -1,8 +1,8 @@
 """The compose stack as a user runs it (``make compose-up``): the images, users and health
-checks of its containers; generation through the official openai client on every variant, an
-SSE stream, compares; Prometheus scraping every target and answering every query of the
-Grafana dashboard; a worker killed mid-job and Redis restarted with jobs queued. The drills
-come last: they take containers down for a while."""
+checks of its containers, one worker process hosting every variant; generation through the
+official openai client on every variant, an SSE stream, compares; Prometheus scraping every
+target and answering every query of the Grafana dashboard; the worker killed mid-job and Redis
+restarted with jobs queued. The drills come last: they take containers down for a while."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from tests.deploy.compose.conftest import (
 from tests.waiting import read_events
 
 PROMPTS = {"dit-digits": "seven", "t2i-digits": "a red seven on a black background"}
+WORKER = "worker-cpu"  # the one worker of the stack (no gpu profile): every variant
 SERVICE_USER = "10001"  # the image's t2i user (Dockerfile; runAsUser in deploy/k8s)
 
 
@@ -65,9 +66,9 @@ def test_containers_run_as_non_root_users(services):
             assert docker("exec", cid, "id", "-u").strip() == SERVICE_USER, service
 
 
-def test_every_container_is_healthy_and_restarts(services):
+def test_every_container_is_healthy_and_restarts(services, models):
     assert {"redis", "api", "prometheus"} <= set(services)
-    assert sum(s.startswith("worker-") for s in services) == 6
+    assert [s for s in services if s.startswith("worker-")] == [WORKER]
     for service in services:
         cid = container(service)
         assert inspect(cid, "{{.HostConfig.RestartPolicy.Name}}") == "unless-stopped", service
@@ -79,6 +80,10 @@ def test_every_container_is_healthy_and_restarts(services):
         )
     published = docker("port", container("api")).split()
     assert published == ["8000/tcp", "->", "127.0.0.1:8000"], published
+    # the one worker's heartbeats go to every variant it hosts
+    body = httpx.get(f"{API}/v1/models", timeout=10).json()
+    live = {f"{m['id']}/{v['id']}": v["workers"] for m in body["data"] for v in m["variants"]}
+    assert len(live) == sum(len(v) for v in models.values()) and set(live.values()) == {1}, live
 
 
 def test_openai_client_generates_on_every_variant(models):
@@ -141,6 +146,13 @@ def test_prometheus_scrapes_every_target_and_the_dashboard_has_data(
         workers = {f"{s}:9101" for s in services if s.startswith("worker-")}
         assert set(hosts) == {"api:8000"} | workers
         assert set(hosts.values()) == {"up"}, hosts
+        # one target warmed every variant up
+        query = "count by (instance) (t2i_model_warmup_seconds)"
+        warm = prom.get("/api/v1/query", params={"query": query}).json()["data"]["result"]
+        variants = sum(len(v) for v in models.values())
+        assert {r["metric"]["instance"]: int(r["value"][1]) for r in warm} == {
+            f"{WORKER}:9101": variants
+        }
         dashboard = json.loads(
             (ROOT / "deploy/grafana/dashboards/quantized-vs-fp.json").read_text()
         )
@@ -178,10 +190,10 @@ def test_prometheus_scrapes_every_target_and_the_dashboard_has_data(
 
 def test_a_worker_killed_mid_job_restarts_and_its_job_completes(http, record_property):
     """The container's process dies by SIGKILL, as an out-of-memory kill or a crash does; the
-    restart policy brings the worker back and it takes the job over (T2I_RECLAIM_IDLE_S).
-    Not ``docker kill``: the engine counts that as a stop by hand, after which no restart
-    policy restarts the container."""
-    service = "worker-t2i-digits-w4a8-sqnr"
+    restart policy brings the worker back, it loads its variants again and takes the job over
+    (T2I_RECLAIM_IDLE_S). Not ``docker kill``: the engine counts that as a stop by hand, after
+    which no restart policy restarts the container."""
+    service = WORKER
     cid = container(service)
     restarts = int(inspect(cid, "{{.RestartCount}}"))
     body = {"model": "t2i-digits", "variant": "w4a8-sqnr", "prompt": PROMPTS["t2i-digits"]}
