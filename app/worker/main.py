@@ -174,9 +174,9 @@ class Worker:
             for key, consumer in self.consumers.items():
                 try:
                     consumer.heartbeat(list(self.holding.get(key, ())))
+                    # both ways, so a write that raced an eviction is put right a beat later
                     loaded = self.residency.resident.get(key)
-                    if loaded is not None:
-                        consumer.resident(loaded.denoiser_weight_bytes)
+                    consumer.resident(None if loaded is None else loaded.denoiser_weight_bytes)
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed: %s", exc)
             time.sleep(self.settings.heartbeat_s)
