@@ -115,6 +115,27 @@ def sd15_unet(dtype: torch.dtype, device: str, layers: int = 2) -> UNet2DConditi
     return model.to(device=device, dtype=dtype).eval()
 
 
+def clip_l(tokenizer):
+    """The CLIP ViT-L/14 text tower of SD 1.5 and Flux (123 M parameters), random weights,
+    its special tokens the tokenizer's."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def make_calls(
     timesteps: list[int], dtype: torch.dtype, device: str, batch: int = 2, arch: str = "dit-xl-2"
 ) -> list[Call]:

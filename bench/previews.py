@@ -74,25 +74,14 @@ def dit_pipeline(dtype, device):
 
 def sd15_pipeline(dtype, device):
     from diffusers import StableDiffusionPipeline
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    from transformers import AutoTokenizer
+
+    from bench.full_size import clip_l
 
     tokenizer = AutoTokenizer.from_pretrained(MODELS / "t2i-digits" / "tokenizer")
     tokenizer.model_max_length = 77
     torch.manual_seed(0)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).to(device=device, dtype=dtype)
+    text = clip_l(tokenizer).to(device=device, dtype=dtype)
     pipe = StableDiffusionPipeline(
         vae=_vae(dtype, device),
         text_encoder=text.eval(),

@@ -132,9 +132,9 @@ def _sd15_pipeline(layers: int | None):
     """bench.previews.sd15_pipeline with ``layers`` per UNet block (its text encoder too)."""
     import torch
     from diffusers import StableDiffusionPipeline
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    from transformers import AutoTokenizer
 
-    from bench.full_size import sd15_unet
+    from bench.full_size import clip_l, sd15_unet
     from bench.previews import MODELS as EMBEDDED
     from bench.previews import _scheduler, _vae
 
@@ -142,20 +142,7 @@ def _sd15_pipeline(layers: int | None):
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED / "t2i-digits" / "tokenizer")
     tokenizer.model_max_length = 77
     torch.manual_seed(0)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text = clip_l(tokenizer)
     return StableDiffusionPipeline(
         vae=_vae(dtype, device),
         text_encoder=text.eval(),

@@ -87,13 +87,12 @@ def flux_small_pipeline(double: int = 2, single: int = 4, t5_layers: int = 2):
     )
     from transformers import (
         AutoTokenizer,
-        CLIPTextConfig,
-        CLIPTextModel,
         T5Config,
         T5EncoderModel,
         T5Tokenizer,
     )
 
+    from bench.full_size import clip_l
     from bench.previews import MODELS as EMBEDDED
 
     clip_tokenizer = AutoTokenizer.from_pretrained(EMBEDDED / "t2i-digits" / "tokenizer")
@@ -104,20 +103,7 @@ def flux_small_pipeline(double: int = 2, single: int = 4, t5_layers: int = 2):
         vocab=vocab + [(f"▁{w}", -3.0) for w in words], extra_ids=0, model_max_length=512
     )
     torch.manual_seed(0)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
-    )
+    clip = clip_l(clip_tokenizer)
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=32128,
