@@ -136,6 +136,30 @@ pip_inputs() {
     fi
 }
 
+# Stops early, with the numbers, where the engine's disk cannot hold a build of the service image
+# (the last one ran out of space half way through copying its venv).
+free_disk() {  # free_disk GB
+    local root avail
+    root=$(docker info -f '{{.DockerRootDir}}')
+    avail=$(df -Pk "$root" | awk 'NR == 2 {print int($4 / 1048576)}')
+    if [ "$avail" -lt "$1" ]; then
+        say "only ${avail} GB free under $root; building the service image needs about $1 GB"
+        docker system df >&2
+        say "free space, e.g. 'docker image prune' (untagged images) or 'docker system prune'"
+        exit 1
+    fi
+}
+
+# A rebuild leaves the previous service image and its deps stage untagged. The deps stage is
+# tagged (a cached build: seconds) so that its layers stay the cache of the next build, then
+# the untagged images this Dockerfile made are removed; other untagged images are left alone.
+tidy() {
+    DOCKER_BUILDKIT=0 docker build -q --network host --target deps -t "${SERVICE_IMAGE%%:*}:deps" \
+        --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_VERSION="$TORCH_VERSION" . >/dev/null 2>&1 \
+        || { say "tagging the deps stage failed"; exit 1; }
+    docker image prune -f --filter label=io.t2i.image=service | tail -n 1 | sed 's/^/prepare: removed untagged: /' >&2
+}
+
 engine
 BASE=${BASE_IMAGE:-$(public python:3.11-slim)}
 REDIS=${REDIS_IMAGE:-$(public redis:7.2-alpine)}
@@ -154,7 +178,9 @@ if [ -z "$PROMETHEUS" ]; then
 fi
 BASE=${BASE:-$LOCAL_BASE}
 pip_inputs
+free_disk 8
 build "$SERVICE_IMAGE" Dockerfile --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_VERSION="$TORCH_VERSION"
+tidy
 printf 'SERVICE_IMAGE=%s\nREDIS_IMAGE=%s\nPROMETHEUS_IMAGE=%s\n' \
     "$SERVICE_IMAGE" "$REDIS" "$PROMETHEUS" >build/compose.env
 say "images: base $BASE, $(tr '\n' ' ' <build/compose.env)"
