@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
+from typing import Protocol
 
 from PIL import Image, PngImagePlugin
 
@@ -20,9 +22,17 @@ KEY = "parameters"
 _DESCRIPTION = 0x010E  # EXIF ImageDescription (ASCII: the JSON is written ASCII-escaped)
 
 
-def image_parameters(request: JobRequest, index: int, made_by: dict) -> dict:
+class _Pinned(Protocol):  # an adapter, as read or as the registry lists it
+    @property
+    def sha256(self) -> str: ...
+
+
+def image_parameters(
+    request: JobRequest, index: int, made_by: dict, adapters: Mapping[str, _Pinned] | None = None
+) -> dict:
     """Image ``index`` of a job: its request as it ran (seed + index) and what ran it
-    (``made_by``: model, variant, scheduler, and for an artifact its recipe and sha256)."""
+    (``made_by``: model, variant, scheduler, and for an artifact its recipe and sha256; each
+    LoRA adapter applied with its scale and the sha256 of its file, from ``adapters``)."""
     parameters = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
@@ -34,6 +44,12 @@ def image_parameters(request: JobRequest, index: int, made_by: dict) -> dict:
     }
     if request.scheduler is not None:  # else the folder's own, which made_by names
         parameters["scheduler"] = request.scheduler
+    if request.lora:
+        assert adapters is not None, "a job with LoRA needs the adapters that ran it"
+        parameters["lora"] = [
+            {"name": name, "scale": scale, "sha256": adapters[name].sha256}
+            for name, scale in request.lora
+        ]
     if request.image is not None:  # an edit: what it started from
         parameters.update(strength=request.strength, image_sha256=request.image)
         if request.mask is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "CLASS_CONDITIONAL",
     "DTYPES",
     "TEXT_TO_IMAGE",
+    "AdapterSpec",
     "ModelSpec",
     "Registry",
     "RegistryError",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 DTYPES = ("fp32", "fp16", "bf16")
+LORA_SCALE_LIMIT = 2.0  # a request's (and a default) adapter scale lies in [-limit, limit]
 CLASS_CONDITIONAL = "class-conditional"
 TEXT_TO_IMAGE = "text-to-image"
 
@@ -103,6 +105,26 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter a model's requests may name (``lora``): its file, pinned by sha256 (the
+    worker refuses a file whose bytes differ), and the scale a request that gives none gets."""
+
+    name: str
+    file: Path
+    sha256: str
+    scale: float = 1.0
+
+    def summary(self) -> dict:
+        """What ``GET /v1/models`` says of it."""
+        return {
+            "name": self.name,
+            "scale": self.scale,
+            "sha256": self.sha256,
+            "bytes": self.file.stat().st_size if self.file.is_file() else None,
+        }
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     source: str  # a local folder (absolute) or a hub id
@@ -119,6 +141,8 @@ class ModelSpec:
     shadow_prompt: str | None = None  # what background shadow compares ask for
     scheduler: str | None = None  # the sampler the folder's pipeline uses (None: unknown)
     pipeline: str | None = None  # the folder's pipeline class (model_index.json)
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)  # LoRA, by name
+    max_lora: int = 2  # the most adapters one request may name
 
     @property
     def schedulers(self) -> list[str]:
@@ -199,6 +223,17 @@ class _VariantEntry(_Strict):
         return self
 
 
+class _AdapterEntry(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _number(cls, value):  # TOML's 1 and 1.0 are both a scale
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class _ModelEntry(_Strict):
     source: str
     kind: Literal["class-conditional", "text-to-image"] | None = None  # None: the folder's
@@ -215,6 +250,16 @@ class _ModelEntry(_Strict):
     variants: dict[str, _VariantEntry] = Field(
         default_factory=lambda: {"fp32": _VariantEntry(dtype="fp32")}, min_length=1
     )
+    adapters: dict[str, _AdapterEntry] = {}
+    max_lora: int = Field(2, ge=1, le=8)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value):
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"adapter name {name!r}: letters, digits, _ . - (at most 64)")
+        return value
 
     @field_validator("guidance_range", "guidance", mode="before")
     @classmethod
@@ -380,6 +425,10 @@ def _model(name: str, entry: _ModelEntry, base: Path) -> ModelSpec:
         shadow_prompt=entry.shadow_prompt,
         scheduler=_scheduler(folder),
         pipeline=index.get("_class_name"),
+        adapters={
+            a: _adapter(f"{where}.adapters.{a}", a, e, base) for a, e in entry.adapters.items()
+        },
+        max_lora=entry.max_lora,
     )
     if not 1 <= spec.default_steps <= spec.max_steps:
         raise RegistryError(f"{where}: default_steps must lie in 1..max_steps")
@@ -410,6 +459,15 @@ def _variant(
         dtype = manifest.get("dtype", "fp32")
         return VariantSpec(name, dtype, folder, require_worker, compile, manifest=manifest)
     return VariantSpec(name, entry.dtype or "fp32", None, require_worker, compile)
+
+
+def _adapter(where: str, name: str, entry: _AdapterEntry, base: Path) -> AdapterSpec:
+    """The entry, its file resolved; whether the file is what the sha256 pins and fits the
+    model's layers is the worker's check at its start (it reads the tensors)."""
+    file = Path(_resolve(entry.file, base))
+    if not file.is_file():
+        raise RegistryError(f"{where}: no adapter file {file}")
+    return AdapterSpec(name, file, entry.sha256, entry.scale)
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.errors import InvalidRequest, NotFound
 from app.queue.records import JobRequest
-from app.registry import CLASS_CONDITIONAL, ModelSpec, Registry
+from app.registry import CLASS_CONDITIONAL, LORA_SCALE_LIMIT, ModelSpec, Registry
 from app.sizes import Size, parse_size
 from app.uploads import Upload, open_image, prepare
 from pipelines.schedulers import name_of, steps_run
@@ -64,6 +64,8 @@ class Ask:
     partial_images: int | None = None
     stream: bool = False
     strength: float | None = None
+    # (adapter, scale or None for its default, sha256 its file must have or None)
+    lora: tuple[tuple[str, float | None, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,49 @@ def job_request(
         image=None if edit is None else edit.image.sha256,
         mask=None if edit is None or edit.mask is None else edit.mask.sha256,
         strength=strength,
+        lora=_lora(spec, ask.lora),
     )
+
+
+def _lora(spec: ModelSpec, asked: tuple[tuple[str, float | None, str | None], ...]) -> tuple:
+    """The adapters a request names, each with its scale (None: the adapter's default), in
+    its order; 400 naming `lora` for an unknown or repeated name, a scale out of range, a
+    sha256 other than the adapter file's (an image's metadata asked again after the file
+    changed), or more adapters than the model allows."""
+    if not asked:
+        return ()
+    if not spec.adapters:
+        raise InvalidRequest(f"{spec.name} has no LoRA adapters", param="lora")
+    if len(asked) > spec.max_lora:
+        raise InvalidRequest(
+            f"lora names {len(asked)} adapters; {spec.name} applies at most {spec.max_lora}",
+            param="lora",
+        )
+    chosen: list[tuple[str, float]] = []
+    for name, scale, sha256 in asked:
+        adapter = spec.adapters.get(name)
+        if adapter is None:
+            raise InvalidRequest(
+                f"lora: {spec.name} has no adapter {name!r}; adapters: {', '.join(spec.adapters)}",
+                param="lora",
+            )
+        if any(name == n for n, _ in chosen):
+            raise InvalidRequest(f"lora names {name!r} twice", param="lora")
+        if sha256 is not None and sha256 != adapter.sha256:
+            raise InvalidRequest(
+                f"lora: the adapter {name!r} is now the file {adapter.sha256[:12]}..., not "
+                f"{sha256[:12]}...: the same name no longer makes the same images",
+                param="lora",
+            )
+        scale = adapter.scale if scale is None else scale
+        if not (math.isfinite(scale) and abs(scale) <= LORA_SCALE_LIMIT):
+            raise InvalidRequest(
+                f"lora: the scale of {name!r} must lie in "
+                f"-{LORA_SCALE_LIMIT:g}..{LORA_SCALE_LIMIT:g}; got {scale:g}",
+                param="lora",
+            )
+        chosen.append((name, float(scale)))
+    return tuple(chosen)
 
 
 def _edit_strength(

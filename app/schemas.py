@@ -18,6 +18,7 @@ from app.registry import Registry
 from app.resolve import Ask, EditInputs, job_request
 
 __all__ = [
+    "AdapterInfo",
     "CompareRequest",
     "CompareResponse",
     "CompareVariant",
@@ -28,6 +29,7 @@ __all__ = [
     "JobCreated",
     "JobSubmission",
     "JobView",
+    "LoraChoice",
     "ModelCapabilities",
     "ModelInfo",
     "ModelList",
@@ -35,6 +37,34 @@ __all__ = [
 ]
 
 MAX_SEED = 2**63 - 1
+MAX_LORA_FIELD = 16  # a bound on the list itself; the model's max_lora is checked in resolve
+
+
+class LoraChoice(BaseModel):
+    """One adapter of ``lora``: a name of the model's ``adapters`` (GET /v1/models) and its
+    scale (default: the adapter's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64)
+    scale: float | None = None
+    sha256: str | None = Field(
+        None,
+        description="the adapter's file as an image's metadata names it: refused (400) when "
+        "the adapter's file is now another",
+    )
+
+
+def _lora_pairs(
+    choices: list[LoraChoice] | None,
+) -> tuple[tuple[str, float | None, str | None], ...]:
+    return tuple((c.name, c.scale, c.sha256) for c in choices or ())
+
+
+_LORA_DESCRIPTION = (
+    "LoRA adapters of the model (GET /v1/models lists them), applied beside its weights in "
+    "this order: [{name, scale}], scale default the adapter's own, in -2..2"
+)
 
 
 class _ImageParameters(BaseModel):
@@ -86,6 +116,9 @@ class _ImageParameters(BaseModel):
     scheduler: str | None = Field(
         None, description="a sampler of the model's `capabilities.schedulers`; default: its own"
     )
+    lora: list[LoraChoice] | None = Field(
+        None, max_length=MAX_LORA_FIELD, description=_LORA_DESCRIPTION
+    )
 
     def to_job_request(
         self, settings: Settings, registry: Registry, edit: EditInputs | None
@@ -111,6 +144,7 @@ class _ImageParameters(BaseModel):
             scheduler=self.scheduler,
             partial_images=self.partial_images,
             stream=self.stream,
+            lora=_lora_pairs(self.lora),
         )
 
 
@@ -234,6 +268,11 @@ class CompareRequest(BaseModel):
     image: str | None = Field(None, description="edit this image (base64 or a data URL)")
     mask: str | None = Field(None, description="its mask, transparent = edit")
     strength: float | None = Field(None, gt=0, le=1, description="as for edits")
+    lora: list[LoraChoice] | None = Field(
+        None,
+        max_length=MAX_LORA_FIELD,
+        description="adapters applied on every variant compared, as for generations",
+    )
 
     def to_job_requests(
         self,
@@ -256,6 +295,7 @@ class CompareRequest(BaseModel):
             scheduler=self.scheduler,
             partial_images=self.partial_images,
             strength=self.strength,
+            lora=_lora_pairs(self.lora),
         )
         return [job_request(settings, registry, replace(ask, variant=v), edit) for v in variants]
 
@@ -329,6 +369,15 @@ class VariantInfo(BaseModel):
     oldest_queued_s: float | None = None
 
 
+class AdapterInfo(BaseModel):
+    """A LoRA adapter requests may name in ``lora``."""
+
+    name: str
+    scale: float = Field(description="the scale a request that gives none gets")
+    sha256: str = Field(description="of its file: the worker refuses any other bytes")
+    bytes: int | None
+
+
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -344,6 +393,8 @@ class ModelInfo(BaseModel):
     prompt_help: str
     capabilities: ModelCapabilities
     variants: list[VariantInfo]
+    adapters: list[AdapterInfo] = Field(description="LoRA adapters for `lora`")
+    max_lora: int = Field(description="the most adapters one request may name")
 
 
 class ModelList(BaseModel):

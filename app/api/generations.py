@@ -132,9 +132,12 @@ async def edit_images(
 
 async def _read_form(form: FormData) -> tuple[bytes, bytes | None, dict]:
     files: dict[str, list[UploadFile]] = {}
-    fields: dict[str, str] = {}
+    fields: dict[str, object] = {}
+    lora: dict[str, list[str]] = {"name": [], "scale": []}  # lora[][name], lora[][scale]
     for key, value in form.multi_items():
-        if isinstance(value, str):
+        if isinstance(value, str) and key in ("lora[][name]", "lora[][scale]"):
+            lora[key[7:-1]].append(value)
+        elif isinstance(value, str):
             if key in fields or key in ("image", "image[]", "mask"):
                 raise InvalidRequest(f"{key} is given more than once or is not a file", param=key)
             fields[key] = value
@@ -149,9 +152,37 @@ async def _read_form(form: FormData) -> tuple[bytes, bytes | None, dict]:
         )
     if len(masks) > 1:
         raise InvalidRequest("send at most one mask", param="mask")
+    if lora["name"] or lora["scale"]:
+        if "lora" in fields:
+            raise InvalidRequest("send lora once: as JSON or as lora[][name]", param="lora")
+        fields["lora"] = _form_lora(lora["name"], lora["scale"])
+    elif isinstance(fields.get("lora"), str):
+        fields["lora"] = _json_field("lora", str(fields["lora"]))
     image = await images[0].read()
     mask = await masks[0].read() if masks else None
     return image, mask, fields
+
+
+def _form_lora(names: list[str], scales: list[str]) -> list[dict]:
+    """``lora`` as the official client sends a list in a form: ``lora[][name]`` and
+    ``lora[][scale]`` repeated, paired in order; so either every adapter has its scale or
+    none has (each then gets its default)."""
+    if scales and len(scales) != len(names):
+        raise InvalidRequest(
+            f"lora: {len(names)} names and {len(scales)} scales; in a form give every "
+            "adapter its scale, or none, or send lora as one JSON field",
+            param="lora",
+        )
+    if not scales:
+        return [{"name": n} for n in names]
+    return [{"name": n, "scale": s} for n, s in zip(names, scales, strict=True)]
+
+
+def _json_field(name: str, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{name} is not valid JSON: {exc}", param=name) from None
 
 
 async def _answer(

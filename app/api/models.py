@@ -8,7 +8,7 @@ from app.api.deps import Owner, QueueDep, RegistryDep
 from app.queue.records import CONTENT_TYPES
 from app.registry import CLASS_CONDITIONAL, TEXT_TO_IMAGE, ModelSpec
 from app.resolve import MAX_PARTIAL_IMAGES, QUALITY_STEPS, steps_for
-from app.schemas import ModelCapabilities, ModelInfo, ModelList, VariantInfo
+from app.schemas import AdapterInfo, ModelCapabilities, ModelInfo, ModelList, VariantInfo
 
 __all__ = ["router"]
 
@@ -49,6 +49,8 @@ async def list_models(registry: RegistryDep, queue: QueueDep, _: Owner) -> Model
                 prompt_help=PROMPT_HELP[spec.kind],
                 capabilities=capabilities(spec),
                 variants=variants,
+                adapters=[AdapterInfo(**a.summary()) for a in spec.adapters.values()],
+                max_lora=spec.max_lora,
             )
         )
     return ModelList(data=data)

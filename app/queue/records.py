@@ -67,6 +67,11 @@ class JobRequest:
     image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    # LoRA adapters of the model's registry entry, each (name, scale), applied in this order
+    lora: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:  # read back from JSON, the pairs are lists
+        object.__setattr__(self, "lora", tuple((str(n), float(s)) for n, s in self.lora))
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
@@ -81,6 +86,7 @@ class JobRequest:
             self.image,
             self.mask,
             self.strength,
+            self.lora,
         )
 
     @property

@@ -33,10 +33,11 @@ from app.queue.connect import worker_client
 from app.queue.consumer import Claimed, Consumer, take_any
 from app.queue.keys import Keys
 from app.registry import Registry, RegistryError, WorkerSpec, load_registry, parse_bytes
-from app.worker import pipeline
+from app.worker import adapters, pipeline
 from app.worker.batch import Results, run_batch
 from app.worker.components import Components
 from app.worker.residency import LoadFailed, Residency, Slot
+from pipelines.lora import AdapterError as LoraError
 
 log = logging.getLogger("app.worker")
 
@@ -74,18 +75,34 @@ class Worker:
         self.turn = 0  # the stream to look at first: the streams are served in turn
         self.device = hosted.device
         self.published: set[tuple[str, str, str]] = set()  # resident-bytes labels set so far
+        self.adapters: dict[str, adapters.Adapters] = {}  # each hosted model's LoRA adapters
 
     # --- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Join the streams, load every variant (with a budget: those pinned) and warm them
-        up, then start the heartbeats: a worker is live once it can serve."""
+        """Read and check the hosted models' LoRA adapters (``lora.AdapterError``, naming the
+        file, stops the start), join the streams, load every variant (with a budget: those
+        pinned) and warm them up, then start the heartbeats: a worker is live once it can
+        serve."""
         if self.settings.torch_threads:
             import torch
 
             torch.set_num_threads(self.settings.torch_threads)
         spec = self.registry.models[self.hosted.variants[0][0]]
         self.device = pipeline.pick_device(spec, self.settings.device or self.hosted.device)
+        for model in dict.fromkeys(m for m, _ in self.hosted.variants):
+            model_spec = self.registry.models[model]
+            folder = pipeline.local_folder(model_spec.source)
+            if model_spec.adapters and folder is None:
+                raise LoraError(
+                    f"{model}: its adapters are checked against {model_spec.source}, "
+                    "which is not on disk"
+                )
+            self.adapters[model] = adapters.read_all(model_spec, folder) if folder else {}
+            if self.adapters[model]:
+                log.info(
+                    "%s: LoRA adapters %s read and checked", model, ", ".join(self.adapters[model])
+                )
         for consumer in self.consumers.values():
             consumer.ensure_group()
             dropped = consumer.reconcile()
@@ -128,6 +145,7 @@ class Worker:
             self.components,
             metadata=self.settings.image_metadata == "full",
             compile_cache=str(cache) if (cache := self.settings.compile_cache_dir) else None,
+            adapters=self.adapters.get(key[0]),
         )
         t0 = time.perf_counter()
         pipeline.warm_up(loaded, spec, key[1], variant.compile)
@@ -335,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(settings, registry, hosted, name)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stopping.set())
-    worker.start()
+    try:
+        worker.start()
+    except LoraError as exc:  # a tampered or mismatched adapter: nothing is served
+        log.critical("cannot start: %s", exc)
+        return 2
     worker.serve()
     log.info("worker %s stopped", name)
     return 0

@@ -7,7 +7,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from app.provenance import image_parameters, save_options
 from app.queue.records import JobRequest
 from app.registry import CLASS_CONDITIONAL, ModelSpec, VariantSpec
 from app.sizes import parse_size
+from app.worker import adapters as lora_adapters
 from app.worker.components import Components, Identity, estimate_bytes, module_bytes
 from pipelines import generate
 from pipelines.loader import compile_denoiser, load_pipeline
@@ -29,6 +30,7 @@ __all__ = [
     "encode_image",
     "estimate_bytes_needed",
     "load",
+    "local_folder",
     "peak_memory",
     "pick_device",
     "reset_peak_memory",
@@ -48,6 +50,8 @@ class Loaded:
     denoiser_weight_bytes: int
     load_seconds: float
     made_by: dict | None = None  # what images say made them (app.provenance); None: nothing
+    adapters: lora_adapters.Adapters = field(default_factory=dict)  # the model's LoRA
+    active: lora_adapters.Chosen = ()  # the adapter set in the denoiser's buffers now
 
 
 @dataclass
@@ -71,6 +75,7 @@ def load(
     *,
     metadata: bool = True,
     compile_cache: str | None = None,
+    adapters: lora_adapters.Adapters | None = None,
 ) -> Loaded:
     """The pipeline of a variant on ``device``: full precision or a quantized artifact's
     denoiser, with the model's other components taken from ``components`` where another
@@ -78,7 +83,8 @@ def load(
     when the variant says so (compiled at the worker's warm-up; ``compile_cache`` keeps the
     generated code, so a restarted worker reuses it). A quantized denoiser is built exactly as
     ``quantization.load_quantized`` builds it. ``metadata``: its images carry their parameters
-    and what made them."""
+    and what made them. ``adapters``: the model's LoRA adapters (``adapters.read_all``),
+    given room beside the denoiser's layers before it is compiled."""
     t0 = time.perf_counter()
     components = components if components is not None else Components()
     if variant.compile and compile_cache:
@@ -108,11 +114,14 @@ def load(
             components.hold(identity, getattr(pipe, name), user)
     if not variant.quantized:
         weight_bytes = module_bytes(getattr(pipe, attr))
+    adapters = adapters or {}
+    lora_adapters.attach(getattr(pipe, attr), adapters, spec.max_lora, TORCH_DTYPES[dtype])
     if variant.compile:
         compile_denoiser(pipe)
     pipe.set_progress_bar_config(disable=True)
     made_by = _made_by(spec, variant, pipe) if metadata else None
-    return Loaded(pipe, device, weight_bytes, time.perf_counter() - t0, made_by)
+    seconds = time.perf_counter() - t0
+    return Loaded(pipe, device, weight_bytes, seconds, made_by, adapters)
 
 
 def component_identities(spec: ModelSpec, variant: VariantSpec, device: str) -> dict[str, Identity]:
@@ -150,13 +159,13 @@ def estimate_bytes_needed(
         if variant.quantized and name == variant.manifest["denoiser"]:
             total += int(variant.manifest.get("sizes", {}).get("denoiser_weight_bytes", 0))
             continue
-        folder = _local_folder(identity.source)
+        folder = local_folder(identity.source)
         if folder is not None:
             total += estimate_bytes(folder / name, variant.dtype) or 0
     return total
 
 
-def _local_folder(source: str) -> Path | None:
+def local_folder(source: str) -> Path | None:
     """A pipeline folder on disk: the source itself, or its snapshot in the local hub cache."""
     if Path(source).is_dir():
         return Path(source)
@@ -177,6 +186,10 @@ def _component_names(source: str) -> list[str]:
         for name, value in index.items()
         if not name.startswith("_") and isinstance(value, list | tuple) and value[0] is not None
     ]
+
+
+def _denoiser(pipe):
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
 
 
 def _denoiser_name(source: str) -> str:
@@ -216,6 +229,9 @@ def run_batch(
     whichever batch it is in. ``image`` / ``mask``: the PNG inputs of an edit. With
     ``partial_images``, ``on_preview(k, step, previews)`` gets each job's encoded previews."""
     first = requests[0]
+    loaded.active = lora_adapters.apply(
+        _denoiser(loaded.pipe), loaded.adapters, first.lora, loaded.active
+    )
     conditions: list = []
     seeds: list[int] = []
     for r in requests:
@@ -264,7 +280,9 @@ def run_batch(
                 img,
                 r.output_format,
                 r.output_compression,
-                None if loaded.made_by is None else image_parameters(r, i, loaded.made_by),
+                None
+                if loaded.made_by is None
+                else image_parameters(r, i, loaded.made_by, loaded.adapters),
             )
             for i, img in enumerate(samples.images[part])
         ]
