@@ -62,6 +62,9 @@ function showModel() {
   const own = new Option(`its own (${can.default_scheduler || "folder's"})`, "");
   $("scheduler").replaceChildren(own, ...can.schedulers.map((s) => new Option(s, s)));
   $("negative-label").hidden = !can.negative_prompt;
+  const adapters = model.adapters || [];
+  $("lora").replaceChildren(new Option("none", ""), ...adapters.map((a) => new Option(a.name, a.name)));
+  $("lora-label").hidden = $("lora-scale-label").hidden = adapters.length === 0;
   $("previews").max = can.max_partial_images;
   $("image").disabled = !can.edits;
   $("hint").textContent = model.classes
@@ -151,7 +154,7 @@ function showParameters(div, parameters) {
     const dt = document.createElement("dt");
     dt.textContent = key;
     const dd = document.createElement("dd");
-    dd.textContent = String(value);
+    dd.textContent = typeof value === "object" ? JSON.stringify(value) : String(value);
     dd.dataset.parameter = key;
     list.append(dt, dd);
   }
@@ -196,6 +199,9 @@ async function compare(event) {
   if (!$("negative-label").hidden && $("negative-prompt").value.trim()) {
     body.negative_prompt = $("negative-prompt").value;
   }
+  if (!$("lora-label").hidden && $("lora").value) {
+    body.lora = [{ name: $("lora").value, scale: Number($("lora-scale").value) }];
+  }
   if ($("previews").value !== "") body.partial_images = Number($("previews").value);
   const file = $("image").files[0];
   $("run").disabled = true;
@@ -228,6 +234,12 @@ function dataUrl(file) {
 }
 
 $("model").addEventListener("change", showModel);
+// an adapter's own scale, as the registry sets it, when it is chosen
+$("lora").addEventListener("change", () => {
+  const model = models.find((m) => m.id === $("model").value);
+  const adapter = (model?.adapters || []).find((a) => a.name === $("lora").value);
+  if (adapter) $("lora-scale").value = adapter.scale;
+});
 $("api-key").addEventListener("change", loadModels);
 $("compare-form").addEventListener("submit", compare);
 loadModels();
