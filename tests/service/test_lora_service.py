@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -185,3 +186,40 @@ def test_a_tampered_or_mismatched_adapter_stops_the_worker_naming_the_file(redis
         )
         assert done.returncode == 2, done.stderr[-2000:]
         assert str(file) in done.stderr and why in done.stderr, done.stderr[-2000:]
+
+
+def test_the_playground_compares_every_variant_with_the_same_adapter(server, tmp_path):
+    """In a real Chromium: the adapter menu lists the model's adapter and takes its default
+    scale; the comparison runs it on fp32, w8a8 and w4a8-sqnr, and each card's parameters
+    name it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.service.test_playground import CHROMIUM, FLAGS, _chromium_or_fail
+
+    _chromium_or_fail()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server.url + "/")
+        expect(page.locator("#model option")).to_have_count(2)
+        page.select_option("#model", "dit-digits")
+        expect(page.locator("#lora option")).to_have_count(2)  # none, italic
+        page.select_option("#lora", "italic")
+        expect(page.locator("#lora-scale")).to_have_value("1")
+        page.fill("#lora-scale", "0.9")
+        page.fill("#prompt", "seven")
+        page.fill("#steps", str(STEPS))
+        page.fill("#previews", "0")
+        page.click("#run")
+        expect(page.locator("#results")).to_have_attribute(
+            "data-status", "completed", timeout=240_000
+        )
+        for variant in VARIANTS:
+            card = page.locator(f'.card[data-variant="{variant}"]')
+            lora = json.loads(card.locator('dd[data-parameter="lora"]').text_content())
+            assert [(a["name"], a["scale"]) for a in lora] == [("italic", 0.9)], lora
+        psnr = page.locator('.card[data-variant="w4a8-sqnr"] dd[data-metric="psnr_db"]')
+        expect(psnr).to_have_count(1)
+        expect(page.locator("#error")).to_be_hidden()
+        page.screenshot(path=str(tmp_path / "playground-lora.png"), full_page=True)
+        browser.close()
