@@ -268,6 +268,14 @@ def test_kubernetes_manifests_are_consistent(tmp_path, monkeypatch):
     local.write_text(text.replace("/srv/models", str(ROOT / "models")))
     registry = load_registry(local)
     served = set(registry.served())
+    shipped = load_registry(ROOT / "models" / "registry.toml")
+    assert {
+        m: {a: (s.file, s.sha256) for a, s in spec.adapters.items()}
+        for m, spec in registry.models.items()
+    } == {
+        m: {a: (s.file, s.sha256) for a, s in spec.adapters.items()}
+        for m, spec in shipped.models.items()
+    }, "the cluster's models have the shipped adapters"
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
     workers = {
         n: d
