@@ -27,6 +27,7 @@ __all__ = [
     "colorize",
     "load",
     "parse_prompt",
+    "shear_masks",
 ]
 
 IMAGE_SIZE = 32
@@ -88,6 +89,32 @@ def upsample_masks(digits8: np.ndarray) -> np.ndarray:
         img = Image.fromarray((d / 16.0).astype(np.float32), mode="F")
         out[i] = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
     return np.clip(out, 0.0, 1.0)
+
+
+def shear_masks(masks: np.ndarray, s: float) -> np.ndarray:
+    """Masks (N, H, W) sheared horizontally: the stroke at height ``y`` (rows counted upward)
+    moves by ``s (y - cy)``, ``cy`` the height of each mask's centroid, so ``s > 0`` leans its
+    top to the right and the centroid stays where it was. Linear interpolation along each row
+    (the shear moves pixels along rows only, so this is the bilinear resampling); what comes
+    in from outside the frame is 0. The same dtype and shape back."""
+    if masks.ndim != 3:
+        raise ValueError(f"expected (N, H, W) masks, got shape {masks.shape}")
+    n, h, w = masks.shape
+    m = masks.astype(np.float64)
+    y = (h - 1 - np.arange(h, dtype=np.float64))[None, :]  # (1, H), upward
+    mass = m.sum(axis=(1, 2))
+    cy = np.where(mass > 0, (m.sum(axis=2) * y).sum(axis=1) / np.where(mass > 0, mass, 1), 0)
+    cy = np.where(mass > 0, cy, (h - 1) / 2)
+    shift = s * (y - cy[:, None])  # (N, H): how far each row moves right
+    src = np.arange(w, dtype=np.float64)[None, None, :] - shift[:, :, None]  # (N, H, W)
+    left = np.floor(src).astype(np.int64)
+    frac = src - left
+    padded = np.pad(m, ((0, 0), (0, 0), (1, 1)))  # a zero column each side, index + 1
+    rows = np.arange(n)[:, None, None], np.arange(h)[None, :, None]
+    a = padded[(*rows, np.clip(left + 1, 0, w + 1))]
+    b = padded[(*rows, np.clip(left + 2, 0, w + 1))]
+    out = (1 - frac) * a + frac * b
+    return out.astype(masks.dtype)
 
 
 def colorize(masks: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:

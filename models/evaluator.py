@@ -3,6 +3,7 @@
 evaluator = Evaluator.load()
 report = evaluator.prompt_accuracy(images, targets)   # share right, digit and colors
 fd = evaluator.fd(images, data.load("heldout").images)
+lean = evaluator.slant(images).mean()                 # the italic style's effect (models.slant)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from models.classifier import load_classifier
 from models.colors import estimate_colors
 from models.data import COLOR_NAMES, Target
+from models.slant import slant
 from quality.metrics import frechet_distance
 
 __all__ = ["CLASSIFIER_DIR", "Accuracy", "Evaluator"]
@@ -79,6 +81,11 @@ class Evaluator:
             color_accuracy=float(color_ok[asked_color].mean()) if asked_color.any() else None,
             correct=correct,
         )
+
+    def slant(self, images: np.ndarray) -> np.ndarray:
+        """The slant of each image's stroke (N,): 0 upright, > 0 its top leaning right
+        (``models.slant``); needs no classifier."""
+        return slant(images)
 
     def fd(self, images: np.ndarray, reference_images: np.ndarray) -> float:
         """Fréchet distance of classifier features, generated vs reference (e.g. held-out real)."""
