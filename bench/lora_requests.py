@@ -61,7 +61,8 @@ def measure(http: httpx.Client, model: str, variant: str, steps: int, rounds: in
                 "again_ratio": round(again / base, 3),
             }
         )
-    return {"plain_s": [round(p, 4) for p in plain], "plain_median_s": round(base, 4), "rounds": rows}
+    plain_s = [round(p, 4) for p in plain]
+    return {"plain_s": plain_s, "plain_median_s": round(base, 4), "rounds": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,11 +121,13 @@ def markdown(results: dict) -> str:
     ]
     for name, v in results["variants"].items():
         rounds = v["rounds"]
+        first = ", ".join(f"{r['first_ratio']:.2f}" for r in rounds)
+        again = ", ".join(f"{r['again_ratio']:.2f}" for r in rounds)
+        after = ", ".join(f"{1000 * r['plain_after_s']:.0f}" for r in rounds)
+        compiled = "yes" if v["compiled"] else "no"
         lines.append(
-            f"| {name} | {'yes' if v['compiled'] else 'no'} | {1000 * v['plain_median_s']:.0f} ms"
-            f" | {', '.join(f'{r['first_ratio']:.2f}' for r in rounds)} | "
-            f"{', '.join(f'{r['again_ratio']:.2f}' for r in rounds)} | "
-            f"{', '.join(f'{1000 * r['plain_after_s']:.0f}' for r in rounds)} ms |"
+            f"| {name} | {compiled} | {1000 * v['plain_median_s']:.0f} ms | {first} | {again} "
+            f"| {after} ms |"
         )
     return "\n".join(lines) + "\n"
 
