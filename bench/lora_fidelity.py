@@ -121,9 +121,11 @@ def step_inputs(pipe, denoiser: torch.nn.Module, targets) -> dict:
 
 @torch.no_grad()
 def step_latency(pipe, attr: str, adapter: lora.Adapter, dtype, inputs, rounds: int) -> dict:
-    """Medians of ``rounds`` rounds of three denoiser calls: as loaded, attached with no
-    adapter, adapter active. Leaves the denoiser attached with the adapter active. Also
-    whether the attached call with no adapter gives the plain call's output bit for bit."""
+    """Medians of ``rounds`` rounds of four denoiser calls: as loaded, attached with no
+    adapter (the branch runs on zeros, as on a compiled variant), attached gated with no
+    adapter (the branch skipped, as a worker runs an eager variant), adapter active. Leaves
+    the denoiser attached with the adapter active. Also whether the attached call with no
+    adapter gives the plain call's output bit for bit."""
     denoiser = getattr(pipe, attr)
     lora.detach(denoiser)
     wall: dict[str, list[float]] = defaultdict(list)
@@ -147,6 +149,9 @@ def step_latency(pipe, attr: str, adapter: lora.Adapter, dtype, inputs, rounds: 
         lora.set_adapters(denoiser, [(adapter, 1.0)])
         timed("active")
         lora.detach(denoiser)
+        lora.attach(denoiser, adapter.max_rank, adapter.layers, dtype=dtype, gated=True)
+        timed("gated")
+        lora.detach(denoiser)
     lora.attach(denoiser, adapter.max_rank, adapter.layers, dtype=dtype)
     lora.set_adapters(denoiser, [(adapter, 1.0)])
 
@@ -158,6 +163,7 @@ def step_latency(pipe, attr: str, adapter: lora.Adapter, dtype, inputs, rounds: 
         "rounds": rounds,
         "plain_ms": med(wall["plain"]),
         "attached_no_adapter_ms": med(wall["attached"]),
+        "gated_no_adapter_ms": med(wall["gated"]),
         "adapter_active_ms": med(wall["active"]),
         "cpu_ms": {k: med(v) for k, v in cpu.items()},
         "attached_no_adapter_bit_exact": bool(torch.equal(outputs["plain"], outputs["attached"])),
@@ -375,9 +381,9 @@ def markdown(record: dict) -> str:
         f"Denoiser call at batch 2 (one guided image: one step), eager, {threads} torch "
         f"thread(s); medians of {record['rounds']} alternating rounds; wall ms (CPU ms).",
         "",
-        "| model | variant | as loaded | attached, no adapter | adapter active | "
-        "attached, no adapter: bit-exact |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | variant | as loaded | attached, no adapter | gated, no adapter (eager "
+        "in a worker) | adapter active | attached, no adapter: bit-exact |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for m in record["results"]:
         for r in m["variants"]:
@@ -386,6 +392,7 @@ def markdown(record: dict) -> str:
             lines.append(
                 f"| {m['model']} | {r['variant']} | {t['plain_ms']:g} ({c['plain']:g}) | "
                 f"{t['attached_no_adapter_ms']:g} ({c['attached']:g}) | "
+                f"{t['gated_no_adapter_ms']:g} ({c['gated']:g}) | "
                 f"{t['adapter_active_ms']:g} ({c['active']:g}) | "
                 f"{'yes' if t['attached_no_adapter_bit_exact'] else 'no'} |"
             )

@@ -349,15 +349,29 @@ class LoRALayer(nn.Module):
     ``base`` is called as it is (its hooks, e.g. SmoothQuant's input division, apply to its
     own input only); the branch sees the layer's input. The buffers are not persistent: the
     denoiser's saved state is the base's alone. Unused rank slots hold zeros.
+
+    ``gated``: while no adapter is active on the layer (``idle``), the branch is skipped and
+    the layer costs what its base costs. For eager denoisers only: under ``torch.compile``
+    the flag would be guarded on, and the first adapter after a warm-up without one would
+    compile the whole graph again.
     """
 
     lora_down: torch.Tensor
     lora_up: torch.Tensor
     lora_scale: torch.Tensor
 
-    def __init__(self, base: nn.Module, geometry: _Geometry, max_rank: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        base: nn.Module,
+        geometry: _Geometry,
+        max_rank: int,
+        dtype: torch.dtype,
+        gated: bool = False,
+    ):
         super().__init__()
         self.base = base
+        self.gated = gated
+        self.idle = True  # no adapter's ranks in the buffers (set_adapters keeps it)
         self.geometry = geometry
         self.max_rank = max_rank
         self.register_buffer(
@@ -369,6 +383,8 @@ class LoRALayer(nn.Module):
         self.register_buffer("lora_scale", torch.zeros(max_rank, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and self.idle:
+            return self.base(x)
         y = self.base(x)
         h = x.to(self.lora_down.dtype)
         g = self.geometry
@@ -385,6 +401,7 @@ def attach(
     max_rank: int,
     targets: Iterable[str],
     dtype: torch.dtype = torch.float32,
+    gated: bool = False,
 ) -> list[str]:
     """Wrap each of ``targets`` (module names) in a ``LoRALayer`` with room for ``max_rank``
     ranks, all zero (no adapter). Once, before ``torch.compile``; after any quantized state
@@ -393,6 +410,8 @@ def attach(
     Args:
         max_rank: the most ranks one layer takes, summed over the adapters of a request.
         dtype: of the buffers and the branch's arithmetic (the denoiser's compute dtype).
+        gated: skip the branch of a layer no active adapter names (``LoRALayer``): for a
+            denoiser that runs eager, so that a request without adapters costs nothing more.
     Returns the names wrapped (already wrapped ones are refused, not wrapped twice).
     """
     if max_rank < 1:
@@ -410,7 +429,7 @@ def attach(
             raise ValueError(f"{name} is a {type(module).__name__}, not a Linear or a Conv2d")
         plan.append((name, module, geometry))
     for name, module, geometry in plan:
-        wrapped = LoRALayer(module, geometry, max_rank, dtype)
+        wrapped = LoRALayer(module, geometry, max_rank, dtype, gated)
         device = next(
             (t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu")
         )
@@ -477,3 +496,5 @@ def set_adapters(denoiser: nn.Module, adapters: Sequence[tuple[Adapter, float]])
             module.lora_up[:, i : i + r].copy_(layer.up)
             module.lora_scale[i : i + r].fill_(scale * layer.scale)
             start[name] = i + r
+    for name, module in layers.items():
+        module.idle = start[name] == 0

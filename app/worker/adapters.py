@@ -53,15 +53,24 @@ def _skeleton(folder: Path) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def attach(denoiser: torch.nn.Module, adapters: Adapters, max_lora: int, dtype: torch.dtype) -> int:
+def attach(
+    denoiser: torch.nn.Module,
+    adapters: Adapters,
+    max_lora: int,
+    dtype: torch.dtype,
+    compiled: bool = False,
+) -> int:
     """Wrap the layers any of ``adapters`` names, with room for the ranks of the
-    ``max_lora`` largest together; returns that rank (0: no adapters, nothing wrapped)."""
+    ``max_lora`` largest together; returns that rank (0: no adapters, nothing wrapped).
+    An eager denoiser's branches are gated (skipped where no active adapter is: a plain
+    request costs what it did); a ``compiled`` one's always run, so that switching adapters
+    never recompiles."""
     if not adapters:
         return 0
     ranks = sorted((a.max_rank for a in adapters.values()), reverse=True)
     max_rank = sum(ranks[:max_lora])
     targets = {name for a in adapters.values() for name in a.layers}
-    lora.attach(denoiser, max_rank, targets, dtype)
+    lora.attach(denoiser, max_rank, targets, dtype, gated=not compiled)
     return max_rank
 
 

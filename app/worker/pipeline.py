@@ -115,7 +115,9 @@ def load(
     if not variant.quantized:
         weight_bytes = module_bytes(getattr(pipe, attr))
     adapters = adapters or {}
-    lora_adapters.attach(getattr(pipe, attr), adapters, spec.max_lora, TORCH_DTYPES[dtype])
+    lora_adapters.attach(
+        getattr(pipe, attr), adapters, spec.max_lora, TORCH_DTYPES[dtype], variant.compile
+    )
     if variant.compile:
         compile_denoiser(pipe)
     pipe.set_progress_bar_config(disable=True)

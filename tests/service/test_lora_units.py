@@ -199,3 +199,23 @@ def test_attach_makes_room_for_the_largest_set_and_apply_writes_only_changes(reg
     assert worker_adapters.apply(denoiser, adapters, (), active) == ()
     assert torch.count_nonzero(layer.lora_scale) == 0
     assert worker_adapters.attach(denoiser, {}, 2, torch.float32) == 0
+
+
+def test_eager_denoisers_skip_idle_branches_and_compiled_ones_never_do(registry):
+    spec = registry.models["t2i"]
+    adapters = worker_adapters.read_all(spec, T2I)
+    only_b = {"b": adapters["b"]}
+    for compiled in (False, True):
+        denoiser = worker_adapters._skeleton(T2I).to_empty(device="cpu")
+        worker_adapters.attach(denoiser, adapters, spec.max_lora, torch.float32, compiled)
+        layers = [m for m in denoiser.modules() if isinstance(m, lora.LoRALayer)]
+        assert all(m.gated is not compiled and m.idle for m in layers)
+        worker_adapters.apply(denoiser, only_b, (("b", 0.5),), ())
+        assert not any(m.idle for m in layers)  # a and b name the same layers
+        worker_adapters.apply(denoiser, only_b, (), (("b", 0.5),))
+        assert all(m.idle for m in layers)
+    # an idle gated layer runs its base alone: the same output, and B is never read
+    layer = layers[0]
+    layer.gated, layer.lora_up = True, None
+    x = torch.randn(2, layer.geometry.in_features)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
