@@ -102,6 +102,20 @@ def test_openai_client_generates_on_every_variant(models):
             assert extra["variant"] == variant and extra["timings"]["inference_s"] > 0
 
 
+def test_a_lora_adapter_runs_in_the_container(models):
+    """The image carries the adapters the registry pins, readable by the worker's user."""
+    client = openai.OpenAI(base_url=f"{API}/v1", api_key="unused", max_retries=0, timeout=120)
+    for model in models:
+        result = client.images.generate(
+            model=model,
+            prompt=PROMPTS.get(model, "seven"),
+            extra_body={"seed": 3, "lora": [{"name": "italic", "scale": 0.5}]},
+        )
+        image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+        parameters = json.loads(image.info["parameters"])
+        assert [(a["name"], a["scale"]) for a in parameters["lora"]] == [("italic", 0.5)]
+
+
 def test_sse_stream_runs_to_the_end(http):
     body = {"model": "t2i-digits", "prompt": PROMPTS["t2i-digits"], "steps": 12, "seed": 4}
     job = http.post("/v1/jobs", json={**body, "variant": "w4a8-sqnr"}).json()
