@@ -52,7 +52,7 @@ import torch
 
 from bench.record import save
 from models.evaluator import Evaluator
-from models.targets import conditions_for, evaluation_targets
+from models.targets import conditions_for, denoiser_inputs, evaluation_targets
 from models.tokenizer import MAX_LENGTH
 from pipelines import lora
 from pipelines.generate import is_class_conditional, sample
@@ -106,18 +106,7 @@ def step_inputs(pipe, denoiser: torch.nn.Module, targets) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
     t = torch.full((2,), 500)
-    if is_class_conditional(pipe):
-        labels = torch.tensor([targets[7].digit, 1000])
-        return {"hidden_states": x, "timestep": t, "class_labels": labels}
-    ids = pipe.tokenizer(
-        ["", conditions_for(pipe, targets[7:8])[0]],
-        padding="max_length",
-        max_length=MAX_LENGTH,
-        return_tensors="pt",
-    ).input_ids
-    with torch.no_grad():
-        context = pipe.text_encoder(ids)[0]
-    return {"sample": x, "timestep": t, "encoder_hidden_states": context}
+    return denoiser_inputs(pipe, targets[7:8], x, t)
 
 
 @torch.no_grad()

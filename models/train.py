@@ -116,6 +116,17 @@ def _schedule(opt: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _optimize(loss: torch.Tensor, opt, sched, clip=None) -> None:
+    """One optimizer step on ``loss``: its gradients (their norm clipped to 1 over the
+    parameters ``clip`` when given), the step, the learning rate's schedule."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """Exponential moving average of the weights, with a short warm-up of the decay."""
@@ -175,10 +186,7 @@ def train_classifier(recipe: Recipe, out: Path) -> None:
         x = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
         logits, _ = model(x)
         loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched)
         progress.step(i, loss.item())
     model.eval()
     with torch.no_grad():
@@ -204,10 +212,7 @@ def train_vae(recipe: Recipe, out: Path) -> None:
         posterior = model.encode(x).latent_dist
         recon = model.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean() / x[0].numel()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched)
         progress.step(i, loss.item())
     model.eval()
     with torch.no_grad():
@@ -296,11 +301,7 @@ def train_dit(recipe: Recipe, out: Path, vae_path: Path) -> None:
         noisy, noise, t = _noise_step(scheduler, latents[idx], gen)
         pred = model(noisy, timestep=t, class_labels=labels[idx]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched, clip=model.parameters())
         _ema_update(ema, model, recipe.ema_decay, i)
         progress.step(i, loss.item())
     id2label = {int(k): v for k, v in digit_id2label().items()}
@@ -335,11 +336,7 @@ def train_t2i(recipe: Recipe, out: Path, vae_path: Path) -> None:
         noisy, noise, t = _noise_step(scheduler, latents[idx], gen)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched, clip=params)
         _ema_update(ema_unet, unet, recipe.ema_decay, i)
         _ema_update(ema_text, text_encoder, recipe.ema_decay, i)
         progress.step(i, loss.item())
@@ -513,27 +510,15 @@ def _probe_inputs(pipe, denoiser: torch.nn.Module, seed: int) -> dict:
     """A fixed batch of denoiser inputs: noisy latents at eight noise levels and the
     conditions of eight targets (the last one unconditional: DiT's null class, the empty
     prompt), for comparing two denoisers call for call."""
-    from models.targets import conditions_for, evaluation_targets
+    from models.targets import denoiser_inputs, evaluation_targets
     from pipelines.generate import is_class_conditional
 
     gen = torch.Generator().manual_seed(seed)
     cfg = denoiser.config
     latents = torch.randn(8, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
     timesteps = torch.linspace(20, 980, 8).long()
-    if is_class_conditional(pipe):
-        targets = evaluation_targets(7, with_colors=False)
-        labels = torch.tensor([*conditions_for(pipe, targets), architectures.NULL_CLASS])
-        return {"hidden_states": latents, "timestep": timesteps, "class_labels": labels}
-    targets = evaluation_targets(7, with_colors=True)
-    ids = pipe.tokenizer(
-        [*conditions_for(pipe, targets), ""],
-        padding="max_length",
-        max_length=MAX_LENGTH,
-        return_tensors="pt",
-    ).input_ids
-    with torch.no_grad():
-        context = pipe.text_encoder(ids)[0]
-    return {"sample": latents, "timestep": timesteps, "encoder_hidden_states": context}
+    targets = evaluation_targets(7, with_colors=not is_class_conditional(pipe))
+    return denoiser_inputs(pipe, targets, latents, timesteps)
 
 
 @torch.no_grad()
@@ -604,11 +589,7 @@ def train_italic(recipe_name: str, recipe: Recipe, italic: Italic, out: Path) ->
                 context = pipe.text_encoder(ids)[0]
             pred = denoiser(noisy, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimize(loss, opt, sched, clip=params)
         progress.step(i, loss.item())
     train_seconds = progress.elapsed
     denoiser.eval()
