@@ -5,12 +5,15 @@ against the model's denoiser built on the meta device (its layers and shapes, no
 at the worker's start: a tampered or mismatched file stops the worker, naming the file.
 ``attach`` gives a variant's denoiser room for the model's adapters, before it is compiled;
 ``apply`` makes a batch's adapter set the active one (a copy into fixed buffers, so a
-compiled denoiser does not recompile).
+compiled denoiser does not recompile). Two float variants of one dtype share their denoiser
+(app.worker.components): it is attached once, and the set in its buffers is kept per module,
+not per variant.
 """
 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +26,9 @@ __all__ = ["Adapters", "apply", "attach", "read_all"]
 
 Adapters = Mapping[str, lora.Adapter]
 Chosen = tuple[tuple[str, float], ...]  # JobRequest.lora: (name, scale), in order
+
+# the adapter set in each attached denoiser's buffers (absent: none)
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, Chosen] = weakref.WeakKeyDictionary()
 
 
 def read_all(spec: ModelSpec, folder: Path) -> dict[str, lora.Adapter]:
@@ -64,9 +70,15 @@ def attach(
     ``max_lora`` largest together; returns that rank (0: no adapters, nothing wrapped).
     An eager denoiser's branches are gated (skipped where no active adapter is: a plain
     request costs what it did); a ``compiled`` one's always run, so that switching adapters
-    never recompiles."""
+    never recompiles. A denoiser attached already (shared with another variant) keeps its
+    branches, ungated when this variant compiles it."""
     if not adapters:
         return 0
+    attached = [m for m in denoiser.modules() if isinstance(m, lora.LoRALayer)]
+    if attached:
+        for layer in attached:
+            layer.gated = layer.gated and not compiled
+        return attached[0].max_rank
     ranks = sorted((a.max_rank for a in adapters.values()), reverse=True)
     max_rank = sum(ranks[:max_lora])
     targets = {name for a in adapters.values() for name in a.layers}
@@ -74,11 +86,11 @@ def attach(
     return max_rank
 
 
-def apply(denoiser: torch.nn.Module, adapters: Adapters, chosen: Chosen, active: Chosen) -> Chosen:
-    """Make ``chosen`` the active set (``active`` is the one in place: nothing is written
-    when they are equal); returns the set now active."""
-    if chosen == active:
-        return active
+def apply(denoiser: torch.nn.Module, adapters: Adapters, chosen: Chosen) -> None:
+    """Make ``chosen`` the active set of an attached denoiser; nothing is written when it is
+    the set in place already."""
     module = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile's wrapper: the model
+    if _ACTIVE.get(module, ()) == chosen:
+        return
     lora.set_adapters(module, [(adapters[name], scale) for name, scale in chosen])
-    return chosen
+    _ACTIVE[module] = chosen

@@ -51,7 +51,6 @@ class Loaded:
     load_seconds: float
     made_by: dict | None = None  # what images say made them (app.provenance); None: nothing
     adapters: lora_adapters.Adapters = field(default_factory=dict)  # the model's LoRA
-    active: lora_adapters.Chosen = ()  # the adapter set in the denoiser's buffers now
 
 
 @dataclass
@@ -231,9 +230,8 @@ def run_batch(
     whichever batch it is in. ``image`` / ``mask``: the PNG inputs of an edit. With
     ``partial_images``, ``on_preview(k, step, previews)`` gets each job's encoded previews."""
     first = requests[0]
-    loaded.active = lora_adapters.apply(
-        _denoiser(loaded.pipe), loaded.adapters, first.lora, loaded.active
-    )
+    if loaded.adapters:
+        lora_adapters.apply(_denoiser(loaded.pipe), loaded.adapters, first.lora)
     conditions: list = []
     seeds: list[int] = []
     for r in requests:

@@ -190,15 +190,31 @@ def test_attach_makes_room_for_the_largest_set_and_apply_writes_only_changes(reg
     denoiser = worker_adapters._skeleton(T2I).to_empty(device="cpu")
     assert worker_adapters.attach(denoiser, adapters, spec.max_lora, torch.float32) == 3 + 2
     layer = next(m for m in denoiser.modules() if isinstance(m, lora.LoRALayer))
-    active = worker_adapters.apply(denoiser, adapters, (("b", 0.5), ("a", 1.0)), ())
-    assert active == (("b", 0.5), ("a", 1.0))
+    worker_adapters.apply(denoiser, adapters, (("b", 0.5), ("a", 1.0)))
     assert torch.count_nonzero(layer.lora_scale) == 5
     layer.lora_scale.fill_(7.0)  # the same set again writes nothing
-    assert worker_adapters.apply(denoiser, adapters, active, active) == active
+    worker_adapters.apply(denoiser, adapters, (("b", 0.5), ("a", 1.0)))
     assert bool((layer.lora_scale == 7.0).all())
-    assert worker_adapters.apply(denoiser, adapters, (), active) == ()
+    worker_adapters.apply(denoiser, adapters, ())
     assert torch.count_nonzero(layer.lora_scale) == 0
     assert worker_adapters.attach(denoiser, {}, 2, torch.float32) == 0
+
+
+def test_a_denoiser_two_variants_share_is_attached_once_and_its_set_is_its_own(registry):
+    """Two float variants of one dtype hold the same denoiser: the second attach keeps the
+    branches (ungated when it compiles), and a set applied through one variant is what the
+    other finds in place."""
+    spec = registry.models["t2i"]
+    adapters = worker_adapters.read_all(spec, T2I)
+    shared = worker_adapters._skeleton(T2I).to_empty(device="cpu")
+    worker_adapters.attach(shared, adapters, spec.max_lora, torch.float32, compiled=False)
+    layers = [m for m in shared.modules() if isinstance(m, lora.LoRALayer)]
+    assert worker_adapters.attach(shared, adapters, spec.max_lora, torch.float32, True) == 5
+    assert [m for m in shared.modules() if isinstance(m, lora.LoRALayer)] == layers
+    assert not any(m.gated for m in layers)
+    worker_adapters.apply(shared, adapters, (("a", 1.0),))  # a job of the first variant
+    worker_adapters.apply(shared, adapters, ())  # then one of the second, without adapters
+    assert all(m.idle for m in layers) and torch.count_nonzero(layers[0].lora_scale) == 0
 
 
 def test_eager_denoisers_skip_idle_branches_and_compiled_ones_never_do(registry):
@@ -210,9 +226,9 @@ def test_eager_denoisers_skip_idle_branches_and_compiled_ones_never_do(registry)
         worker_adapters.attach(denoiser, adapters, spec.max_lora, torch.float32, compiled)
         layers = [m for m in denoiser.modules() if isinstance(m, lora.LoRALayer)]
         assert all(m.gated is not compiled and m.idle for m in layers)
-        worker_adapters.apply(denoiser, only_b, (("b", 0.5),), ())
+        worker_adapters.apply(denoiser, only_b, (("b", 0.5),))
         assert not any(m.idle for m in layers)  # a and b name the same layers
-        worker_adapters.apply(denoiser, only_b, (), (("b", 0.5),))
+        worker_adapters.apply(denoiser, only_b, ())
         assert all(m.idle for m in layers)
     # an idle gated layer runs its base alone: the same output, and B is never read
     layer = layers[0]
