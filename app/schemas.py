@@ -50,6 +50,7 @@ class LoraChoice(BaseModel):
     scale: float | None = None
     sha256: str | None = Field(
         None,
+        max_length=64,
         description="the adapter's file as an image's metadata names it: refused (400) when "
         "the adapter's file is now another",
     )
