@@ -115,6 +115,24 @@ def sd15_unet(dtype: torch.dtype, device: str, layers: int = 2) -> UNet2DConditi
     return model.to(device=device, dtype=dtype).eval()
 
 
+def sd_vae(latent_channels: int = 4, **config):
+    """The VAE of SD 1.5 (sd-vae-ft-ema: 128/256/512/512 channels, 4 latent channels), or
+    with ``latent_channels=16`` and Flux's ``config`` (scaling and shift factors, no quant
+    convs) Flux's; random weights (seed before calling for fixed ones), fp32 on the CPU."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        **config,
+    )
+
+
 def clip_l(tokenizer):
     """The CLIP ViT-L/14 text tower of SD 1.5 and Flux (123 M parameters), random weights,
     its special tokens the tokenizer's."""

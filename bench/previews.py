@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.full_size import dit_xl_2, sd15_unet
+from bench.full_size import dit_xl_2, sd15_unet, sd_vae
 from bench.record import save
 from pipelines import generate
 
@@ -38,20 +38,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _vae(dtype, device):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    return vae.to(device=device, dtype=dtype).eval()
+    return sd_vae(sample_size=512).to(device=device, dtype=dtype).eval()
 
 
 def _scheduler(**betas):

@@ -80,7 +80,6 @@ def flux_small_pipeline(double: int = 2, single: int = 4, t5_layers: int = 2):
     ``t5_layers`` T5 layers, random weights, fp32 on the CPU."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -92,7 +91,7 @@ def flux_small_pipeline(double: int = 2, single: int = 4, t5_layers: int = 2):
         T5Tokenizer,
     )
 
-    from bench.full_size import clip_l
+    from bench.full_size import clip_l, sd_vae
     from bench.previews import MODELS as EMBEDDED
 
     clip_tokenizer = AutoTokenizer.from_pretrained(EMBEDDED / "t2i-digits" / "tokenizer")
@@ -121,13 +120,7 @@ def flux_small_pipeline(double: int = 2, single: int = 4, t5_layers: int = 2):
             decoder_start_token_id=t5_tokenizer.pad_token_id,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
+    vae = sd_vae(
         latent_channels=16,
         sample_size=1024,
         scaling_factor=0.3611,

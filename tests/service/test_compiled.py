@@ -3,12 +3,9 @@ it up before its first heartbeat, then gives what the eager variant gives."""
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
-from PIL import Image
 
+from tests.images import rgb_of
 from tests.service.conftest import MODELS, WorkerProcess, make_settings, serving
 
 REGISTRY = f"""
@@ -50,12 +47,8 @@ def _generated(http, variants: tuple[str, ...], n: int) -> dict[str, list[np.nda
         job = {"model": "dit-digits", "prompt": "2", "n": n, "seed": 5, "variant": variant}
         response = http.post("/v1/images/generations", json=job)
         assert response.status_code == 200, response.text
-        images[variant] = [_pixels(d["b64_json"]) for d in response.json()["data"]]
+        images[variant] = [rgb_of(d["b64_json"]) for d in response.json()["data"]]
     return images
-
-
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_an_x86_artifact_is_served_compiled_as_load_quantized_runs_it(redis_url, tmp_path):

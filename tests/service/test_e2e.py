@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from app.provenance import read_parameters
+from tests.images import png_bytes, rgb_of
 from tests.service.conftest import (
     MODELS,
     Server,
@@ -42,10 +43,6 @@ def stack(redis_url, registry_file):
         yield server, workers
 
 
-def _png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def _wait_job(http, job_id, predicate, timeout=60.0, what="job state"):
     return wait_until(
         lambda: (v := http.get(f"/v1/jobs/{job_id}").json()) and predicate(v) and v,
@@ -61,26 +58,26 @@ def test_openai_client_generates_images(stack):
     result = client.images.generate(
         model="dit-digits", prompt="seven", n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
     )
-    images = [_png(base64.b64decode(d.b64_json)) for d in result.data]
+    images = [rgb_of(d.b64_json) for d in result.data]
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
     assert not np.array_equal(images[0], images[1])  # image i is seeded with seed + i
     again = client.images.generate(
         model="dit-digits", prompt="7", n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
     )
-    pixels = [_png(base64.b64decode(d.b64_json)) for d in again.data]
+    pixels = [rgb_of(d.b64_json) for d in again.data]
     assert all(np.array_equal(a, b) for a, b in zip(pixels, images, strict=True))  # same bits
     alone = client.images.generate(
         model="dit-digits", prompt="7", n=1, size="32x32", extra_body={"seed": 11, "steps": 8}
     )
     # alone, the same seed gives the same noise; only float rounding of another batch shape
     # may differ
-    diff = np.abs(_png(base64.b64decode(alone.data[0].b64_json)).astype(int) - images[0])
+    diff = np.abs(rgb_of(alone.data[0].b64_json).astype(int) - images[0])
     assert diff.max() <= 8
     for free in ("a seven", "the digit 7, please", "Seven!"):  # free prompts name class 7
         said = client.images.generate(
             model="dit-digits", prompt=free, n=2, size="32x32", extra_body={"seed": 11, "steps": 8}
         )
-        pixels = [_png(base64.b64decode(d.b64_json)) for d in said.data]
+        pixels = [rgb_of(d.b64_json) for d in said.data]
         assert all(np.array_equal(a, b) for a, b in zip(pixels, images, strict=True))
         # the file differs only in what it says was asked
         assert read_parameters(base64.b64decode(said.data[0].b64_json))["prompt"] == free
@@ -142,20 +139,11 @@ def test_an_image_made_again_from_its_own_metadata_is_the_same(stack):
             },
         )
         remade = base64.b64decode(again.data[0].b64_json)
-        assert np.array_equal(_png(remade), _png(data)) and read_parameters(remade) == params
+        assert np.array_equal(rgb_of(remade), rgb_of(data)) and read_parameters(remade) == params
 
 
 def _client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-def _encoded(pixels: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
-    image = Image.fromarray(pixels)
-    if alpha is not None:
-        image.putalpha(Image.fromarray(alpha))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_schedulers_give_other_images_and_say_so(stack):
@@ -169,13 +157,13 @@ def test_schedulers_give_other_images_and_say_so(stack):
         )
         assert result.model_extra["scheduler"] == scheduler
         assert result.model_extra["negative_prompt"] == "blue"
-        seen[scheduler] = _png(base64.b64decode(result.data[0].b64_json))
+        seen[scheduler] = rgb_of(result.data[0].b64_json)
     default = client.images.generate(
         model="t2i-digits",
         prompt="a red seven on a black background",
         extra_body={"seed": 4, "steps": 10, "negative_prompt": "blue"},
     )
-    assert np.array_equal(_png(base64.b64decode(default.data[0].b64_json)), seen["dpm++-2m"])
+    assert np.array_equal(rgb_of(default.data[0].b64_json), seen["dpm++-2m"])
     assert not np.array_equal(seen["ddim"], seen["dpm++-2m"])
     assert not np.array_equal(seen["euler"], seen["dpm++-2m"])
 
@@ -195,10 +183,10 @@ def test_streamed_generation_gives_partial_images_then_the_image(stack):
     ]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     assert events[-1].size == "32x32" and events[-1].output_format == "png"
-    final = _png(base64.b64decode(events[-1].b64_json))
+    final = rgb_of(events[-1].b64_json)
     plain = client.images.generate(model="t2i-digits", prompt=prompt, extra_body=extra)
-    assert np.array_equal(final, _png(base64.b64decode(plain.data[0].b64_json)))
-    previews = [_png(base64.b64decode(e.b64_json)) for e in events[:2]]
+    assert np.array_equal(final, rgb_of(plain.data[0].b64_json))
+    previews = [rgb_of(e.b64_json) for e in events[:2]]
     distance = [np.abs(p.astype(int) - final).mean() for p in previews]
     # each is the prediction of the clean image at its step: the later, the nearer the end
     assert distance[1] < distance[0] and all(not np.array_equal(p, final) for p in previews)
@@ -222,23 +210,23 @@ def test_openai_client_edits_with_and_without_a_mask(stack):
     made = client.images.generate(
         model="t2i-digits", prompt="a red seven on a black background", extra_body={"seed": 8}
     )
-    source = _png(base64.b64decode(made.data[0].b64_json))
+    source = rgb_of(made.data[0].b64_json)
     whole = client.images.edit(
         model="t2i-digits",
-        image=("seven.png", _encoded(source), "image/png"),
+        image=("seven.png", png_bytes(source), "image/png"),
         prompt="a green three on a black background",
         extra_body={"seed": 5, "strength": 0.7},
     )
     assert whole.model_extra["strength"] == 0.7 and whole.model_extra["steps"] == 20
-    edited = _png(base64.b64decode(whole.data[0].b64_json))
+    edited = rgb_of(whole.data[0].b64_json)
     assert edited.shape == source.shape and not np.array_equal(edited, source)
     again = client.images.edit(  # the same request, the same pixels
         model="t2i-digits",
-        image=("seven.png", _encoded(source), "image/png"),
+        image=("seven.png", png_bytes(source), "image/png"),
         prompt="a green three on a black background",
         extra_body={"seed": 5, "strength": 0.7},
     )
-    assert np.array_equal(_png(base64.b64decode(again.data[0].b64_json)), edited)
+    assert np.array_equal(rgb_of(again.data[0].b64_json), edited)
     params = read_parameters(base64.b64decode(whole.data[0].b64_json))
     assert params["strength"] == 0.7 and len(params["image_sha256"]) == 64
 
@@ -246,36 +234,36 @@ def test_openai_client_edits_with_and_without_a_mask(stack):
     alpha[:, 16:] = 0  # transparent: the right half is painted anew
     masked = client.images.edit(
         model="t2i-digits",
-        image=("seven.png", _encoded(source), "image/png"),
-        mask=("mask.png", _encoded(np.zeros_like(source), alpha), "image/png"),
+        image=("seven.png", png_bytes(source), "image/png"),
+        mask=("mask.png", png_bytes(np.zeros_like(source), alpha), "image/png"),
         prompt="a blue one on a black background",
         extra_body={"seed": 5},
     )
     assert masked.model_extra["strength"] == 1.0  # inpainting's default
-    painted = _png(base64.b64decode(masked.data[0].b64_json))
+    painted = rgb_of(masked.data[0].b64_json)
     change = np.abs(painted.astype(int) - source).mean(axis=2)
     inside, outside = change[:, 16:].mean(), change[:, :16].mean()
     assert inside > 1.5 * outside, (inside, outside)
 
     dit = client.images.edit(  # DiT: image-to-image by its own loop
         model="dit-digits",
-        image=("seven.png", _encoded(source), "image/png"),
+        image=("seven.png", png_bytes(source), "image/png"),
         prompt="a three",
         extra_body={"seed": 5, "strength": 0.5, "steps": 10},
     )
-    assert _png(base64.b64decode(dit.data[0].b64_json)).shape == (32, 32, 3)
+    assert rgb_of(dit.data[0].b64_json).shape == (32, 32, 3)
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.edit(
             model="dit-digits",
-            image=("seven.png", _encoded(source), "image/png"),
-            mask=("mask.png", _encoded(np.zeros_like(source), alpha), "image/png"),
+            image=("seven.png", png_bytes(source), "image/png"),
+            mask=("mask.png", png_bytes(np.zeros_like(source), alpha), "image/png"),
             prompt="a three",
         )
     assert refused.value.body["param"] == "mask"
 
     stream = client.images.edit(
         model="t2i-digits",
-        image=("seven.png", _encoded(source), "image/png"),
+        image=("seven.png", png_bytes(source), "image/png"),
         prompt="a green three on a black background",
         stream=True,
         partial_images=2,
@@ -283,7 +271,7 @@ def test_openai_client_edits_with_and_without_a_mask(stack):
     )
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
-    assert np.array_equal(_png(base64.b64decode(events[-1].b64_json)), edited)
+    assert np.array_equal(rgb_of(events[-1].b64_json), edited)
 
 
 def test_a_job_with_an_image_sends_its_previews_on_its_events(stack):
@@ -293,7 +281,7 @@ def test_a_job_with_an_image_sends_its_previews_on_its_events(stack):
     body = {
         "model": "t2i-digits",
         "prompt": "a red one on a black background",
-        "image": "data:image/png;base64," + base64.b64encode(_encoded(source)).decode(),
+        "image": "data:image/png;base64," + base64.b64encode(png_bytes(source)).decode(),
         "strength": 0.6,
         "steps": 10,
         "partial_images": 2,

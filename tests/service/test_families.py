@@ -7,15 +7,12 @@ refused what it does not advertise."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 
 import numpy as np
 import openai
 import pytest
-from PIL import Image
 
 from pipelines.capabilities import capabilities
 from pipelines.loader import save_pipeline
@@ -23,6 +20,7 @@ from quality.metrics import psnr_db
 from quantization import QuantizeOptions, open_source, quantize
 from quantization.calibration import Conditions
 from tests import families
+from tests.images import png_bytes, rgb_of
 from tests.service.conftest import WorkerProcess, make_settings, serving
 
 RECIPE = "w8a8-static"  # the cheapest w8a8 that calibrates on every family: no SQNR search
@@ -81,19 +79,6 @@ def stack(redis_url, tmp_path_factory):
         worker.stop()  # also when it never got ready
 
 
-def _png(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def _encoded(pixels: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
-    image = Image.fromarray(pixels)
-    if alpha is not None:
-        image.putalpha(Image.fromarray(alpha))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_a_family_does_what_its_model_advertises(stack, family):
     server, root = stack
@@ -121,21 +106,21 @@ def test_a_family_does_what_its_model_advertises(stack, family):
     for variant in ("fp32", "w8a8"):
         result = client.images.generate(**ask, extra_body={"variant": variant, "seed": 1})
         assert result.model_extra["variant"] == variant and result.model_extra["steps"] == STEPS
-        images[variant] = _png(result.data[0].b64_json)
+        images[variant] = rgb_of(result.data[0].b64_json)
         assert images[variant].shape == (32, 32, 3)
     assert not np.array_equal(images["fp32"], images["w8a8"])  # its own denoiser ran
     assert psnr_db(images["fp32"], images["w8a8"]) > 30, family  # 42-56 dB measured
 
     # edits: image-to-image (fp32), inpainting (w8a8), or refused naming the field
-    source = ("source.png", _encoded(images["fp32"]), "image/png")
+    source = ("source.png", png_bytes(images["fp32"]), "image/png")
     alpha = np.full((32, 32), 255, np.uint8)
     alpha[:, 16:] = 0  # transparent: the right half is painted anew
-    mask = ("mask.png", _encoded(np.zeros((32, 32, 3), np.uint8), alpha), "image/png")
+    mask = ("mask.png", png_bytes(np.zeros((32, 32, 3), np.uint8), alpha), "image/png")
     edit = {**ask, "image": source, "extra_body": {"seed": 2, "strength": 0.5, "steps": 4}}
     if advertised["edits"]:
         edited = client.images.edit(**edit)
         assert edited.model_extra["strength"] == 0.5
-        pixels = _png(edited.data[0].b64_json)
+        pixels = rgb_of(edited.data[0].b64_json)
         assert pixels.shape == (32, 32, 3) and not np.array_equal(pixels, images["fp32"])
     else:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -145,7 +130,7 @@ def test_a_family_does_what_its_model_advertises(stack, family):
     if advertised["inpainting"]:
         painted = client.images.edit(**masked)
         assert painted.model_extra["variant"] == "w8a8"
-        assert _png(painted.data[0].b64_json).shape == (32, 32, 3)
+        assert rgb_of(painted.data[0].b64_json).shape == (32, 32, 3)
     else:
         with pytest.raises(openai.BadRequestError) as refused:
             client.images.edit(**masked)
@@ -161,9 +146,9 @@ def test_a_family_does_what_its_model_advertises(stack, family):
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
         "image_generation.completed"
     ]
-    assert np.array_equal(_png(events[-1].b64_json), images["fp32"])
+    assert np.array_equal(rgb_of(events[-1].b64_json), images["fp32"])
     for preview in events[:2]:
-        pixels = _png(preview.b64_json)
+        pixels = rgb_of(preview.b64_json)
         assert pixels.shape == (32, 32, 3) and not np.array_equal(pixels, images["fp32"])
 
 

@@ -10,7 +10,6 @@ variant the effect is within 10 % of full precision's.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from PIL import Image
 
 from app.provenance import read_parameters
 from app.registry import load_registry
 from models.slant import slant
+from tests.images import rgb_of
 from tests.service.conftest import MODELS, WorkerProcess, make_settings, service_env, serving
 
 pytestmark = pytest.mark.integration
@@ -56,17 +55,13 @@ def _client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=240)
 
 
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
 def _images(client, model: str, variant: str, lora: list | None) -> np.ndarray:
     def one(k: int) -> list[np.ndarray]:
         extra = {"variant": variant, "seed": 100 + 10 * k, "steps": STEPS}
         if lora is not None:
             extra["lora"] = lora
         out = client.images.generate(model=model, prompt=PROMPTS[model][k], n=4, extra_body=extra)
-        return [_pixels(d.b64_json) for d in out.data]
+        return [rgb_of(d.b64_json) for d in out.data]
 
     with ThreadPoolExecutor(4) as pool:
         return np.stack([p for part in pool.map(one, range(4)) for p in part])
@@ -96,7 +91,7 @@ def test_the_same_request_gives_the_same_pixels_and_its_metadata_makes_it_again(
         asked = {"variant": variant, "seed": 5, "steps": STEPS, "lora": [{"name": "italic"}]}
         first = client.images.generate(model=model, prompt=PROMPTS[model][0], extra_body=asked)
         again = client.images.generate(model=model, prompt=PROMPTS[model][0], extra_body=asked)
-        assert np.array_equal(_pixels(first.data[0].b64_json), _pixels(again.data[0].b64_json))
+        assert np.array_equal(rgb_of(first.data[0].b64_json), rgb_of(again.data[0].b64_json))
         params = read_parameters(base64.b64decode(first.data[0].b64_json))
         assert params["lora"] == [{"name": "italic", "scale": 1.0, "sha256": sha}]
         remade = client.images.generate(
@@ -108,11 +103,11 @@ def test_the_same_request_gives_the_same_pixels_and_its_metadata_makes_it_again(
                 "lora": params["lora"],
             },
         )
-        assert np.array_equal(_pixels(remade.data[0].b64_json), _pixels(first.data[0].b64_json))
+        assert np.array_equal(rgb_of(remade.data[0].b64_json), rgb_of(first.data[0].b64_json))
         plain = client.images.generate(
             model=model, prompt=PROMPTS[model][0], extra_body={**asked, "lora": []}
         )
-        assert not np.array_equal(_pixels(plain.data[0].b64_json), _pixels(first.data[0].b64_json))
+        assert not np.array_equal(rgb_of(plain.data[0].b64_json), rgb_of(first.data[0].b64_json))
 
 
 @pytest.mark.parametrize(
