@@ -1,15 +1,22 @@
 """LoRA adapters applied beside a denoiser's layers, never merged into them.
 
-``read`` turns an adapter file (safetensors, diffusers/PEFT or kohya layout) into an
-``Adapter``; ``check`` holds it against a denoiser (every key a Linear or Conv2d layer it has,
-ranks and shapes matching). ``attach`` wraps the target layers once in ``LoRALayer``s that
-compute ``y = base(x) + B((A x) * s)``, where ``base`` is whatever module was there (float,
-or a quantized layer of any backend: its weights are never read, dequantized or changed),
-and A, B and the per-rank scales ``s`` are fixed-shape buffers (padded to ``max_rank``).
-``set_adapters`` copies a set of adapters into those buffers, stacked along the rank
-dimension, or zeroes them for none: a ``torch.compile``d denoiser takes the buffers as
-graph inputs and does not recompile when the adapter changes. docs/lora.md has the layouts,
-the maths and the measured switch cost.
+``read`` turns an adapter file (safetensors) into an ``Adapter`` keyed by the denoiser's
+module names. Files named after diffusers' modules are read as they are: diffusers/PEFT
+(``unet.<module>.lora_A.weight``) and kohya (``lora_unet_<module_with_underscores>``, through
+``kohya_name``). Files named after the original models are converted by diffusers' own
+``lora_state_dict`` converters, one layer at a time: kohya's LDM/SGM UNet naming, as kohya-ss
+trains SDXL (``lora_unet_input_blocks_4_1_proj_in``: needs the UNet's ``config``), and Flux.1
+in BFL's naming, from kohya (``lora_unet_double_blocks_0_img_attn_qkv``), ComfyUI
+(``diffusion_model.double_blocks.0.…``) or XLabs (``double_blocks.0.processor.qkv_lora1``);
+a fused qkv becomes three layers sharing A. ``check`` holds an adapter against a denoiser
+(every key a Linear or Conv2d layer it has, ranks and shapes matching). ``attach`` wraps the
+target layers once in ``LoRALayer``s that compute ``y = base(x) + B((A x) * s)``, where
+``base`` is whatever module was there (float, or a quantized layer of any backend: its
+weights are never read, dequantized or changed), and A, B and the per-rank scales ``s`` are
+fixed-shape buffers (padded to ``max_rank``). ``set_adapters`` copies a set of adapters into
+those buffers, stacked along the rank dimension, or zeroes them for none: a
+``torch.compile``d denoiser takes the buffers as graph inputs and does not recompile when
+the adapter changes. docs/lora.md has the layouts, the maths and the measured switch cost.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,12 +51,20 @@ __all__ = [
 # the denoiser's prefix in a diffusers/PEFT file (a bare PEFT model: base_model.model.)
 PEFT_PREFIXES = ("unet.", "transformer.", "base_model.model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+# text encoders' keys: PEFT (text_encoder., text_encoder_2.), kohya (lora_te_, lora_te1_, …),
+# ComfyUI (text_encoders.clip_l.…)
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")
 PARTS = {  # key suffix -> (layout, matrix)
     ".lora_A.weight": ("peft", "A"),
     ".lora_B.weight": ("peft", "B"),
     ".lora_down.weight": ("kohya", "A"),
     ".lora_up.weight": ("kohya", "B"),
+    ".down.weight": ("xlabs-flux", "A"),  # XLabs' Flux LoRAs (…processor.qkv_lora1.down.weight)
+    ".up.weight": ("xlabs-flux", "B"),
 }
+# kohya stems in the original models' naming, which diffusers converts (by what they contain)
+SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")  # the LDM/SGM UNet (SDXL)
+FLUX_BLOCKS = ("double_blocks", "single_blocks")  # Flux.1 as BFL names it
 # module names of diffusers denoisers that contain "_": a kohya key joins every part of a
 # module's name with "_", so these are rejoined (longest first) and every other "_" is a "."
 KOHYA_WORDS = frozenset(
@@ -95,7 +111,7 @@ class Adapter:
     name: str
     path: str
     sha256: str
-    layout: str  # "peft" or "kohya"
+    layout: str  # "peft", "kohya", or converted: "kohya-sgm", "kohya-flux", "xlabs-flux"
     layers: dict[str, LayerLoRA]
 
     @property
@@ -145,23 +161,92 @@ def _file_alpha(path: str, metadata: dict[str, str]) -> float | None:
     return float(alphas.pop()) if alphas else None
 
 
-def _layer_name(path: str, key: str, layout: str, stem: str) -> str:
-    if layout == "peft":
-        for prefix in PEFT_PREFIXES:
-            if stem.startswith(prefix):
-                return stem[len(prefix) :]
-        if stem.startswith("text_encoder"):
-            raise AdapterError(f"{path}: {key}: text-encoder LoRA is not supported")
-        return stem
-    for prefix in KOHYA_PREFIXES:
-        if stem.startswith(prefix):
-            return kohya_name(stem[len(prefix) :])
-    if stem.startswith("lora_te"):
+def _layout(path: str, layout: str, keys: Sequence[str], config: Mapping[str, Any] | None) -> str:
+    """The file's layout: the one its keys' suffixes name (``PARTS``), but ``kohya-flux`` or
+    ``kohya-sgm`` for a kohya file in the original models' naming (this one only with the
+    UNet's ``config``: its block numbers depend on ``layers_per_block``)."""
+    if layout == "xlabs-flux":
+        bare = next((k for k in keys if ".processor." not in k), None)
+        if bare is not None:
+            raise AdapterError(
+                f"{path}: {bare}: not a LoRA key (down/up outside an XLabs processor)"
+            )
+    if layout != "kohya":
+        return layout
+    if any(block in key for key in keys for block in FLUX_BLOCKS):
+        return "kohya-flux"
+    sgm = next((key for key in keys if any(block in key for block in SGM_BLOCKS)), None)
+    if sgm is None:
+        return layout
+    if config is None:
+        raise AdapterError(
+            f"{path}: {sgm}: kohya's LDM/SGM block names ({', '.join(SGM_BLOCKS)}) convert only "
+            "with the UNet's config: read(..., config=unet.config)"
+        )
+    return "kohya-sgm"
+
+
+def _targets(
+    path: str,
+    key: str,
+    layout: str,
+    stem: str,
+    parts: dict[str, tuple[str, torch.Tensor]],
+    config: Mapping[str, Any] | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The denoiser's layers that one A/B pair of the file stands for, each with its A and B:
+    one for the layouts named after diffusers' modules; what diffusers' ``lora_state_dict``
+    converters make of the pair for the others (a fused qkv: to_q, to_k and to_v with A shared
+    and B split, or A split too where B is block-diagonal)."""
+    if stem.startswith(TEXT_ENCODER_PREFIXES):
         raise AdapterError(f"{path}: {key}: text-encoder LoRA is not supported")
-    raise AdapterError(f"{path}: {key}: a kohya key must start with {' or '.join(KOHYA_PREFIXES)}")
+    pair = (parts["A"][1], parts["B"][1])
+    if layout == "peft":
+        peft_prefix = next((p for p in PEFT_PREFIXES if stem.startswith(p)), "")
+        return {stem[len(peft_prefix) :]: pair}
+    if layout == "kohya":
+        kohya_prefix = next((p for p in KOHYA_PREFIXES if stem.startswith(p)), None)
+        if kohya_prefix is None:
+            raise AdapterError(
+                f"{path}: {key}: a kohya key must start with {' or '.join(KOHYA_PREFIXES)}"
+            )
+        return {kohya_name(stem[len(kohya_prefix) :]): pair}
+
+    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state = dict(parts.values())  # without its alpha: read applies alpha / rank to every part
+    try:
+        if layout == "kohya-sgm":
+            assert config is not None  # _layout refused the file without one
+            state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
+                state, unet_config=SimpleNamespace(**config)
+            )
+            state = convert_unet_state_dict_to_peft(state)  # processor.to_q_lora.down: to_q.lora_A
+        else:
+            state = FluxLoraLoaderMixin.lora_state_dict(state)
+    except Exception as e:  # diffusers' ValueError, KeyError or assert on a pair it cannot map
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise AdapterError(f"{path}: {key}: diffusers cannot convert it ({why})") from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for converted, tensor in state.items():
+        module, _, matrix = converted.removesuffix(".weight").rpartition(".")
+        for prefix in PEFT_PREFIXES:
+            module = module.removeprefix(prefix)
+        if matrix not in ("lora_A", "lora_B") or module.startswith(TEXT_ENCODER_PREFIXES):
+            raise AdapterError(f"{path}: {key}: diffusers converts it to {converted}")
+        out.setdefault(module, {})[matrix] = tensor
+    if not out:
+        raise AdapterError(f"{path}: {key}: diffusers' converter drops it")
+    return {module: (ab["lora_A"], ab["lora_B"]) for module, ab in out.items()}
 
 
-def read(path: str | Path, name: str | None = None, sha256: str | None = None) -> Adapter:
+def read(
+    path: str | Path,
+    name: str | None = None,
+    sha256: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Adapter:
     """Read an adapter file. ``sha256``, when given, must be the file's: a registry pins it,
     as only the hash catches every flipped byte (one in the tensors reads as other numbers;
     one in the header mostly breaks its JSON or offsets, but may rename a key).
@@ -169,7 +254,11 @@ def read(path: str | Path, name: str | None = None, sha256: str | None = None) -
     Alpha per layer: its ``<stem>.alpha`` tensor, else the file's metadata (``alpha``, or
     PEFT's ``lora_alpha`` in diffusers' ``lora_adapter_metadata``), else the rank (scale 1,
     as diffusers loads a file that states none). A ``rank`` in the metadata must be every
-    layer's rank.
+    layer's rank. The layers diffusers converts a pair into keep its scale ``alpha / rank``.
+
+    Args:
+        config: the denoiser's config (``unet.config``); needed only for kohya files in the
+            LDM/SGM naming, whose block numbers depend on its ``layers_per_block``.
     """
     from safetensors.torch import load as load_bytes
 
@@ -202,14 +291,16 @@ def read(path: str | Path, name: str | None = None, sha256: str | None = None) -
         suffix = next((s for s in PARTS if key.endswith(s)), None)
         if suffix is None:
             raise AdapterError(
-                f"{path}: {key}: not a LoRA key (lora_A/lora_B, lora_down/lora_up or alpha)"
+                f"{path}: {key}: not a LoRA key (lora_A/lora_B, lora_down/lora_up, XLabs' "
+                "down/up or alpha)"
             )
         layout, matrix = PARTS[suffix]
         layouts.add(layout)
         pairs.setdefault(key[: -len(suffix)], {})[matrix] = (key, value)
     if len(layouts) > 1:
-        raise AdapterError(f"{path}: mixes the diffusers/PEFT and kohya layouts")
-    (layout,) = layouts
+        raise AdapterError(f"{path}: mixes layouts ({', '.join(sorted(layouts))})")
+    keys = [key for parts in pairs.values() for key, _ in parts.values()]
+    layout = _layout(path, layouts.pop(), keys, config)
 
     layers: dict[str, LayerLoRA] = {}
     for stem, parts in pairs.items():
@@ -217,7 +308,8 @@ def read(path: str | Path, name: str | None = None, sha256: str | None = None) -
         if set(parts) != {"A", "B"}:
             missing = ({"A", "B"} - set(parts)).pop()
             raise AdapterError(f"{path}: {first_key}: its {missing} matrix is missing")
-        down, up = parts["A"][1].float(), parts["B"][1].float()
+        parts = {matrix: (key, t.float()) for matrix, (key, t) in parts.items()}
+        down, up = parts["A"][1], parts["B"][1]
         if down.dim() != up.dim() or down.dim() not in (2, 4):
             raise AdapterError(
                 f"{path}: {first_key}: A and B must both be 2-D (Linear) or 4-D (Conv2d), "
@@ -234,11 +326,14 @@ def read(path: str | Path, name: str | None = None, sha256: str | None = None) -
             raise AdapterError(
                 f"{path}: {first_key}: rank {down.shape[0]}, the metadata says {metadata['rank']}"
             )
-        alpha = alphas.pop(stem, file_alpha if file_alpha is not None else float(down.shape[0]))
-        target = _layer_name(path, first_key, layout, stem)
-        if target in layers:
-            raise AdapterError(f"{path}: {first_key}: a second pair for layer {target}")
-        layers[target] = LayerLoRA(stem, down.contiguous(), up.contiguous(), alpha)
+        rank = down.shape[0]
+        alpha = alphas.pop(stem, file_alpha if file_alpha is not None else float(rank))
+        for target, (a, b) in _targets(path, first_key, layout, stem, parts, config).items():
+            if target in layers:
+                raise AdapterError(f"{path}: {first_key}: a second pair for layer {target}")
+            # a split that shares out the ranks (A chunked) keeps the pair's scale alpha / rank
+            part_alpha = alpha if a.shape[0] == rank else alpha * a.shape[0] / rank
+            layers[target] = LayerLoRA(stem, a.contiguous(), b.contiguous(), part_alpha)
     if alphas:
         stray = sorted(alphas)[0]
         raise AdapterError(f"{path}: {stray}.alpha: an alpha for a layer with no A/B pair")
