@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from pipelines.loader import compile_denoiser, load_pipeline, save_pipeline
 from quantization import backends
+from quantization.backends.x86_kernels import cpu_flags
 from quantization.blocks import denoiser_attr
 from quantization.plan import LayerPlan, plan_from_json, plan_to_json
 from quantization.types import BACKENDS
@@ -122,17 +123,9 @@ KERNEL_FLAGS = (
 
 def measured_on() -> dict:
     """The machine the artifact's numbers were measured on: architecture and kernel flags."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
     return {
         "machine": platform.machine(),
-        "cpu_kernel_flags": sorted(flags & set(KERNEL_FLAGS)),
+        "cpu_kernel_flags": sorted(cpu_flags() & set(KERNEL_FLAGS)),
     }
 
 

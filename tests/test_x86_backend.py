@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quantization.activations import InputRange
-from quantization.backends import x86
+from quantization.backends import x86, x86_kernels
 from quantization.plan import LayerPlan
 from quantization.types import LayerSpec
 
@@ -25,9 +25,12 @@ class Net(nn.Module):
         return self.proj(h.flatten(2).transpose(1, 2))  # tokens of 32 channels
 
 
-def _fake_quant(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """uint8 around 128, as the backend quantizes its inputs, back to float."""
-    return (torch.clamp(torch.round(x / scale) + 128, 0, 255) - 128) * scale
+def _fake_quant(x: torch.Tensor, scale, zero_point: int = 128) -> torch.Tensor:
+    """uint8 around the zero point, as the backend quantizes its inputs, back to float: codes
+    0..255, or on a CPU without VNNI 0..127 (the same range in half the codes)."""
+    top = x86_kernels.U8_MAX
+    scale, zero_point = scale * 255 / top, round(zero_point * top / 255)
+    return (torch.clamp(torch.round(x / scale) + zero_point, 0, top) - zero_point) * scale
 
 
 def _inputs():
@@ -83,10 +86,10 @@ def test_a_one_sided_input_range_gets_an_asymmetric_scale_and_loses_less():
     ranged = InputRange(torch.stack([x.abs().max()]), low=low.reshape(1), high=high.reshape(1))
     x86.quantize_layers(asym, {"0": W8A8}, {"0": ranged})
     q = asym[0]
-    assert sym[0].zero_point == 128 and 0 < q.zero_point < 20
-    scale, zp = float(q.input_scale), q.zero_point
+    assert int(sym[0].input_zero_point) == 128 and 0 < int(q.input_zero_point) < 20
+    assert sym[0].zero_point == round(128 * x86_kernels.U8_MAX / 255)  # in this CPU's codes
     with torch.no_grad():
-        fake = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        fake = _fake_quant(x, float(q.input_scale), int(q.input_zero_point))
         ref = nn.functional.linear(fake, q.dequantized_weight(), q.bias)
         full, out_sym, out_asym = layer(x), sym(x), asym(x)
 
@@ -108,8 +111,7 @@ def test_per_token_activations_quantize_each_row_by_its_own_scale():
     assert isinstance(q, x86.Int8Linear) and not hasattr(q, "input_scale")
     with torch.no_grad():
         out = q(x)
-        scale = x.abs().amax(-1, keepdim=True) / 127
-        fake = (torch.clamp(torch.round(x / scale) + 128, 0, 255) - 128) * scale
+        fake = _fake_quant(x, x.abs().amax(-1, keepdim=True) / 127)
         ref = nn.functional.linear(fake, q.dequantized_weight(), q.bias)
     err = float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
     assert err > 50
@@ -252,3 +254,33 @@ def test_a_compiled_denoiser_as_served_matches_eager_and_leaves_its_inputs_alone
             eager(x, timestep=torch.tensor([50, 50]), class_labels=labels).sample,
             atol=1e-3 * float(late.abs().max()),
         )
+
+
+def test_without_vnni_inputs_take_7_bit_codes_and_the_kernels_stay_exact(monkeypatch):
+    """What a CPU without VNNI runs (any CPU can: 7-bit codes never saturate oneDNN's int16
+    pair sums): static, asymmetric and per-token inputs in codes 0..127 around a zero point
+    halved, at twice the scale, computed as the scheme says."""
+    monkeypatch.setattr(x86_kernels, "U8_MAX", 127)
+    x, ranges = _inputs()
+    q = Net().eval()
+    x86.quantize_layers(q, {"conv": W8A8, "proj": LayerSpec("int8", "int8", None, "token")}, ranges)
+    assert q.conv.zero_point == 64 and int(q.conv.input_zero_point) == 128  # artifact unchanged
+    with torch.no_grad():
+        out = q(x)
+        h = nn.functional.conv2d(
+            _fake_quant(x, float(q.conv.input_scale)), q.conv.dequantized_weight(), q.conv.bias,
+            padding=1,
+        )  # fmt: skip
+        tokens = q.conv(x).flatten(2).transpose(1, 2)
+        ref = nn.functional.linear(
+            _fake_quant(tokens, tokens.abs().amax(-1, keepdim=True) / 127),
+            q.proj.dequantized_weight(),
+            q.proj.bias,
+        )
+        conv_out, full = q.conv(x), Net().eval()(x)
+
+    def db(a, b):
+        return float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
+
+    assert db(h, conv_out) > 50 and db(ref, out) > 50
+    assert db(full, out) > 20  # a bit fewer codes: still close to float

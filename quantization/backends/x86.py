@@ -123,7 +123,7 @@ class _Int8Layer(nn.Module):
         # static inputs: uint8 = round(x / input_scale) + zero_point (asymmetric where the
         # calibrated range is); the zero point is one per layer, also across timestep ranges,
         # and a plain int at run time (a compiled graph takes it as a constant)
-        self.zero_point = ZERO_POINT
+        self.zero_point = _code_zero(ZERO_POINT)
         if spec.activations is not None and spec.granularity != "token":
             self.register_buffer("input_scale", torch.ones(()))
             self.register_buffer("input_zero_point", torch.tensor(ZERO_POINT))
@@ -142,7 +142,7 @@ class _Int8Layer(nn.Module):
             down = -low / zero_point if zero_point > 0 else torch.zeros_like(low)
             scales = torch.maximum(up, down).clamp(min=1e-8)
         self.input_zero_point.fill_(zero_point)
-        self.zero_point = zero_point
+        self.zero_point = _code_zero(zero_point)
         self.input_scale.fill_(float(scales.max()))
         if timestep:
             if r.edges is None:
@@ -153,7 +153,7 @@ class _Int8Layer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         if hasattr(self, "input_zero_point"):
-            self.zero_point = int(self.input_zero_point)
+            self.zero_point = _code_zero(int(self.input_zero_point))
 
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         w = weight.detach().float()
@@ -171,7 +171,8 @@ class _Int8Layer(nn.Module):
     def _quantized(self, x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` as uint8 around ``self.zero_point`` and its scale: the calibrated one
         (static), one per row of a 2-D ``x`` (``per_row``) or one for the tensor, found now
-        (dynamic, symmetric: around 128).
+        (dynamic, symmetric: around 128). On a CPU without VNNI the codes span 0..127
+        (``kernels.U8_MAX``): the same range in half the codes, twice the scale.
 
         Eager: aten's fused per-tensor kernel (one pass, ~9x faster here than the decomposed
         op's five) and four in-place passes per row (~7x faster than aten's per-channel op).
@@ -182,12 +183,19 @@ class _Int8Layer(nn.Module):
             scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / QMAX
         else:
             scale = x.abs().amax().clamp(min=1e-8) / QMAX
-        zp = self.zero_point
+        zp, top = self.zero_point, kernels.U8_MAX
+        if top != 255:
+            scale = scale * (255 / top)
         if torch.compiler.is_compiling():
-            return (x / scale).round().add(zp).clamp(0, 255).to(torch.uint8), scale
-        if scale.dim() == 0:
+            return (x / scale).round().add(zp).clamp(0, top).to(torch.uint8), scale
+        if scale.dim() == 0 and top == 255:
             return torch.quantize_per_tensor(x, float(scale), zp, torch.quint8).int_repr(), scale
-        return (x / scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8), scale
+        return (x / scale).round_().add_(zp).clamp_(0, top).to(torch.uint8), scale
+
+
+def _code_zero(zero_point: int) -> int:
+    """A calibrated zero point (of codes 0..255) in this CPU's codes (``kernels.U8_MAX``)."""
+    return round(zero_point * kernels.U8_MAX / 255)
 
 
 class _Conv:
