@@ -35,16 +35,18 @@ def read_all(spec: ModelSpec, folder: Path) -> dict[str, lora.Adapter]:
     """The adapters of ``spec`` read and checked against its denoiser's structure (the model
     as its pipeline ``folder`` describes it); ``lora.AdapterError`` naming the file for a
     damaged file, other bytes than the pinned sha256, or layers the model lacks."""
+    if not spec.adapters:
+        return {}
+    skeleton = _skeleton(folder)  # its config also places kohya's LDM/SGM block numbers
     adapters = {
-        name: lora.read(entry.file, name, entry.sha256) for name, entry in spec.adapters.items()
+        name: lora.read(entry.file, name, entry.sha256, config=skeleton.config)
+        for name, entry in spec.adapters.items()
     }
-    if adapters:
-        skeleton = _skeleton(folder)
-        for adapter in adapters.values():
-            try:
-                lora.check(adapter, skeleton)
-            except lora.AdapterError as exc:
-                raise lora.AdapterError(f"{exc} (is it an adapter of {spec.name}?)") from None
+    for adapter in adapters.values():
+        try:
+            lora.check(adapter, skeleton)
+        except lora.AdapterError as exc:
+            raise lora.AdapterError(f"{exc} (is it an adapter of {spec.name}?)") from None
     return adapters
 
 

@@ -235,3 +235,31 @@ def test_eager_denoisers_skip_idle_branches_and_compiled_ones_never_do(registry)
     layer.gated, layer.lora_up = True, None
     x = torch.randn(2, layer.geometry.in_features)
     torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+
+
+def test_the_worker_reads_kohyas_ldm_naming_with_the_models_own_config(tmp_path):
+    """SDXL's kohya files name UNet blocks as the original LDM code did (input_blocks.N.1):
+    where N falls depends on layers_per_block, which the worker reads from the model folder."""
+    skeleton = worker_adapters._skeleton(T2I)
+    per_block = skeleton.config.layers_per_block
+    target = skeleton.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    stem = f"lora_unet_input_blocks_{2 + per_block}_1_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "sgm.safetensors"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": torch.randn(2, target.in_features, generator=g),
+            f"{stem}.lora_up.weight": torch.randn(target.out_features, 2, generator=g),
+            f"{stem}.alpha": torch.tensor(1.0),
+        },
+        str(path),
+    )
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f'[models.t2i]\nsource = "{T2I}"\n'
+        f'[models.t2i.adapters.sgm]\nfile = "{path}"\nsha256 = "{sha}"\n'
+    )
+    adapters = worker_adapters.read_all(load_registry(registry).models["t2i"], T2I)
+    layer = adapters["sgm"].layers["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert adapters["sgm"].layout == "kohya-sgm" and layer.scale == 0.5
