@@ -13,6 +13,7 @@ from pipelines.loader import load_pipeline, save_pipeline
 from quality.metrics import psnr_db, sqnr_db
 from quantization import load_quantized
 from quantization.artifact import measured_on
+from quantization.backends import x86_kernels
 from quantization.calibration import SEEDS, parse_classes, resolve_conditions
 from quantization.cli import main
 from quantization.types import RECIPES
@@ -20,6 +21,7 @@ from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS_CPU_DB = 1.5  # 2.5x the largest gap seen on another CPU of this kind (0.59 dB, AMX)
+FEWER_CODES_DB = 6.02  # one bit less in the activations: 4x their quantization noise
 ARTIFACTS = sorted(
     p for p in (ROOT / "models" / "quantized").glob("*") if (p / "manifest.json").is_file()
 )
@@ -91,10 +93,21 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     # from 15.412 to 14.823 dB, t2i-digits w8a8 from 33.509 to 33.904 dB): a stated tolerance.
     same_kernels = manifest.get("measured_on") == measured_on()
     tolerance = 0.0005 if same_kernels else CROSS_CPU_DB
-    assert sqnr_db(ref.latents, q.latents) == pytest.approx(
-        measured["sqnr_latent_db"], abs=tolerance
+    # An x86 artifact recorded where oneDNN has VNNI, replayed where it has not, quantizes its
+    # inputs to 7-bit codes (x86_kernels.U8_MAX): the activations' share of the error at most
+    # 4x (6.02 dB), on top of another CPU's rounding.
+    recorded_flags = set(manifest.get("measured_on", {}).get("cpu_kernel_flags", []))
+    fewer_codes = (
+        manifest["backend"] == "x86"
+        and bool(recorded_flags & x86_kernels.VNNI_FLAGS)
+        and x86_kernels.U8_MAX < 255
     )
-    assert psnr_db(ref.images, q.images) == pytest.approx(measured["psnr_db"], abs=tolerance)
+    lower = tolerance + (FEWER_CODES_DB if fewer_codes else 0.0)
+    for got, want in (
+        (sqnr_db(ref.latents, q.latents), measured["sqnr_latent_db"]),
+        (psnr_db(ref.images, q.images), measured["psnr_db"]),
+    ):
+        assert want - lower <= got <= want + tolerance, (got, want, fewer_codes)
     size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
     assert size <= 15 * 2**20
 
