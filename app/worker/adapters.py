@@ -16,6 +16,7 @@ import json
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -37,9 +38,10 @@ def read_all(spec: ModelSpec, folder: Path) -> dict[str, lora.Adapter]:
     damaged file, other bytes than the pinned sha256, or layers the model lacks."""
     if not spec.adapters:
         return {}
-    skeleton = _skeleton(folder)  # its config also places kohya's LDM/SGM block numbers
+    skeleton = _skeleton(folder)
+    config = cast(Mapping[str, Any], skeleton.config)  # places kohya's LDM/SGM blocks
     adapters = {
-        name: lora.read(entry.file, name, entry.sha256, config=skeleton.config)
+        name: lora.read(entry.file, name, entry.sha256, config=config)
         for name, entry in spec.adapters.items()
     }
     for adapter in adapters.values():

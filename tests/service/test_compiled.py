@@ -56,6 +56,7 @@ def test_an_x86_artifact_is_served_compiled_as_load_quantized_runs_it(redis_url,
     and compiled (the worker's load_quantized(path, compile=True)) gives the same images."""
     from quantization import QuantizeOptions, quantize
     from quantization.artifact import open_source
+    from quantization.backends import x86_kernels
 
     artifact = tmp_path / "x86"
     options = QuantizeOptions(backend="x86", granularity="token", check_images=1)
@@ -78,5 +79,10 @@ compile = true
         variants = {v["id"]: v for v in http.get("/v1/models").json()["data"][0]["variants"]}
         assert variants["x86-compiled"]["backend"] == "x86" and variants["x86-compiled"]["compile"]
         images = _generated(http, ("x86", "x86-compiled"), n=2)
+        # Inductor rounds the float ops between the int8 layers otherwise than eager: an
+        # input near a code's edge lands in the next code, and sampling carries it on. On a
+        # CPU without VNNI the codes are twice as coarse (x86_kernels.U8_MAX): measured there,
+        # 3.6 eager against compiled, against 10.1 and 8.4 for each against fp32.
+        tolerance = 2 if x86_kernels.U8_MAX == 255 else 5
         for eager, compiled in zip(images["x86"], images["x86-compiled"], strict=True):
-            assert np.abs(eager.astype(int) - compiled).mean() < 2
+            assert np.abs(eager.astype(int) - compiled).mean() < tolerance
