@@ -55,7 +55,7 @@ from models.evaluator import Evaluator
 from models.targets import conditions_for, denoiser_inputs, evaluation_targets
 from models.tokenizer import MAX_LENGTH
 from pipelines import lora
-from pipelines.generate import is_class_conditional, sample
+from pipelines.generate import Samples, is_class_conditional, sample
 from pipelines.loader import read_defaults
 from quality.metrics import psnr_db, sqnr_db
 from quantization.artifact import DTYPES, load_quantized, open_source, read_manifest
@@ -66,6 +66,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 REGISTRY = MODELS / "registry.toml"
 ADAPTERS = MODELS / "adapters"
 PSNR_TOLERANCE_DB = 1.0
+SEED_STRIDE = 1000  # the k-th set of images is seeded k * SEED_STRIDE + i
 EFFECT_TOLERANCE = 0.10
 
 
@@ -210,8 +211,23 @@ def _db(x: float) -> float | None:
     return None if math.isinf(x) else round(x, 3)
 
 
+def sample_sets(pipe, conditions, sets: int, sampling: dict) -> Samples:
+    """``sets`` sets of images of ``conditions``, one after the other: the k-th seeded from
+    ``k * SEED_STRIDE`` (the first as ``sample(..., seed=0)``)."""
+    parts = [sample(pipe, conditions, seed=k * SEED_STRIDE, **sampling) for k in range(sets)]
+    return Samples(np.concatenate([p.images for p in parts]), torch.cat([p.latents for p in parts]))
+
+
+def psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | None]:
+    """PSNR of each set of images (``sample_sets``) on its own."""
+    n = len(ref) // sets
+    return [_db(psnr_db(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n])) for k in range(sets)]
+
+
 @torch.no_grad()
-def control(fp: dict, attr: str, adapter: lora.Adapter, conditions, sampling: dict) -> dict:
+def control(
+    fp: dict, attr: str, adapter: lora.Adapter, conditions, sampling: dict, sets: int
+) -> dict:
     """The same question asked of a perturbation that is not quantization: fp32's base
     weights rounded to bf16 (the LoRA buffers left in fp32), sampled without and with the
     adapter against fp32 without and with it. Where this PSNR drops with the adapter as much
@@ -228,16 +244,19 @@ def control(fp: dict, attr: str, adapter: lora.Adapter, conditions, sampling: di
             ("with", "_with_lora", [(adapter, 1.0)]),
         ):
             lora.set_adapters(rounded, active)
-            got = sample(pipe, conditions, seed=0, **sampling)
+            got = sample_sets(pipe, conditions, sets, sampling)
             ref = fp["samples"][label]
             out[f"psnr_vs_fp32{suffix}_db"] = _db(psnr_db(ref.images, got.images))
+            out[f"psnr_vs_fp32{suffix}_per_set_db"] = psnr_per_set(ref.images, got.images, sets)
             out[f"latent_sqnr_vs_fp32{suffix}_db"] = _db(sqnr_db(ref.latents, got.latents))
     out["psnr_delta_db"] = round(out["psnr_vs_fp32_with_lora_db"] - out["psnr_vs_fp32_db"], 3)
     return out
 
 
 @torch.no_grad()
-def measure_model(model: str, n: int, rounds: int, threads: int, evaluator: Evaluator) -> dict:
+def measure_model(
+    model: str, n: int, rounds: int, threads: int, evaluator: Evaluator, sets: int = 1
+) -> dict:
     file, pinned = adapter_file(model)
     adapter = lora.read(file, sha256=pinned)
     defaults = read_defaults(MODELS / model)
@@ -261,12 +280,12 @@ def measure_model(model: str, n: int, rounds: int, threads: int, evaluator: Eval
         start = time.perf_counter()
         for label, active in (("without", []), ("with", [(adapter, 1.0)])):
             lora.set_adapters(denoiser, active)
-            samples[label] = sample(pipe, conditions, seed=0, **sampling)
+            samples[label] = sample_sets(pipe, conditions, sets, sampling)
         sampling_s = time.perf_counter() - start
         row: dict[str, Any] = {"variant": variant, "folder": str(folder.relative_to(MODELS))}
         for label in ("without", "with"):
             images = samples[label].images
-            accuracy = evaluator.prompt_accuracy(images, targets)
+            accuracy = evaluator.prompt_accuracy(images, list(targets) * sets)
             row[f"slant_{label}"] = round(float(evaluator.slant(images).mean()), 4)
             row[f"digit_accuracy_{label}"] = round(accuracy.digit_accuracy, 4)
             row[f"prompt_accuracy_{label}"] = round(accuracy.prompt_accuracy, 4)
@@ -295,6 +314,7 @@ def measure_model(model: str, n: int, rounds: int, threads: int, evaluator: Eval
                 )
             )
             row[f"latent_sqnr_vs_fp32{suffix}_db"] = _db(sqnr_db(ref.latents, got.latents))
+            row[f"psnr_vs_fp32{suffix}_per_set_db"] = psnr_per_set(ref.images, got.images, sets)
         if rows:
             plain, lora_db = row["psnr_vs_fp32_db"], row["psnr_vs_fp32_with_lora_db"]
             delta = None if plain is None or lora_db is None else round(lora_db - plain, 3)
@@ -327,7 +347,8 @@ def measure_model(model: str, n: int, rounds: int, threads: int, evaluator: Eval
         "call_timesteps": list(CALL_TIMESTEPS),
         "call_images": CALL_IMAGES,
         "variants": rows,
-        "control": control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling),
+        "sets": sets,
+        "control": control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling, sets),
     }
 
 
@@ -338,7 +359,14 @@ def markdown(record: dict) -> str:
         f"`{record['command']}`, {record['date']}, {record['machine']}, a shared machine (1-minute "
         f"load average {record['load_average_1min']['start']} at the start, "
         f"{record['load_average_1min']['end']} at the end); {record['wall_seconds']} s. "
-        f"{record['images']} images per variant (evaluation targets, seed 0), the model's "
+        f"{record['images']} images per variant (evaluation targets, seed 0)"
+        + (
+            f", in {record['sets']} sets seeded {SEED_STRIDE} apart (k × {SEED_STRIDE} + i): "
+            f"{record['images'] * record['sets']} images, PSNRs over all of them"
+            if record.get("sets", 1) > 1
+            else ""
+        )
+        + ", the model's "
         "default steps and guidance, the adapter at scale 1.0 attached beside the layers "
         "(`pipelines.lora`). PSNR against fp32's images (without the adapter: Q vs FP; with "
         "it: Q+LoRA vs FP+LoRA); effect: mean slant with the adapter minus without "
@@ -410,6 +438,28 @@ def markdown(record: dict) -> str:
             f"{c['psnr_vs_fp32_with_lora_db']} | {c['psnr_delta_db']} | "
             f"{c['latent_sqnr_vs_fp32_db']} / {c['latent_sqnr_vs_fp32_with_lora_db']} |"
         )
+    if record.get("sets", 1) > 1:
+        lines += [
+            "",
+            f"Each set of {record['images']} images on its own (set k seeded from "
+            f"k × {SEED_STRIDE}): PSNR Q vs FP / Q+LoRA vs FP+LoRA, and Δ, dB.",
+            "",
+            "| model | variant | " + " | ".join(f"set {k}" for k in range(record["sets"])) + " |",
+            "|---|---|" + "---|" * record["sets"],
+        ]
+        for m in record["results"]:
+            rows = [(r["variant"], r) for r in m["variants"][1:]]
+            rows.append(("control: bf16-rounded fp32", m["control"]))
+            for name, r in rows:
+                cells = [
+                    f"{f(a)} / {f(b)}" + ("" if a is None or b is None else f" ({b - a:+.3f})")
+                    for a, b in zip(
+                        r["psnr_vs_fp32_per_set_db"],
+                        r["psnr_vs_fp32_with_lora_per_set_db"],
+                        strict=True,
+                    )
+                ]
+                lines.append(f"| {m['model']} | {name} | " + " | ".join(cells) + " |")
     threads = record["latency_threads"]
     lines += [
         "",
@@ -448,6 +498,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--models", nargs="+", default=["dit-digits", "t2i-digits"])
     p.add_argument("--images", type=int, default=64)
+    p.add_argument(
+        "--sets",
+        type=int,
+        default=1,
+        help="sets of --images images, each seeded apart (k * 1000 + i); PSNR over all, and "
+        "per set",
+    )
     p.add_argument("--rounds", type=int, default=20, help="rounds of the three timed calls")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads of the timed calls (1: steadier)"
@@ -459,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     evaluator = Evaluator.load()
     results = [
-        measure_model(m, args.images, args.rounds, args.threads, evaluator) for m in args.models
+        measure_model(m, args.images, args.rounds, args.threads, evaluator, args.sets)
+        for m in args.models
     ]
     command = " ".join(["python -m bench.lora_fidelity", *(argv or sys.argv[1:])])
     record = save(
@@ -471,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         latency_threads=args.threads,
         rounds=args.rounds,
         images=args.images,
+        sets=args.sets,
         results=results,
     )
     args.out.with_suffix(".md").write_text(markdown(record))
