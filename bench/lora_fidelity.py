@@ -424,8 +424,8 @@ def markdown(record: dict) -> str:
         "",
         "Control: a perturbation that is not quantization, fp32's base weights rounded to bf16 "
         "(the adapter's buffers in fp32), against fp32, without / with the adapter. A drop "
-        "with the adapter here as large as a quantized variant's says the adapted model's "
-        "sampling amplifies any small error.",
+        "with the adapter here as large as a quantized variant's says the drop is the "
+        "sampling's (of these images, or of the adapted model), whatever the error.",
         "",
         "| model | perturbation | PSNR without, dB | PSNR with, dB | Δ dB | final-latent SQNR "
         "without / with, dB |",
