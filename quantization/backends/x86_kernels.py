@@ -44,6 +44,7 @@ def cpu_flags() -> frozenset[str]:
 # it. Measured on an AVX2-only EPYC, a (64 x 512) x (512 x 256) product came out at 33.15 dB
 # SQNR against 42.06 dB for the same codes multiplied exactly. With 7-bit inputs the pair sums
 # fit (2 x 127 x 128 < 2^15) and the kernel is exact again: FBGEMM's ``reduce_range``.
+# (``python -m bench.x86_codes`` measures both on the CPU it runs on.)
 U8_MAX = 255 if cpu_flags() & VNNI_FLAGS else 127
 
 # id(weight) -> (weak reference to it, its version when packed, packed weight, zero points)
