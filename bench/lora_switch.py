@@ -55,6 +55,7 @@ from torch._inductor.utils import fresh_cache
 
 from bench.full_size import parse_variant, sd15_unet
 from bench.record import save
+from bench.shared_memory import memory
 from pipelines import lora
 from quantization.api import quantize_denoiser
 from quantization.capture import Call
@@ -171,10 +172,6 @@ def measure(
     graphs_after = graphs()
     set_ms, first_ms, steady_ms = t.wall["set"], t.wall["first"], t.wall["second"]
     plain_around_ms = t.wall["plain_around"]
-
-    def med(xs: list[float]) -> float:
-        return round(statistics.median(xs), 3)
-
     return {
         "variant": variant,
         "targets": which,
@@ -264,25 +261,9 @@ def markdown(record: dict) -> str:
 # --arch sd15: SD 1.5's UNet at real size, eager (fp32 and quantized) and compiled
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` field in bytes (0 where there is none)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def rss() -> int:
-    """This process's resident memory, bytes: psutil where installed, else VmRSS."""
-    try:
-        import psutil
-    except ImportError:
-        return _status("VmRSS")
-    return int(psutil.Process().memory_info().rss)
+    """This process's resident memory (VmRSS), bytes."""
+    return memory()["rss"]
 
 
 def mb(n: float) -> float:
@@ -636,7 +617,7 @@ def run_sd15(args: argparse.Namespace, command: str) -> None:
                 torch=torch.__version__, git_head=head,
                 git_blobs=dict(zip(measured, blobs, strict=False)),
                 complete=complete, wall_s=round(prog.elapsed(), 1),
-                peak_rss_bytes=_status("VmHWM"), load_average_1min=load,
+                peak_rss_bytes=memory()["hwm"], load_average_1min=load,
                 load_average_1min_start=load_start, load_average_1min_by_stage=prog.loads,
                 build_ms=round(t.wall["build"][0], 1), worker_start=start, eager=results,
                 **record_kw,
