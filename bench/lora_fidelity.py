@@ -21,6 +21,9 @@ guidance) without the adapter and with it at scale 1.0. Measured:
   same per-step error more: the median of the images' own PSNRs, the SQNR of the final
   latents, and the SQNR of single denoiser calls (quantized against fp32, same inputs: 16
   of fp32's final latents noised again to t = 100 ... 900) without and with the adapter;
+- a control that is not quantization: fp32 with Gaussian noise on every Linear and Conv2d
+  weight at ``--control-sqnr`` dB per layer, sampled without and with the adapter, to read
+  a variant's drop against what any weight error of that size loses with the adapter;
 - one denoiser call at batch 2 (one image under classifier-free guidance: one step of a
   request): the variant as it is, attached with no adapter active, and with the adapter
   active; medians of ``--rounds`` rounds that alternate the three (a load on this shared
@@ -224,26 +227,52 @@ def psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | No
     return [_db(psnr_db(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n])) for k in range(sets)]
 
 
+def add_weight_noise(denoiser: torch.nn.Module, noise_db: float, seed: int = 0) -> int:
+    """Add Gaussian noise to the weight of every Linear and Conv2d of ``denoiser`` (the bases
+    under LoRA wrappers included; the adapter's buffers are not weights), each at
+    ``noise_db`` against its own weight: sigma = rms(W) * 10^(-noise_db / 20). Seeded. The number
+    of layers perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for module in denoiser.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                w = module.weight
+                sigma = w.float().pow(2).mean().sqrt() * 10 ** (-noise_db / 20)
+                w.add_((torch.randn(w.shape, generator=g) * sigma).to(w.dtype))
+                count += 1
+    return count
+
+
 @torch.no_grad()
 def control(
-    fp: dict, attr: str, adapter: lora.Adapter, conditions, sampling: dict, sets: int
+    fp: dict,
+    attr: str,
+    adapter: lora.Adapter,
+    conditions,
+    sampling: dict,
+    sets: int,
+    noise_db: float,
 ) -> dict:
-    """The same question asked of a perturbation that is not quantization: fp32's base
-    weights rounded to bf16 (the LoRA buffers left in fp32), sampled without and with the
-    adapter against fp32 without and with it. Where this PSNR drops with the adapter as much
-    as a quantized variant's does, the drop is how the adapted model's sampling amplifies any
-    small error, not something the quantized layers do to the branch."""
+    """The same question asked of an error that is not quantization: fp32's base weights with
+    Gaussian noise at ``noise_db`` dB per layer (``add_weight_noise``; the LoRA buffers exact),
+    sampled without and with the adapter against fp32 without and with it. The drop with the
+    adapter here is what the adapted model's sampling does to any weight error of that size;
+    a quantized variant's drop is to be read against it."""
     pipe = fp["pipe"]
-    rounded = copy.deepcopy(getattr(pipe, attr))
-    for parameter in rounded.parameters():
-        parameter.copy_(parameter.to(torch.bfloat16).to(parameter.dtype))
-    out: dict[str, Any] = {"perturbation": "fp32 base weights rounded to bf16"}
-    with denoiser_swapped(pipe, rounded):
+    noisy = copy.deepcopy(getattr(pipe, attr))
+    layers = add_weight_noise(noisy, noise_db)
+    out: dict[str, Any] = {
+        "perturbation": f"fp32 + Gaussian weight noise at {noise_db:g} dB per layer",
+        "weight_sqnr_db": noise_db,
+        "layers": layers,
+    }
+    with denoiser_swapped(pipe, noisy):
         for label, suffix, active in (
             ("without", "", []),
             ("with", "_with_lora", [(adapter, 1.0)]),
         ):
-            lora.set_adapters(rounded, active)
+            lora.set_adapters(noisy, active)
             got = sample_sets(pipe, conditions, sets, sampling)
             ref = fp["samples"][label]
             out[f"psnr_vs_fp32{suffix}_db"] = _db(psnr_db(ref.images, got.images))
@@ -255,7 +284,13 @@ def control(
 
 @torch.no_grad()
 def measure_model(
-    model: str, n: int, rounds: int, threads: int, evaluator: Evaluator, sets: int = 1
+    model: str,
+    n: int,
+    rounds: int,
+    threads: int,
+    evaluator: Evaluator,
+    sets: int = 1,
+    control_sqnr: tuple[float, ...] = (26.0,),
 ) -> dict:
     file, pinned = adapter_file(model)
     adapter = lora.read(file, sha256=pinned)
@@ -348,7 +383,10 @@ def measure_model(
         "call_images": CALL_IMAGES,
         "variants": rows,
         "sets": sets,
-        "control": control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling, sets),
+        "controls": [
+            control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling, sets, db)
+            for db in control_sqnr
+        ],
     }
 
 
@@ -422,22 +460,23 @@ def markdown(record: dict) -> str:
             )
     lines += [
         "",
-        "Control: a perturbation that is not quantization, fp32's base weights rounded to bf16 "
-        "(the adapter's buffers in fp32), against fp32, without / with the adapter. A drop "
-        "with the adapter here as large as a quantized variant's says the drop is the "
-        "sampling's (of these images, or of the adapted model), whatever the error.",
+        "Control: an error that is not quantization, Gaussian noise added to every Linear and "
+        "Conv2d weight of fp32's denoiser at the SQNR named (per layer, against its own "
+        "weight; the adapter exact), against fp32, without / with the adapter. Its drop with "
+        "the adapter is what the adapted model's sampling does to any weight error of that "
+        "size; a quantized variant's drop reads against it.",
         "",
         "| model | perturbation | PSNR without, dB | PSNR with, dB | Δ dB | final-latent SQNR "
         "without / with, dB |",
         "|---|---|---:|---:|---:|---|",
     ]
     for m in record["results"]:
-        c = m["control"]
-        lines.append(
-            f"| {m['model']} | {c['perturbation']} | {c['psnr_vs_fp32_db']} | "
-            f"{c['psnr_vs_fp32_with_lora_db']} | {c['psnr_delta_db']} | "
-            f"{c['latent_sqnr_vs_fp32_db']} / {c['latent_sqnr_vs_fp32_with_lora_db']} |"
-        )
+        for c in m["controls"]:
+            lines.append(
+                f"| {m['model']} | {c['perturbation']} | {c['psnr_vs_fp32_db']} | "
+                f"{c['psnr_vs_fp32_with_lora_db']} | {c['psnr_delta_db']} | "
+                f"{c['latent_sqnr_vs_fp32_db']} / {c['latent_sqnr_vs_fp32_with_lora_db']} |"
+            )
     if record.get("sets", 1) > 1:
         lines += [
             "",
@@ -449,7 +488,7 @@ def markdown(record: dict) -> str:
         ]
         for m in record["results"]:
             rows = [(r["variant"], r) for r in m["variants"][1:]]
-            rows.append(("control: bf16-rounded fp32", m["control"]))
+            rows += [(f"control: noise at {c['weight_sqnr_db']:g} dB", c) for c in m["controls"]]
             for name, r in rows:
                 cells = [
                     f"{f(a)} / {f(b)}" + ("" if a is None or b is None else f" ({b - a:+.3f})")
@@ -509,6 +548,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads of the timed calls (1: steadier)"
     )
+    p.add_argument(
+        "--control-sqnr",
+        type=float,
+        nargs="+",
+        default=[26.0],
+        help="the control's Gaussian weight noise, dB of SQNR per layer; one control each",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "lora-fidelity.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -516,7 +562,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     evaluator = Evaluator.load()
     results = [
-        measure_model(m, args.images, args.rounds, args.threads, evaluator, args.sets)
+        measure_model(
+            m,
+            args.images,
+            args.rounds,
+            args.threads,
+            evaluator,
+            args.sets,
+            tuple(args.control_sqnr),
+        )
         for m in args.models
     ]
     command = " ".join(["python -m bench.lora_fidelity", *(argv or sys.argv[1:])])

@@ -3,7 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from bench import lora_fidelity
+from pipelines import lora
+from quality.metrics import sqnr_db
 
 
 def test_the_variants_are_the_registrys_in_its_order():
@@ -13,6 +18,29 @@ def test_the_variants_are_the_registrys_in_its_order():
         assert found[0][2] == "fp32" and found[0][1].name == model
         for _, folder, dtype in found[1:]:
             assert dtype is None and (folder / "manifest.json").is_file()
+
+
+def test_the_control_noise_has_the_sqnr_asked_on_every_base_weight_and_spares_the_adapter():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 30 * 30, 64)
+    )
+    lora.attach(model, max_rank=4, targets=["0", "2"])
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    assert lora_fidelity.add_weight_noise(model, 20.0) == 2
+    after = model.state_dict()
+    for key in ("0.base.weight", "2.base.weight"):
+        assert sqnr_db(before[key], after[key]) == pytest.approx(20.0, abs=0.3)
+    for key in ("0.base.bias", "2.base.bias"):
+        assert torch.equal(before[key], after[key])
+    for key, value in model.named_buffers():
+        assert torch.equal(buffers[key], value), key
+    one, two = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    two.load_state_dict(one.state_dict())
+    lora_fidelity.add_weight_noise(one, 30.0)
+    lora_fidelity.add_weight_noise(two, 30.0)
+    assert torch.equal(one.weight, two.weight)  # seeded
 
 
 def test_the_committed_markdown_is_rendered_from_the_committed_json():
