@@ -21,9 +21,9 @@ guidance) without the adapter and with it at scale 1.0. Measured:
   same per-step error more: the median of the images' own PSNRs, the SQNR of the final
   latents, and the SQNR of single denoiser calls (quantized against fp32, same inputs: 16
   of fp32's final latents noised again to t = 100 ... 900) without and with the adapter;
-- a control that is not quantization: fp32 with Gaussian noise on every Linear and Conv2d
-  weight at ``--control-sqnr`` dB per layer, sampled without and with the adapter, to read
-  a variant's drop against what any weight error of that size loses with the adapter;
+- controls that are not quantization (``--control``): fp32's weights rounded to bf16, or
+  Gaussian noise on every Linear and Conv2d weight at N dB per layer, sampled without and
+  with the adapter, to read a variant's drop against what such a weight error loses;
 - one denoiser call at batch 2 (one image under classifier-free guidance: one step of a
   request): the variant as it is, attached with no adapter active, and with the adapter
   active; medians of ``--rounds`` rounds that alternate the three (a load on this shared
@@ -252,21 +252,25 @@ def control(
     conditions,
     sampling: dict,
     sets: int,
-    noise_db: float,
+    kind: str,
 ) -> dict:
-    """The same question asked of an error that is not quantization: fp32's base weights with
-    Gaussian noise at ``noise_db`` dB per layer (``add_weight_noise``; the LoRA buffers exact),
-    sampled without and with the adapter against fp32 without and with it. The drop with the
-    adapter here is what the adapted model's sampling does to any weight error of that size;
-    a quantized variant's drop is to be read against it."""
+    """The same question asked of an error that is not quantization, ``kind``: ``"bf16"``,
+    fp32's base weights rounded to bf16, or a number, Gaussian noise at that many dB per layer
+    (``add_weight_noise``); the LoRA buffers exact. Sampled without and with the adapter
+    against fp32 without and with it. The drop with the adapter here is what the adapted
+    model's sampling does to a weight error of that kind; a quantized variant's drop is to be
+    read against it."""
     pipe = fp["pipe"]
     noisy = copy.deepcopy(getattr(pipe, attr))
-    layers = add_weight_noise(noisy, noise_db)
-    out: dict[str, Any] = {
-        "perturbation": f"fp32 + Gaussian weight noise at {noise_db:g} dB per layer",
-        "weight_sqnr_db": noise_db,
-        "layers": layers,
-    }
+    out: dict[str, Any] = {"control": kind}
+    if kind == "bf16":
+        for parameter in noisy.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).to(parameter.dtype))
+        out["perturbation"] = "fp32 base weights rounded to bf16"
+    else:
+        noise_db = float(kind)
+        out["layers"] = add_weight_noise(noisy, noise_db)
+        out["perturbation"] = f"fp32 + Gaussian weight noise at {noise_db:g} dB per layer"
     with denoiser_swapped(pipe, noisy):
         for label, suffix, active in (
             ("without", "", []),
@@ -290,7 +294,7 @@ def measure_model(
     threads: int,
     evaluator: Evaluator,
     sets: int = 1,
-    control_sqnr: tuple[float, ...] = (26.0,),
+    controls: tuple[str, ...] = ("26",),
 ) -> dict:
     file, pinned = adapter_file(model)
     adapter = lora.read(file, sha256=pinned)
@@ -384,8 +388,8 @@ def measure_model(
         "variants": rows,
         "sets": sets,
         "controls": [
-            control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling, sets, db)
-            for db in control_sqnr
+            control(fp, denoiser_attr(fp["pipe"]), adapter, conditions, sampling, sets, kind)
+            for kind in controls
         ],
     }
 
@@ -460,11 +464,11 @@ def markdown(record: dict) -> str:
             )
     lines += [
         "",
-        "Control: an error that is not quantization, Gaussian noise added to every Linear and "
-        "Conv2d weight of fp32's denoiser at the SQNR named (per layer, against its own "
-        "weight; the adapter exact), against fp32, without / with the adapter. Its drop with "
-        "the adapter is what the adapted model's sampling does to any weight error of that "
-        "size; a quantized variant's drop reads against it.",
+        "Controls: errors that are not quantization, fp32's base weights rounded to bf16, or "
+        "Gaussian noise added to every Linear and Conv2d weight at the SQNR named (per layer, "
+        "against its own weight); the adapter exact. Against fp32, without / with the "
+        "adapter. A control's drop with the adapter is what the adapted model's sampling does "
+        "to a weight error of that kind; a quantized variant's drop reads against it.",
         "",
         "| model | perturbation | PSNR without, dB | PSNR with, dB | Δ dB | final-latent SQNR "
         "without / with, dB |",
@@ -488,7 +492,7 @@ def markdown(record: dict) -> str:
         ]
         for m in record["results"]:
             rows = [(r["variant"], r) for r in m["variants"][1:]]
-            rows += [(f"control: noise at {c['weight_sqnr_db']:g} dB", c) for c in m["controls"]]
+            rows += [(f"control: {c['perturbation']}", c) for c in m["controls"]]
             for name, r in rows:
                 cells = [
                     f"{f(a)} / {f(b)}" + ("" if a is None or b is None else f" ({b - a:+.3f})")
@@ -529,6 +533,17 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def control_kind(text: str) -> str:
+    """``--control`` values: ``bf16`` or a finite number of dB."""
+    if text != "bf16":
+        try:
+            if not math.isfinite(float(text)):
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bf16 or dB of SQNR, not {text!r}") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m bench.lora_fidelity",
@@ -549,11 +564,12 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=1, help="torch threads of the timed calls (1: steadier)"
     )
     p.add_argument(
-        "--control-sqnr",
-        type=float,
+        "--control",
         nargs="+",
-        default=[26.0],
-        help="the control's Gaussian weight noise, dB of SQNR per layer; one control each",
+        default=["26"],
+        type=control_kind,
+        help="controls: bf16 (fp32's weights rounded to bf16) or N (Gaussian weight noise at "
+        "N dB of SQNR per layer); one each",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "lora-fidelity.json")
     args = p.parse_args(argv)
@@ -569,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
             args.threads,
             evaluator,
             args.sets,
-            tuple(args.control_sqnr),
+            tuple(args.control),
         )
         for m in args.models
     ]

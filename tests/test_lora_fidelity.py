@@ -1,5 +1,6 @@
 """bench.lora_fidelity: it measures the registry's variants; its Markdown is its JSON."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -51,3 +52,11 @@ def test_the_committed_markdown_is_rendered_from_the_committed_json():
         file, pinned = lora_fidelity.adapter_file(model["model"])
         assert model["adapter"]["sha256"] == pinned
         assert model["adapter"]["file"] == str(file.relative_to(lora_fidelity.MODELS.parent))
+
+
+@pytest.mark.parametrize("bad", ["abc", "nan", "inf", ""])
+def test_a_control_is_bf16_or_a_finite_number_of_db(bad):
+    assert lora_fidelity.control_kind("bf16") == "bf16"
+    assert lora_fidelity.control_kind("26.5") == "26.5"
+    with pytest.raises(argparse.ArgumentTypeError, match="bf16 or dB"):
+        lora_fidelity.control_kind(bad)
