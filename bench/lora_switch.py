@@ -27,7 +27,8 @@ round: plain (the branches taken out again), attached ungated with no adapter (w
 compiled variant runs), attached gated with no adapter (an eager worker), an adapter active.
 5. The same on the UNet quantized (``--quantized``, default w8a8-static@x86): the branches
 wrap the quantized layers. 6. ``torch.compile``d plain and attached (ungated), the switches
-timed as above, when the time left in ``--budget-min`` allows. Writes
+timed as above, when the time left in ``--budget-min`` allows: the fp32 UNet, or the
+quantized one with ``--compile-variant quantized``. Writes
 bench/results/lora-switch-sd15.json and .md.
 """
 
@@ -520,10 +521,16 @@ def twin(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()  # compiled for inference, as a worker calls it (no recompile in measure)
 def compiled_stage(
-    fp: nn.Module, kwargs: dict, args: argparse.Namespace, prog: Progress, call_s: float
+    unet: nn.Module,
+    variant: str,
+    kwargs: dict,
+    args: argparse.Namespace,
+    prog: Progress,
+    call_s: float,
 ) -> dict:
-    """Stage 6: the plain UNet compiled, then ``measure`` on an attached twin of it
-    (ungated, as a compiled worker attaches), when the estimates fit the budget."""
+    """Stage 6: the plain UNet (fp32 or quantized: ``variant``) compiled, then ``measure`` on
+    an attached twin of it (ungated, as a compiled worker attaches), when the estimates fit
+    the budget. ``call_s``: one eager call of this variant."""
     calls = 2 * args.compile_rounds + 3 * args.compile_switches  # no warm pair: the
     # compiling calls warm both
     left = prog.budget_s - prog.elapsed()
@@ -532,8 +539,8 @@ def compiled_stage(
                 f"{call_s * (calls + 2):.0f} s"}  # fmt: skip
     torch._dynamo.reset()
     graphs0 = graphs()
-    plain = torch.compile(fp)
-    prog.stage("compile: the plain UNet (compile + first call)", None)
+    plain = torch.compile(unet)
+    prog.stage(f"compile: the plain UNet, {variant} (compile + first call)", None)
     t = Times()
     t.call("compile", lambda: plain(**kwargs))
     compile_plain_s = t.wall["compile"][0] / 1000
@@ -543,6 +550,7 @@ def compiled_stage(
     estimate = 1.5 * compile_plain_s + call_s * calls
     if estimate > left:
         return {
+            "variant": variant,
             "compile_plain_s": round(compile_plain_s, 2),
             "graphs_plain": graphs_plain,
             "skipped": f"attached: about {estimate:.0f} s (1.5x the plain compile, and the "
@@ -554,7 +562,7 @@ def compiled_stage(
         estimate,
     )
     result = measure(
-        plain, lambda: twin(fp), kwargs, "fp32", "attention", args.batch, args.rank,
+        plain, lambda: twin(unet), kwargs, variant, "attention", args.batch, args.rank,
         args.max_rank, args.compile_rounds, args.compile_switches, warm=0, progress=True,
     )  # fmt: skip
     prog.done("compiled", f"attached compile {result['compile_attached_s']} s")
@@ -626,6 +634,7 @@ def run_sd15(args: argparse.Namespace, command: str) -> None:
             return record
 
         write(False)
+        compile_on: tuple[nn.Module, str, float] = (fp, "fp32", call_s)
         if "quantized" in args.skip:
             record_kw["quantized_skipped"] = "--skip quantized"
         else:
@@ -642,6 +651,8 @@ def run_sd15(args: argparse.Namespace, command: str) -> None:
                         call_s)  # fmt: skip
             row["quantize_s"] = round(t.wall["quantize"][0] / 1000, 1)
             results.append(row)
+            if args.compile_variant == "quantized":
+                compile_on = (q, args.quantized, row["call_ms"]["plain"] / 1000)
             del q
             gc.collect()
             write(False)
@@ -651,7 +662,8 @@ def run_sd15(args: argparse.Namespace, command: str) -> None:
             # Inductor's caches empty (a cold compile, as a worker's first), in a temporary
             # directory removed afterwards
             with fresh_cache():
-                compiled = compiled_stage(fp, kwargs, args, prog, call_s)
+                compiled = compiled_stage(compile_on[0], compile_on[1], kwargs, args, prog,
+                                          compile_on[2])  # fmt: skip
             compiled["inductor_cache"] = "fresh (torch._inductor.utils.fresh_cache)"
             record_kw["compiled"] = compiled
         record = write(True)
@@ -721,7 +733,7 @@ def markdown_sd15(record: dict) -> str:
         "",
     ]  # fmt: skip
     c = record.get("compiled", {})
-    lines += ["## torch.compile (fp32, Inductor, no freezing)", ""]
+    lines += [f"## torch.compile ({c.get('variant', 'fp32')}, Inductor, no freezing)", ""]
     if "compile_plain_s" in c:
         lines.append(f"Plain UNet: compile + first call {c['compile_plain_s']} s, "
                      f"{c['graphs_plain']} graph(s).")  # fmt: skip
@@ -797,11 +809,17 @@ def main(argv: list[str] | None = None) -> None:
         "--skip", nargs="+", choices=["quantized", "compile"], default=[], help="stages left out"
     )
     sd15.add_argument(
+        "--compile-variant", choices=["fp32", "quantized"], default="fp32",
+        help="the UNet the compile stage compiles, plain and with the branches",
+    )  # fmt: skip
+    sd15.add_argument(
         "--budget-min", type=float, default=30,
         help="the compile stage runs only when its estimate fits the minutes left",
     )  # fmt: skip
     args = p.parse_args(argv)
     sd = args.arch == "sd15"
+    if args.compile_variant == "quantized" and {"quantized", "compile"} & set(args.skip):
+        p.error("--compile-variant quantized needs the quantized and compile stages")
     defaults = {"rank": (8, 16), "max_rank": (16, 32), "rounds": (30, 3), "switches": (20, 5)}
     defaults["threads"] = (1, 2)
     for key, (t2i, big) in defaults.items():

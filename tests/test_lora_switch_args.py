@@ -4,6 +4,8 @@ meta skeleton, branches wrapping float and x86 int8 layers, calls that match the
 
 import json
 
+import pytest
+
 from bench import lora_switch
 from tests import tiny
 
@@ -38,3 +40,11 @@ def test_sd15_arch_runs_its_stages_on_the_unet_its_builder_gives(tmp_path, monke
         assert set(row["call_ms"]) == {"plain", "ungated_none", "gated_none", "adapter"}
     assert r["compiled"] == {"skipped": "--skip compile"}
     assert "| `lora.read` (one file, sha256 pinned) |" in out.with_suffix(".md").read_text()
+
+
+def test_compiling_the_quantized_unet_needs_its_stages(capsys):
+    for skip in ("quantized", "compile"):
+        with pytest.raises(SystemExit) as refused:
+            lora_switch.main(["--arch", "sd15", "--compile-variant", "quantized", "--skip", skip])
+        assert refused.value.code == 2
+        assert "--compile-variant quantized needs" in capsys.readouterr().err
