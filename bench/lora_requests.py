@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         t0 = time.perf_counter()
-        stack.start_worker("lora", serves=served)
+        # six variants, two of them compiled with every path warmed: on this 2-core AVX2 CPU
+        # (2026-12-05) a start with Inductor's cache empty sent no heartbeat within 180 s,
+        # the next one was ready in 114 s
+        stack.start_worker("lora", serves=served, ready_s=600)
         print(f"worker ready in {time.perf_counter() - t0:.0f} s")
         with httpx.Client(base_url=stack.url, timeout=600) as http:
             for model, variant in served:

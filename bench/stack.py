@@ -96,11 +96,12 @@ class Stack:
         metrics_port: int = 0,
         serves: list[tuple[str, str]] | None = None,
         memory_budget: str | None = None,
+        ready_s: float = 180,
         **settings: str,
     ) -> None:
         """Starts worker ``name`` for ``model``/``variant`` or for the variants ``serves``
         (settings on top of the stack's); ``wait``: until its first heartbeat (not one left by
-        an earlier, killed worker of that name)."""
+        an earlier, killed worker of that name), at most ``ready_s``."""
         env = dict(self.env, **settings_env(settings))
         variants = serves or [(model, variant)]
         worker = WorkerProcess(
@@ -108,7 +109,7 @@ class Stack:
         ).start()
         self._workers[name], self.workers[name] = worker, worker.process
         if wait:
-            worker.wait_ready(180)
+            worker.wait_ready(ready_s)
 
     def stop_worker(self, name: str) -> None:
         self._workers[name].stop(60)
