@@ -12,7 +12,7 @@ from pipelines.generate import sample
 from pipelines.loader import load_pipeline, save_pipeline
 from quality.metrics import psnr_db, sqnr_db
 from quantization import load_quantized
-from quantization.artifact import measured_on
+from quantization.artifact import measured_on, replays_with_fewer_codes
 from quantization.backends import x86_kernels
 from quantization.calibration import SEEDS, parse_classes, resolve_conditions
 from quantization.cli import main
@@ -96,12 +96,7 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
     # An x86 artifact recorded where oneDNN has VNNI, replayed where it has not, quantizes its
     # inputs to 7-bit codes (x86_kernels.U8_MAX): the activations' share of the error at most
     # 4x (6.02 dB), on top of another CPU's rounding.
-    recorded_flags = set(manifest.get("measured_on", {}).get("cpu_kernel_flags", []))
-    fewer_codes = (
-        manifest["backend"] == "x86"
-        and bool(recorded_flags & x86_kernels.VNNI_FLAGS)
-        and x86_kernels.U8_MAX < 255
-    )
+    fewer_codes = replays_with_fewer_codes(manifest)
     lower = tolerance + (FEWER_CODES_DB if fewer_codes else 0.0)
     for got, want in (
         (sqnr_db(ref.latents, q.latents), measured["sqnr_latent_db"]),
@@ -110,6 +105,27 @@ def test_committed_artifact_loads_and_reproduces_its_recorded_numbers(artifact):
         assert want - lower <= got <= want + tolerance, (got, want, fewer_codes)
     size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
     assert size <= 15 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("backend", "flags", "u8_max", "fewer"),
+    [
+        ("x86", ["avx2", "avx512_vnni"], 127, True),
+        ("x86", ["avx2", "amx_int8"], 127, True),
+        ("x86", ["avx2", "avx512_vnni"], 255, False),  # this CPU has VNNI too
+        ("x86", ["avx2"], 127, False),  # recorded with 7-bit codes already
+        ("quanto", ["avx2", "avx512_vnni"], 127, False),  # no uint8 kernels
+        ("x86", None, 127, False),  # no record of where: nothing to compare
+    ],
+)
+def test_an_x86_artifact_recorded_with_vnni_replays_with_fewer_codes_where_there_is_none(
+    monkeypatch, backend, flags, u8_max, fewer
+):
+    monkeypatch.setattr(x86_kernels, "U8_MAX", u8_max)
+    manifest: dict = {"backend": backend}
+    if flags is not None:
+        manifest["measured_on"] = {"machine": "x86_64", "cpu_kernel_flags": flags}
+    assert replays_with_fewer_codes(manifest) is fewer
 
 
 def _copy_without_defaults(src: Path, dst: Path) -> Path:

@@ -162,6 +162,16 @@ class Worker:
             " and compiled" if variant.compile else "",
             warm_up_s,
         )
+        if variant.quantized:
+            from quantization.artifact import replays_with_fewer_codes
+
+            if replays_with_fewer_codes(variant.manifest):
+                log.warning(
+                    "%s/%s: its numbers were measured on a CPU with VNNI; this one has none, "
+                    "so its int8 layers take 7-bit input codes and its fidelity is lower than "
+                    "GET /v1/models says (python -m quantization evaluate measures it here)",
+                    *key,
+                )
         return loaded
 
     def _published(self, key: Key, loaded: pipeline.Loaded | None) -> None:

@@ -256,6 +256,8 @@ def test_models_lists_variants_with_manifest_numbers(server):
     assert dit["fp32"]["quantized"] is False
     assert dit["w8a8"]["quantized"] and dit["w8a8"]["denoiser_weight_bytes"] > 0
     assert dit["w8a8"]["layers_by_qtype"] and "sqnr_latent_db" in dit["w8a8"]["measured"]
+    t2i = {v["id"]: v for v in models["t2i-digits"]["variants"]}
+    assert "cpu_kernel_flags" in t2i["w8a8"]["measured_on"]  # where those numbers come from
     assert "seven" in models["dit-digits"]["classes"]
     assert models["t2i-digits"]["kind"] == "text-to-image"
     dit_can, t2i_can = (models[m]["capabilities"] for m in ("dit-digits", "t2i-digits"))
