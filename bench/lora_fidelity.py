@@ -227,6 +227,34 @@ def psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | No
     return [_db(psnr_db(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n])) for k in range(sets)]
 
 
+def median_image_psnr(ref: np.ndarray, got: np.ndarray) -> float:
+    """The median of the images' own PSNRs: what a typical image keeps, where the batch's
+    PSNR is set by the few images that went another way."""
+    return float(np.median([psnr_db(r[None], q[None]) for r, q in zip(ref, got, strict=True)]))
+
+
+def median_image_psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | None]:
+    """``median_image_psnr`` of each set of images (``sample_sets``) on its own."""
+    n = len(ref) // sets
+    return [
+        _db(median_image_psnr(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n]))
+        for k in range(sets)
+    ]
+
+
+def psnr_fields(ref: np.ndarray, got: np.ndarray, sets: int, suffix: str) -> dict[str, Any]:
+    """PSNRs of ``got`` against ``ref`` over all images and per set, of the batch and of its
+    median image, keyed ``psnr_*vs_fp32{suffix}_*``."""
+    return {
+        f"psnr_vs_fp32{suffix}_db": _db(psnr_db(ref, got)),
+        f"psnr_median_per_image_vs_fp32{suffix}_db": _db(median_image_psnr(ref, got)),
+        f"psnr_vs_fp32{suffix}_per_set_db": psnr_per_set(ref, got, sets),
+        f"psnr_median_per_image_vs_fp32{suffix}_per_set_db": median_image_psnr_per_set(
+            ref, got, sets
+        ),
+    }
+
+
 def add_weight_noise(denoiser: torch.nn.Module, noise_db: float, seed: int = 0) -> int:
     """Add Gaussian noise to the weight of every Linear and Conv2d of ``denoiser`` (the bases
     under LoRA wrappers included; the adapter's buffers are not weights), each at
@@ -279,8 +307,7 @@ def control(
             lora.set_adapters(noisy, active)
             got = sample_sets(pipe, conditions, sets, sampling)
             ref = fp["samples"][label]
-            out[f"psnr_vs_fp32{suffix}_db"] = _db(psnr_db(ref.images, got.images))
-            out[f"psnr_vs_fp32{suffix}_per_set_db"] = psnr_per_set(ref.images, got.images, sets)
+            out.update(psnr_fields(ref.images, got.images, sets, suffix))
             out[f"latent_sqnr_vs_fp32{suffix}_db"] = _db(sqnr_db(ref.latents, got.latents))
     out["psnr_delta_db"] = round(out["psnr_vs_fp32_with_lora_db"] - out["psnr_vs_fp32_db"], 3)
     return out
@@ -294,7 +321,7 @@ def measure_model(
     threads: int,
     evaluator: Evaluator,
     sets: int = 1,
-    controls: tuple[str, ...] = ("26",),
+    controls: tuple[str, ...] = ("bf16", "26"),
 ) -> dict:
     file, pinned = adapter_file(model)
     adapter = lora.read(file, sha256=pinned)
@@ -341,19 +368,8 @@ def measure_model(
         row["effect_ratio_to_fp32"] = round(row["effect"] / fp["effect"], 4)
         for label, suffix in (("without", ""), ("with", "_with_lora")):
             ref, got = fp["samples"][label], samples[label]
-            row[f"psnr_vs_fp32{suffix}_db"] = _db(psnr_db(ref.images, got.images))
-            row[f"psnr_median_per_image_vs_fp32{suffix}_db"] = _db(
-                float(
-                    np.median(
-                        [
-                            psnr_db(r[None], q[None])
-                            for r, q in zip(ref.images, got.images, strict=True)
-                        ]
-                    )
-                )
-            )
+            row.update(psnr_fields(ref.images, got.images, sets, suffix))
             row[f"latent_sqnr_vs_fp32{suffix}_db"] = _db(sqnr_db(ref.latents, got.latents))
-            row[f"psnr_vs_fp32{suffix}_per_set_db"] = psnr_per_set(ref.images, got.images, sets)
         if rows:
             plain, lora_db = row["psnr_vs_fp32_db"], row["psnr_vs_fp32_with_lora_db"]
             delta = None if plain is None or lora_db is None else round(lora_db - plain, 3)
@@ -470,22 +486,29 @@ def markdown(record: dict) -> str:
         "adapter. A control's drop with the adapter is what the adapted model's sampling does "
         "to a weight error of that kind; a quantized variant's drop reads against it.",
         "",
-        "| model | perturbation | PSNR without, dB | PSNR with, dB | Δ dB | final-latent SQNR "
-        "without / with, dB |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | perturbation | PSNR without, dB | PSNR with, dB | Δ dB | median image PSNR "
+        "without / with, dB | final-latent SQNR without / with, dB |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     for m in record["results"]:
         for c in m["controls"]:
             lines.append(
                 f"| {m['model']} | {c['perturbation']} | {c['psnr_vs_fp32_db']} | "
                 f"{c['psnr_vs_fp32_with_lora_db']} | {c['psnr_delta_db']} | "
+                f"{f(c.get('psnr_median_per_image_vs_fp32_db'))} / "
+                f"{f(c.get('psnr_median_per_image_vs_fp32_with_lora_db'))} | "
                 f"{c['latent_sqnr_vs_fp32_db']} / {c['latent_sqnr_vs_fp32_with_lora_db']} |"
             )
-    if record.get("sets", 1) > 1:
+    for what, key in (
+        ("the batch's PSNR", "psnr_vs_fp32{}_per_set_db"),
+        ("the median of the images' own PSNRs", "psnr_median_per_image_vs_fp32{}_per_set_db"),
+    ):
+        if record.get("sets", 1) == 1 or key.format("") not in record["results"][0]["variants"][1]:
+            continue
         lines += [
             "",
             f"Each set of {record['images']} images on its own (set k seeded from "
-            f"k × {SEED_STRIDE}): PSNR Q vs FP / Q+LoRA vs FP+LoRA, and Δ, dB.",
+            f"k × {SEED_STRIDE}), {what}: Q vs FP / Q+LoRA vs FP+LoRA, and Δ, dB.",
             "",
             "| model | variant | " + " | ".join(f"set {k}" for k in range(record["sets"])) + " |",
             "|---|---|" + "---|" * record["sets"],
@@ -496,11 +519,7 @@ def markdown(record: dict) -> str:
             for name, r in rows:
                 cells = [
                     f"{f(a)} / {f(b)}" + ("" if a is None or b is None else f" ({b - a:+.3f})")
-                    for a, b in zip(
-                        r["psnr_vs_fp32_per_set_db"],
-                        r["psnr_vs_fp32_with_lora_per_set_db"],
-                        strict=True,
-                    )
+                    for a, b in zip(r[key.format("")], r[key.format("_with_lora")], strict=True)
                 ]
                 lines.append(f"| {m['model']} | {name} | " + " | ".join(cells) + " |")
     threads = record["latency_threads"]
@@ -566,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--control",
         nargs="+",
-        default=["26"],
+        default=["bf16", "26"],
         type=control_kind,
         help="controls: bf16 (fp32's weights rounded to bf16) or N (Gaussian weight noise at "
         "N dB of SQNR per layer); one each",

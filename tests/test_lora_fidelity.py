@@ -4,12 +4,13 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench import lora_fidelity
 from pipelines import lora
-from quality.metrics import sqnr_db
+from quality.metrics import psnr_db, sqnr_db
 
 
 def test_the_variants_are_the_registrys_in_its_order():
@@ -60,3 +61,20 @@ def test_a_control_is_bf16_or_a_finite_number_of_db(bad):
     assert lora_fidelity.control_kind("26.5") == "26.5"
     with pytest.raises(argparse.ArgumentTypeError, match="bf16 or dB"):
         lora_fidelity.control_kind(bad)
+
+
+def test_the_median_image_psnr_is_a_typical_images_where_one_outlier_sets_the_batchs():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, size=(8, 4, 4, 3), dtype=np.uint8)
+    got = ref.copy()
+    got[:, 0, 0, 0] ^= 1  # every image a little off
+    got[3] = 255 - ref[3]  # one image gone another way
+    typical = psnr_db(ref[:1], got[:1])
+    assert lora_fidelity.median_image_psnr(ref, got) == pytest.approx(typical)
+    assert psnr_db(ref, got) < typical - 20
+    per_set = lora_fidelity.median_image_psnr_per_set(ref, got, 2)
+    assert per_set == [pytest.approx(typical, abs=1e-3)] * 2
+    fields = lora_fidelity.psnr_fields(ref, got, 2, "_with_lora")
+    assert fields["psnr_median_per_image_vs_fp32_with_lora_db"] == pytest.approx(typical, abs=1e-3)
+    first, second = fields["psnr_vs_fp32_with_lora_per_set_db"]
+    assert second == pytest.approx(typical, abs=1e-3) and first < typical - 20
