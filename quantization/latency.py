@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantization import backends
 from quantization.activations import InputRange
 from quantization.backends import Backend
 from quantization.capture import Call, replay
@@ -52,9 +53,12 @@ def _cpu_name() -> str:
 
 
 def device_key(backend: str, device: str = "cpu") -> str:
-    """What a timing depends on besides the layer: the device, threads, torch, the backend."""
+    """What a timing depends on besides the layer: the device, threads, torch, the backend and
+    the kernels it picked for this CPU (its ``versions()["kernels"]``, where it says)."""
     where = _cpu_name() if device.startswith("cpu") else torch.cuda.get_device_name(device)
-    return f"{where} | {torch.get_num_threads()} threads | torch {torch.__version__} | {backend}"
+    key = f"{where} | {torch.get_num_threads()} threads | torch {torch.__version__} | {backend}"
+    picked = backends.get(backend).versions().get("kernels")
+    return key if picked is None else f"{key} ({picked})"
 
 
 def default_cache_path() -> Path:

@@ -146,7 +146,11 @@ def test_a_reloaded_state_gives_the_same_outputs():
         x86.load_state(fresh, {k: v for k, v in tensors.items() if "bias" not in k}, meta)
 
 
-def test_bf16_layers_compute_in_bf16_weigh_half_and_reload():
+@pytest.mark.parametrize("hardware_bf16", [True, False])
+def test_bf16_layers_weigh_half_compute_as_the_cpu_can_and_reload(monkeypatch, hardware_bf16):
+    """With bf16 in hardware the product is bf16's; without, the same bf16 weights are cast to
+    float32 at each call and the product is float32's (``x86_kernels.NATIVE_BF16``)."""
+    monkeypatch.setattr(x86._Bf16Layer, "hardware_bf16", hardware_bf16)
     x, ranges = _inputs()
     fp, q = Net().eval(), Net().eval()
     bf16 = LayerSpec("bf16")
@@ -154,19 +158,30 @@ def test_bf16_layers_compute_in_bf16_weigh_half_and_reload():
     x86.quantize_layers(q, {"conv": bf16, "proj": bf16}, ranges)
     assert isinstance(q.conv, x86.Bf16Conv2d) and isinstance(q.proj, x86.Bf16Linear)
     assert x86.layer_specs(q) == {"conv": bf16, "proj": bf16}
-    # half the float bytes: weights and biases in bf16
+    # half the float bytes: weights and biases in bf16, whichever way they are multiplied
     assert x86.nbytes(q) * 2 == sum(p.numel() * p.element_size() for p in fp.parameters())
+    assert q.conv.weight.dtype == q.proj.weight.dtype == torch.bfloat16
     before = x.clone()
+    compute = torch.bfloat16 if hardware_bf16 else torch.float32
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:  # the stored weight, in the compute dtype
+        return t.bfloat16().to(compute)
+
     with torch.no_grad():
         want, got = fp(x), q(x)
         h = torch.nn.functional.conv2d(
-            x.bfloat16(), fp.conv.weight.bfloat16(), fp.conv.bias.bfloat16(), padding=1
+            x.to(compute), rounded(fp.conv.weight), rounded(fp.conv.bias), padding=1
         )
+        if hardware_bf16:  # the bf16 output is cast back to float32, then the next layer's
+            h = h.float().to(compute)  # input to bf16 again
         by_hand = torch.nn.functional.linear(
-            h.flatten(2).transpose(1, 2), fp.proj.weight.bfloat16(), fp.proj.bias.bfloat16()
+            h.flatten(2).transpose(1, 2), rounded(fp.proj.weight), rounded(fp.proj.bias)
         )
     assert got.dtype == torch.float32 and torch.equal(x, before)
-    assert torch.allclose(got, by_hand.float(), atol=1e-2)
+    if hardware_bf16:
+        assert torch.allclose(got, by_hand.float(), atol=1e-2)
+    else:
+        assert torch.equal(got, by_hand)
     error = (got - want).pow(2).mean() / want.pow(2).mean()
     assert 30 < -10 * torch.log10(error) < 70  # bf16's rounding, not float, not garbage
     tensors, meta = x86.state_dict(q)

@@ -33,7 +33,8 @@ by its own scale and the row's scale applied to the kernel's output; per tensor 
 whose NCHW input has no tokens); and w8a16 (int8 weights, dequantized per call
 into a float matmul); and bf16 (``Bf16Linear`` / ``Bf16Conv2d``: weights kept in bfloat16,
 the input cast to it and the output cast back, oneDNN's bf16 kernels: on a CPU with AVX-512
-BF16, faster than float32 and slower than int8, and far less noisy than int8). int4 weights
+BF16, faster than float32 and slower than int8, and far less noisy than int8; on a CPU without
+bf16 in hardware, the weights cast to float32 at each call and the product float32's). int4 weights
 are the quanto backend's. SmoothQuant divides the input by ``s`` in a pre-hook
 (``quantization.activations``) and the weight's columns were multiplied by ``s`` before
 quantizing. Attention's matmuls, norms and
@@ -261,9 +262,16 @@ class Int8Conv2d(_Conv, _Int8Layer):
 
 
 class _Bf16Layer(nn.Module):
-    """A layer computed in bfloat16: its weight and bias kept so, its input cast to bf16 and
-    its output cast back to the input's dtype (under ``torch.compile`` both casts fuse with
-    the ops around)."""
+    """A layer whose weight and bias are kept in bfloat16. On a CPU that multiplies bf16 in
+    hardware (``x86_kernels.NATIVE_BF16``) it computes in bf16: its input cast to bf16 and its
+    output cast back to the input's dtype (under ``torch.compile`` both casts fuse with the ops
+    around). On one that does not, oneDNN's bf16 product is a software conversion many times
+    slower than float32's, so the weight and bias are cast to the input's dtype at each call
+    and the product is float32's: the same stored weights, the bytes at rest unchanged, the
+    input no longer rounded to bf16 (closer to the float model than bf16 compute, not
+    bit-identical to it)."""
+
+    hardware_bf16: bool = kernels.NATIVE_BF16
 
     spec: LayerSpec
     weight: torch.Tensor
@@ -291,7 +299,10 @@ class Bf16Linear(_Bf16Layer):
         self._init_buffers((out_features, in_features), spec, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        if self.hardware_bf16:
+            return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Bf16Conv2d(_Conv, _Bf16Layer):
@@ -301,11 +312,16 @@ class Bf16Conv2d(_Conv, _Bf16Layer):
         self._init_buffers(tuple(conv.weight.shape), spec, conv.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(
-            x.to(torch.bfloat16), self.weight, self.bias,
-            self.stride, self.padding, self.dilation, self.groups,
-        )  # fmt: skip
-        return y.to(x.dtype)
+        if self.hardware_bf16:
+            y = F.conv2d(
+                x.to(torch.bfloat16), self.weight, self.bias,
+                self.stride, self.padding, self.dilation, self.groups,
+            )  # fmt: skip
+            return y.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(
+            x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 def _empty(layer: nn.Module, spec: LayerSpec) -> _Int8Layer | _Bf16Layer:
@@ -416,4 +432,4 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__}  # oneDNN comes with torch
+    return {"torch": torch.__version__, "kernels": kernels.KERNELS}  # oneDNN comes with torch

@@ -20,11 +20,13 @@ import weakref
 
 import torch
 
-__all__ = ["U8_MAX", "ZERO_POINT", "conv2d", "cpu_flags", "linear"]
+__all__ = ["KERNELS", "NATIVE_BF16", "U8_MAX", "ZERO_POINT", "conv2d", "cpu_flags", "linear"]
 
 ZERO_POINT = 128  # uint8 inputs centred on zero: [-128, 127] * scale
 # CPU flags under which oneDNN multiplies u8 by s8 with int32 sums (VNNI, AMX)
 VNNI_FLAGS = frozenset(("avx512_vnni", "avx_vnni", "amx_int8"))
+# CPU flags under which oneDNN multiplies bfloat16 in hardware (AVX-512 BF16, AMX)
+BF16_FLAGS = frozenset(("avx512_bf16", "amx_bf16"))
 
 
 def cpu_flags() -> frozenset[str]:
@@ -46,6 +48,17 @@ def cpu_flags() -> frozenset[str]:
 # fit (2 x 127 x 128 < 2^15) and the kernel is exact again: FBGEMM's ``reduce_range``.
 # (``python -m bench.x86_codes`` measures both on the CPU it runs on.)
 U8_MAX = 255 if cpu_flags() & VNNI_FLAGS else 127
+
+# Whether bf16 products are the hardware's. Without AVX-512 BF16 or AMX, oneDNN converts bf16
+# in software: on the AVX2-only EPYC a bf16 product of DiT-XL/2's or SD 1.5's shapes took 6.6
+# to 9.6 times fp32's, and fp32's on the bf16 weight cast at each call 0.96 to 1.2 times
+# (``python -m bench.cpu_gemm``, bench/results/cpu-gemm-no-vnni-no-bf16.md), so the x86
+# backend's bf16 layers multiply in float32 there (``x86.Bf16Linear``).
+NATIVE_BF16 = bool(cpu_flags() & BF16_FLAGS)
+
+# What the x86 layers compute with on this CPU, in a line: recorded in a manifest's versions
+# and part of the latency cache's device key, so timings of other kernels are not reused.
+KERNELS = f"u8 codes 0..{U8_MAX}, bf16 {'in hardware' if NATIVE_BF16 else 'as float32'}"
 
 # id(weight) -> (weak reference to it, its version when packed, packed weight, zero points)
 _PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
