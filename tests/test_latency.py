@@ -10,6 +10,7 @@ import torch
 from quantization import backends
 from quantization.analysis import find_units
 from quantization.api import analyze_denoiser
+from quantization.backends import x86_kernels
 from quantization.latency import Latencies, LatencyCache, device_key, input_shapes
 from quantization.plan import SPEED_MIN_SHARE, BlockOption, explain, greedy_plan
 from quantization.table import SensitivityTable
@@ -107,6 +108,9 @@ def test_timings_are_cached_per_device_and_reused(tmp_path):
     first.cache.save()
     saved = json.loads(path.read_text())
     assert list(saved) == [device_key("x86")]
+    # the kernels the x86 backend picked for this CPU are part of the key: timings of the
+    # bf16 level in software bf16 are not reused once it multiplies in float32
+    assert device_key("x86").endswith(f"| x86 ({x86_kernels.KERNELS})")
 
     again = Latencies(model, shapes, impl, LatencyCache.open(path))
     assert again.missing([("proj_out_2", spec), ("proj_out_2", None)]) == 1
