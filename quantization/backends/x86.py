@@ -33,9 +33,9 @@ by its own scale and the row's scale applied to the kernel's output; per tensor 
 whose NCHW input has no tokens); and w8a16 (int8 weights, dequantized per call
 into a float matmul); and bf16 (``Bf16Linear`` / ``Bf16Conv2d``: weights kept in bfloat16,
 the input cast to it and the output cast back, oneDNN's bf16 kernels: on a CPU with AVX-512
-BF16, faster than float32 and slower than int8, and far less noisy than int8; on a CPU without
-bf16 in hardware, the weights cast to float32 at each call and the product float32's). int4 weights
-are the quanto backend's. SmoothQuant divides the input by ``s`` in a pre-hook
+BF16, faster than float32 and slower than int8, and far less noisy than int8; on a CPU
+without bf16 in hardware, the weights cast to float32 at each call and the product
+float32's). int4 weights are the quanto backend's. SmoothQuant divides the input by ``s`` in a pre-hook
 (``quantization.activations``) and the weight's columns were multiplied by ``s`` before
 quantizing. Attention's matmuls, norms and
 activations stay float32 (torch's bf16 attention was no faster on this CPU).
