@@ -35,10 +35,10 @@ into a float matmul); and bf16 (``Bf16Linear`` / ``Bf16Conv2d``: weights kept in
 the input cast to it and the output cast back, oneDNN's bf16 kernels: on a CPU with AVX-512
 BF16, faster than float32 and slower than int8, and far less noisy than int8; on a CPU
 without bf16 in hardware, the weights cast to float32 at each call and the product
-float32's). int4 weights are the quanto backend's. SmoothQuant divides the input by ``s`` in a pre-hook
-(``quantization.activations``) and the weight's columns were multiplied by ``s`` before
-quantizing. Attention's matmuls, norms and
-activations stay float32 (torch's bf16 attention was no faster on this CPU).
+float32's). int4 weights are the quanto backend's. SmoothQuant divides the input by ``s``
+in a pre-hook (``quantization.activations``) and the weight's columns were multiplied by
+``s`` before quantizing. Attention's matmuls, norms and activations stay float32 (torch's
+bf16 attention was no faster on this CPU).
 """
 
 from __future__ import annotations
