@@ -143,6 +143,16 @@ def replays_with_fewer_codes(manifest: dict) -> bool:
     )
 
 
+def bf16_layers_in_float(manifest: dict) -> int:
+    """How many of an x86 artifact's bf16 layers this CPU multiplies in float32 (it has no
+    bf16 in hardware: ``x86_kernels.NATIVE_BF16``); 0 where it multiplies them in bf16 or the
+    artifact has none. Their output is then closer to the float model's than a bf16 product,
+    and their speed float32's (``python -m bench.x86_bf16`` measures both)."""
+    if manifest.get("backend") != "x86" or x86_kernels.NATIVE_BF16:
+        return 0
+    return sum(1 for spec in manifest.get("layers", {}).values() if spec.get("weights") == "bf16")
+
+
 def _versions(backend) -> dict[str, str]:
     import diffusers
     import transformers

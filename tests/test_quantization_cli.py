@@ -12,7 +12,12 @@ from pipelines.generate import sample
 from pipelines.loader import load_pipeline, save_pipeline
 from quality.metrics import psnr_db, sqnr_db
 from quantization import load_quantized
-from quantization.artifact import measured_on, replays_with_fewer_codes
+from quantization.artifact import (
+    bf16_layers_in_float,
+    measured_on,
+    read_manifest,
+    replays_with_fewer_codes,
+)
 from quantization.backends import x86_kernels
 from quantization.calibration import SEEDS, parse_classes, resolve_conditions
 from quantization.cli import main
@@ -126,6 +131,26 @@ def test_an_x86_artifact_recorded_with_vnni_replays_with_fewer_codes_where_there
     if flags is not None:
         manifest["measured_on"] = {"machine": "x86_64", "cpu_kernel_flags": flags}
     assert replays_with_fewer_codes(manifest) is fewer
+
+
+@pytest.mark.parametrize(
+    ("backend", "native", "layers", "count"),
+    [
+        ("x86", False, {"a": "bf16", "b": "int8", "c": "bf16"}, 2),
+        ("x86", True, {"a": "bf16", "b": "int8"}, 0),  # bf16 in hardware: multiplied so
+        ("x86", False, {"a": "int8"}, 0),  # no bf16 layers
+        ("quanto", False, {"a": "bf16"}, 0),  # not the x86 backend's layers
+    ],
+)
+def test_the_bf16_layers_an_x86_artifact_multiplies_in_float_on_this_cpu(
+    monkeypatch, backend, native, layers, count
+):
+    monkeypatch.setattr(x86_kernels, "NATIVE_BF16", native)
+    manifest = {"backend": backend, "layers": {k: {"weights": v} for k, v in layers.items()}}
+    assert bf16_layers_in_float(manifest) == count
+    # the served artifact's manifest has the layout read: 33 of its layers are bf16
+    served = read_manifest(Path(__file__).resolve().parents[1] / "models/quantized/t2i-digits-w8a8")
+    assert bf16_layers_in_float(served) == (0 if native else 33)
 
 
 def _copy_without_defaults(src: Path, dst: Path) -> Path:

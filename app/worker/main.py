@@ -163,8 +163,16 @@ class Worker:
             warm_up_s,
         )
         if variant.quantized:
-            from quantization.artifact import replays_with_fewer_codes
+            from quantization.artifact import bf16_layers_in_float, replays_with_fewer_codes
 
+            if in_float := bf16_layers_in_float(variant.manifest):
+                log.info(
+                    "%s/%s: this CPU has no bf16 in hardware, so its %d bf16 layers multiply in "
+                    "float32 (their weights stay bf16): float32's speed, closer to the float "
+                    "model than the numbers GET /v1/models shows",
+                    *key,
+                    in_float,
+                )
             if replays_with_fewer_codes(variant.manifest):
                 log.warning(
                     "%s/%s: its numbers were measured on a CPU with VNNI; this one has none, "
