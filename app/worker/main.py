@@ -168,8 +168,8 @@ class Worker:
             if in_float := bf16_layers_in_float(variant.manifest):
                 log.info(
                     "%s/%s: this CPU has no bf16 in hardware, so its %d bf16 layers multiply in "
-                    "float32 (their weights stay bf16): float32's speed, closer to the float "
-                    "model than the numbers GET /v1/models shows",
+                    "float32 (their weights stay bf16): float32's speed, and their outputs "
+                    "closer to the float model's than a bf16 product",
                     *key,
                     in_float,
                 )
