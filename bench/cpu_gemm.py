@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.record import save
+from bench.record import positive_int, save
 from quantization.backends import x86_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,13 +137,11 @@ def markdown(record: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_gemm", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=positive_int, default=10)
     p.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/cpu-gemm-<flags>.json)"
     )
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
     found = flags()
     out = args.out or RESULTS / f"cpu-gemm-{'-'.join(found) or 'no-vnni-no-bf16'}.json"
     load_start = round(os.getloadavg()[0], 2)

@@ -47,6 +47,7 @@ import sys
 import time
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,10 +222,17 @@ def sample_sets(pipe, conditions, sets: int, sampling: dict) -> Samples:
     return Samples(np.concatenate([p.images for p in parts]), torch.cat([p.latents for p in parts]))
 
 
+def _per_set(
+    metric: Callable[[np.ndarray, np.ndarray], float], ref: np.ndarray, got: np.ndarray, sets: int
+) -> list[float | None]:
+    """``metric(ref, got)`` of each set of images (``sample_sets``) on its own."""
+    n = len(ref) // sets
+    return [_db(metric(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n])) for k in range(sets)]
+
+
 def psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | None]:
     """PSNR of each set of images (``sample_sets``) on its own."""
-    n = len(ref) // sets
-    return [_db(psnr_db(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n])) for k in range(sets)]
+    return _per_set(psnr_db, ref, got, sets)
 
 
 def median_image_psnr(ref: np.ndarray, got: np.ndarray) -> float:
@@ -235,11 +243,7 @@ def median_image_psnr(ref: np.ndarray, got: np.ndarray) -> float:
 
 def median_image_psnr_per_set(ref: np.ndarray, got: np.ndarray, sets: int) -> list[float | None]:
     """``median_image_psnr`` of each set of images (``sample_sets``) on its own."""
-    n = len(ref) // sets
-    return [
-        _db(median_image_psnr(ref[k * n : (k + 1) * n], got[k * n : (k + 1) * n]))
-        for k in range(sets)
-    ]
+    return _per_set(median_image_psnr, ref, got, sets)
 
 
 def psnr_fields(ref: np.ndarray, got: np.ndarray, sets: int, suffix: str) -> dict[str, Any]:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 from datetime import date
 from pathlib import Path
 
-__all__ = ["machine", "save"]
+__all__ = ["machine", "positive_int", "save"]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (rounds, repeats)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def machine() -> str:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.record import save
+from bench.record import positive_int, save
 from models.targets import denoiser_inputs, evaluation_targets
 from pipelines.loader import compile_denoiser, read_defaults
 from quality.metrics import sqnr_db
@@ -41,8 +41,8 @@ DEFAULT_ARTIFACT = ROOT / "models" / "quantized" / "t2i-digits-w8a8"
 MODES = ("bf16", "float32")
 
 
-def bf16_layers(denoiser: torch.nn.Module) -> list[x86._Bf16Layer]:
-    return [m for m in denoiser.modules() if isinstance(m, x86._Bf16Layer)]
+def bf16_layers(denoiser: torch.nn.Module) -> list[x86.Bf16Linear | x86.Bf16Conv2d]:
+    return [m for m in denoiser.modules() if isinstance(m, x86.Bf16Linear | x86.Bf16Conv2d)]
 
 
 def set_mode(denoiser: torch.nn.Module, mode: str) -> int:
@@ -145,13 +145,11 @@ def markdown(record: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.x86_bf16", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/x86-bf16-<model>.json)"
     )
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
     artifact = args.artifact.resolve()
     out = args.out or RESULTS / f"x86-bf16-{artifact.name}.json"
     load_start = round(os.getloadavg()[0], 2)

@@ -35,6 +35,8 @@ def test_the_kernels_timed_compute_the_layer_they_stand_for():
     got = x86_kernels.linear(xq, zero, wq, torch.ones(32))
     assert torch.equal(got, (xq.float() - zero) @ wq.float().T)
     assert calls["int_mm"]().dtype == torch.int32
+    timed = calls["x86-u8s8"]()  # the call the bench times: the same kernel, its operands
+    assert timed.shape == (16, 32) and timed.dtype == torch.float32
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--shapes", "nope"]])
